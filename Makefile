@@ -1,0 +1,36 @@
+# `make demo` and `make test` work on a fresh machine: they create or reuse .venv first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# faiss-gpu where a GPU is visible, faiss-cpu otherwise (both provide the `faiss` module).
+EXTRA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
+DATA ?= demo/gardens_point_sample
+OUT ?= out/demo
+PYTEST_ARGS ?=
+
+.PHONY: venv demo test bench clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
+	$(PY) -m pip install -q -e ".[$(EXTRA),dev]"
+	touch $@
+
+venv: $(VENV)/.installed
+
+# Demo: EfficientNet-Lite0 (offline ImageNet weights) on the bundled Gardens Point sample,
+# day_right -> night_right. Point DATA at a full copy to run on all 200 places.
+demo: venv
+	$(VENV)/bin/r2f run --database $(DATA)/day_right --queries $(DATA)/night_right \
+	    --backbone efficientnet-lite0 --positive-radius 2 --image-size 272 480 --out $(OUT)
+	@echo "report: $(OUT)/report.html"
+
+test: venv
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: venv
+	for f in bench/bench_*.py; do $(PY) $$f || exit 1; done
+
+clean:
+	rm -rf out .pytest_cache

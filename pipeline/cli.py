@@ -1,0 +1,58 @@
+"""``r2f``: the command line. Each stage module registers its own subcommands; this file only
+dispatches, so the CLI stays a thin layer over ``pipeline.<stage>.run(config)``."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from .log import get_logger, setup_logging
+
+# Stage modules, each with ``register_cli(subparsers)`` adding subcommands whose ``func(args)``
+# returns an exit code.
+STAGE_MODULES = (
+    "pipeline.extract",
+    "pipeline.index",
+    "pipeline.rerank",
+    "pipeline.evaluate",
+    "pipeline.run",
+    "pipeline.mine",
+    "pipeline.train",
+    "pipeline.reindex",
+)
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every stage shares: a YAML config and ``--set key=value`` overrides."""
+    parser.add_argument("--config", help="YAML config file")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key (dotted for nested keys); repeatable")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="r2f", description="City-scale visual place recognition with R2Former")
+    parser.add_argument("--log-level", default=None)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in STAGE_MODULES:
+        importlib.import_module(name).register_cli(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.log_level)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # the CLI reports, the library raises
+        from .config import ConfigError
+        get_logger("r2f").error("%s failed: %s", args.command, exc,
+                                exc_info=not isinstance(exc, (ConfigError, ValueError, FileNotFoundError)))
+        return 2 if isinstance(exc, (ConfigError, ValueError)) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

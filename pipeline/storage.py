@@ -1,0 +1,277 @@
+"""The extraction store: one versioned layout, defined here and nowhere else.
+
+A store is a folder or URL (local path or ``s3://``, through fsspec)::
+
+    <store>/manifest.json                 written last: makes a finished extraction visible
+    <store>/global/part-00012.parquet     one row per image of shard 12 (schema: GLOBAL_SCHEMA)
+    <store>/errors/part-00012.parquet     bad inputs of shard 12 (schema: ERROR_SCHEMA)
+    <store>/progress/shard-00012.json     shard 12 finished (written after its Parquet and Zarr)
+    <store>/local_tokens.zarr             Zarr v3 array (rows, T, 131) float16
+
+Shard ``s`` owns Zarr rows ``[s * shard_size, (s + 1) * shard_size)``; the row chunk size divides
+``shard_size``, so every writer owns whole chunks (concurrent partial writes to one chunk lose
+data). The ``row`` column of the Parquet table is the Zarr row of that image.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+LAYOUT_VERSION = 1
+GLOBAL_DIM = 256
+TOKEN_DIM = 131  # x, y, attention/score, 128-d feature
+POSITION_COLUMNS = ("utm_east", "utm_north", "heading", "timestamp", "place_id")
+
+
+def global_schema(dim: int = GLOBAL_DIM) -> pa.Schema:
+    return pa.schema([
+        ("image_id", pa.int64()),
+        ("path", pa.string()),
+        ("utm_east", pa.float64()),
+        ("utm_north", pa.float64()),
+        ("heading", pa.float64()),
+        ("timestamp", pa.string()),
+        ("place_id", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("global_descriptor", pa.list_(pa.float32(), dim)),
+        ("shard", pa.int32()),
+        ("row", pa.int64()),
+        ("content_hash", pa.string()),
+    ])
+
+
+ERROR_SCHEMA = pa.schema([
+    ("path", pa.string()),
+    ("stage", pa.string()),
+    ("reason", pa.string()),
+])
+
+
+class StoreError(RuntimeError):
+    pass
+
+
+def storage_options(url: str) -> dict[str, Any]:
+    """fsspec options for ``url``. S3 endpoint comes from ``R2F_S3_ENDPOINT_URL`` / ``AWS_ENDPOINT_URL``;
+    credentials come from the standard AWS environment and are never logged."""
+    if url.startswith("s3://"):
+        endpoint = os.environ.get("R2F_S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL")
+        opts: dict[str, Any] = {}
+        if endpoint:
+            opts["endpoint_url"] = endpoint
+        return opts
+    return {}
+
+
+def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """``(fs, path)`` for a local path or URL."""
+    fs, path = fsspec.core.url_to_fs(url, **storage_options(url))
+    return fs, path
+
+
+def join(base: str, *parts: str) -> str:
+    return "/".join([base.rstrip("/"), *[p.strip("/") for p in parts]])
+
+
+def image_id_for(key: str) -> int:
+    """Stable 63-bit id of an image from its dataset-relative key (same on every run and machine)."""
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") & ((1 << 63) - 1)
+
+
+@dataclass(frozen=True)
+class StoreLayout:
+    root: str
+
+    @property
+    def manifest(self) -> str:
+        return join(self.root, "manifest.json")
+
+    @property
+    def global_dir(self) -> str:
+        return join(self.root, "global")
+
+    @property
+    def errors_dir(self) -> str:
+        return join(self.root, "errors")
+
+    @property
+    def progress_dir(self) -> str:
+        return join(self.root, "progress")
+
+    @property
+    def local_tokens(self) -> str:
+        return join(self.root, "local_tokens.zarr")
+
+    def global_part(self, shard: int) -> str:
+        return join(self.global_dir, f"part-{shard:05d}.parquet")
+
+    def errors_part(self, shard: int) -> str:
+        return join(self.errors_dir, f"part-{shard:05d}.parquet")
+
+    def progress(self, shard: int) -> str:
+        return join(self.progress_dir, f"shard-{shard:05d}.json")
+
+
+# ---------------------------------------------------------------- small JSON / Parquet helpers
+def write_json(url: str, obj: Any) -> None:
+    """Write JSON so that readers never see a half-written file (temp file + move on local disks;
+    S3 PUTs are atomic already)."""
+    fs, path = filesystem(url)
+    data = json.dumps(obj, indent=2, sort_keys=True, default=_json_default).encode()
+    parent = path.rsplit("/", 1)[0]
+    fs.makedirs(parent, exist_ok=True)
+    if fs.protocol in ("file", "local") or "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with fs.open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    else:
+        with fs.open(path, "wb") as f:
+            f.write(data)
+
+
+def read_json(url: str) -> Any:
+    fs, path = filesystem(url)
+    with fs.open(path, "rb") as f:
+        return json.loads(f.read())
+
+
+def exists(url: str) -> bool:
+    fs, path = filesystem(url)
+    return fs.exists(path)
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def write_parquet(url: str, table: pa.Table, metadata: dict[str, Any] | None = None) -> None:
+    fs, path = filesystem(url)
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    if metadata:
+        meta = dict(table.schema.metadata or {})
+        meta.update({k.encode(): json.dumps(v, default=_json_default).encode() for k, v in metadata.items()})
+        table = table.replace_schema_metadata(meta)
+    with fs.open(path, "wb") as f:
+        pq.write_table(table, f)
+
+
+def read_parquet(url: str, columns: Iterable[str] | None = None) -> pa.Table:
+    fs, path = filesystem(url)
+    try:
+        with fs.open(path, "rb") as f:
+            return pq.read_table(f, columns=list(columns) if columns else None)
+    except FileNotFoundError:
+        raise StoreError(f"missing Parquet file {url}") from None
+    except pa.ArrowInvalid as exc:
+        raise StoreError(f"corrupt Parquet file {url}: {exc}") from None
+
+
+def parquet_metadata(url: str) -> dict[str, Any]:
+    fs, path = filesystem(url)
+    with fs.open(path, "rb") as f:
+        meta = pq.read_schema(f).metadata or {}
+    out = {}
+    for k, v in meta.items():
+        try:
+            out[k.decode()] = json.loads(v)
+        except (ValueError, UnicodeDecodeError):
+            continue
+    return out
+
+
+# ---------------------------------------------------------------- readers used by later stages
+def read_manifest(store: str) -> dict[str, Any]:
+    """The manifest of a finished extraction; a clear error when the store is unfinished or absent."""
+    layout = StoreLayout(store)
+    try:
+        return read_json(layout.manifest)
+    except FileNotFoundError:
+        raise StoreError(f"{store} holds no finished extraction (no manifest.json); run `r2f extract` first") from None
+
+
+def global_part_urls(store: str, manifest: dict[str, Any] | None = None) -> list[str]:
+    manifest = manifest or read_manifest(store)
+    layout = StoreLayout(store)
+    return [layout.global_part(s) for s in manifest["shards"]]
+
+
+def read_global_table(store: str, columns: Iterable[str] | None = None) -> pa.Table:
+    """All rows of a finished store (sorted by shard, then position), as one Arrow table."""
+    manifest = read_manifest(store)
+    tables = [read_parquet(u, columns) for u in global_part_urls(store, manifest)]
+    if not tables:
+        return global_schema(manifest.get("global_dim", GLOBAL_DIM)).empty_table().select(list(columns) if columns else None) \
+            if columns else global_schema(manifest.get("global_dim", GLOBAL_DIM)).empty_table()
+    return pa.concat_tables(tables)
+
+
+def descriptors_of(table: pa.Table) -> np.ndarray:
+    """(N, D) float32 array from the ``global_descriptor`` column."""
+    col = table.column("global_descriptor").combine_chunks()
+    if len(col) == 0:
+        return np.zeros((0, col.type.list_size), np.float32)
+    return col.values.to_numpy(zero_copy_only=False).reshape(len(col), col.type.list_size).astype(np.float32, copy=False)
+
+
+def read_global_descriptors(store: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(image_ids int64 (N,), descriptors float32 (N, D))`` of a finished store."""
+    t = read_global_table(store, ["image_id", "global_descriptor"])
+    return t.column("image_id").to_numpy().astype(np.int64), descriptors_of(t)
+
+
+def read_errors(store: str) -> pa.Table:
+    fs, path = filesystem(StoreLayout(store).errors_dir)
+    if not fs.exists(path):
+        return ERROR_SCHEMA.empty_table()
+    files = sorted(fs.glob(path + "/part-*.parquet"))
+    tables = [read_parquet(_with_protocol(store, f)) for f in files]
+    return pa.concat_tables(tables) if tables else ERROR_SCHEMA.empty_table()
+
+
+def _with_protocol(store: str, path: str) -> str:
+    return f"s3://{path}" if store.startswith("s3://") and not path.startswith("s3://") else path
+
+
+def open_local_tokens(store: str, mode: str = "r"):
+    """The Zarr v3 ``local_tokens`` array of a store."""
+    import zarr
+    url = StoreLayout(store).local_tokens
+    return zarr.open_array(url, mode=mode, storage_options=storage_options(url) or None) if url.startswith("s3://") \
+        else zarr.open_array(url, mode=mode)
+
+
+def create_local_tokens(store: str, rows: int, tokens: int, chunk_rows: int):
+    import zarr
+    url = StoreLayout(store).local_tokens
+    kwargs = dict(shape=(rows, tokens, TOKEN_DIM), chunks=(chunk_rows, tokens, TOKEN_DIM), dtype="float16",
+                  fill_value=0, zarr_format=3)
+    if url.startswith("s3://"):
+        return zarr.create_array(store=zarr.storage.FsspecStore.from_url(url, storage_options=storage_options(url)),
+                                 overwrite=False, **kwargs)
+    return zarr.create_array(store=url, overwrite=False, **kwargs)
+
+
+def read_local_tokens(store: str, rows: np.ndarray, array=None) -> np.ndarray:
+    """Local tokens of the given Zarr rows as float32 (len(rows), T, 131), in the order asked.
+    Each distinct row is read once, however often it is asked for."""
+    rows = np.asarray(rows, dtype=np.int64)
+    arr = array if array is not None else open_local_tokens(store)
+    uniq, inverse = np.unique(rows, return_inverse=True)
+    if len(uniq) == 0:
+        return np.zeros((0, arr.shape[1], arr.shape[2]), np.float32)
+    data = np.asarray(arr.get_orthogonal_selection((uniq, slice(None), slice(None))), dtype=np.float32)
+    return data[inverse]

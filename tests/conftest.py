@@ -1,0 +1,86 @@
+"""Shared test fixtures: one local Ray per test session, a real S3 endpoint (moto server on
+127.0.0.1), and the real Gardens Point images from ../shared."""
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("R2F_SHARED", ROOT.parent / "shared"))
+GARDENS_POINT = SHARED / "data" / "gardens_point"
+PARITY = SHARED / "parity"
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("R2F_TORCH_THREADS", "2")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def gardens_point() -> Path:
+    if not GARDENS_POINT.exists():
+        pytest.fail(f"Gardens Point data not found at {GARDENS_POINT} (set R2F_SHARED)")
+    return GARDENS_POINT
+
+
+@pytest.fixture(scope="session")
+def parity_dir() -> Path:
+    return PARITY
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3 API on 127.0.0.1 (moto server); credentials and endpoint go through env vars,
+    which Ray forwards to its workers (pipeline.cluster.forwarded_env)."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    url = f"http://127.0.0.1:{port}"
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": url,
+        "R2F_S3_ENDPOINT_URL": url,
+    }
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield url
+    server.stop()
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture()
+def s3_bucket(s3_endpoint):
+    """A fresh bucket; returns its ``s3://`` URL."""
+    import boto3
+
+    name = f"r2f-{uuid.uuid4().hex[:10]}"
+    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(Bucket=name)
+    return f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def ray_session(s3_endpoint):
+    """One local Ray for the whole test session (started after the S3 env is set, so workers see it)."""
+    import ray
+
+    from pipeline.cluster import ensure_ray
+
+    ensure_ray(num_cpus=2, object_store_memory=256 * 1024 * 1024)
+    yield ray
+    ray.shutdown()
