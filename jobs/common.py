@@ -1,0 +1,247 @@
+"""Glue shared by the Ray job entrypoints (``python -m jobs.<name> --config X.yaml [--set k=v]``).
+
+A job is a stage's ``run(config)`` (or the index's ``build``) wrapped for unattended runs on a
+cluster: join the Ray cluster the job was submitted to, load the typed config, time the stage,
+log its counts, and leave ``job-<name>.json`` next to the stage's outputs, so that an operator (or
+the next scheduled run) can see what happened without the driver's log. Failures exit non-zero
+and name the input that failed.
+
+Submitted from the repository root::
+
+    ray job submit --address http://HEAD:8265 --working-dir . \\
+        --runtime-env-json '{"excludes": [".venv", ".git", "out", "data", "demo", "bench", "tests"]}' \\
+        -- python -m jobs.extract --config configs/jobs/extract.yaml --set source=s3://city/images
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as _dt
+import importlib
+import json
+import os
+import socket
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+from typing import Any, Callable
+
+from pipeline.log import get_logger, setup_logging
+
+log = get_logger("jobs")
+
+# What `--runtime-env-json` must exclude so the uploaded working dir stays small (Ray caps it at
+# 500 MiB and uploads it to every node): virtualenvs, data, outputs, caches.
+RUNTIME_ENV_EXCLUDES = [".venv", ".git", "out", "data", "demo", "bench", "tests", "*.egg-info",
+                        "__pycache__", ".pytest_cache"]
+
+# Config fields that name where a stage writes; the first one a config has is where the job
+# summary goes. Input fields are named in failure messages.
+OUTPUT_FIELDS = ("out", "out_dir", "output", "output_dir", "index_dir", "store", "checkpoint_dir")
+INPUT_FIELDS = ("source", "dataset", "database", "queries", "store", "index_dir", "checkpoint",
+                "database_store", "query_store", "negatives", "results")
+
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """One job: the stage module, its config class, and the function that runs it."""
+    name: str
+    module: str
+    config_class: str
+    function: str = "run"
+
+
+def submit_command(job: str, config: str, address: str = "http://127.0.0.1:8265",
+                   overrides: list[str] | None = None) -> list[str]:
+    """The ``ray job submit`` command line for ``job`` (what OPERATIONS.md documents)."""
+    cmd = ["ray", "job", "submit", "--address", address, "--working-dir", ".",
+           "--runtime-env-json", json.dumps({"excludes": RUNTIME_ENV_EXCLUDES}),
+           "--", "python", "-m", f"jobs.{job}", "--config", config]
+    for o in overrides or []:
+        cmd += ["--set", o]
+    return cmd
+
+
+def build_parser(spec: JobSpec) -> argparse.ArgumentParser:
+    from pipeline.cli import add_config_arguments
+
+    p = argparse.ArgumentParser(prog=f"python -m jobs.{spec.name}",
+                                description=f"Ray job: {spec.module}.{spec.function}(config)")
+    add_config_arguments(p)
+    p.add_argument("--summary", default=None,
+                   help="where to write the JSON summary (default: job-<name>.json next to the outputs)")
+    p.add_argument("--address", default=None,
+                   help="Ray address (default: RAY_ADDRESS, which `ray job submit` sets; else a local Ray)")
+    p.add_argument("--log-level", default=None)
+    return p
+
+
+def main(spec: JobSpec, argv: list[str] | None = None) -> int:
+    """Parse arguments, run the job, return its exit code."""
+    args = build_parser(spec).parse_args(argv)
+    setup_logging(args.log_level)
+    return run_job(spec, args.config, args.overrides, summary=args.summary, address=args.address)
+
+
+def run_job(spec: JobSpec, config_path: str | None, overrides: list[str] | None = None,
+            summary: str | None = None, address: str | None = None) -> int:
+    from pipeline.cluster import ensure_ray
+    from pipeline.config import ConfigError, load_config
+
+    started = time.time()
+    record: dict[str, Any] = {
+        "job": spec.name, "stage": f"{spec.module}.{spec.function}", "status": "running",
+        "started_at": _iso(started), "host": socket.gethostname(),
+        "ray_job_submission_id": os.environ.get("RAY_JOB_SUBMISSION_ID"),
+        "config_file": config_path, "overrides": list(overrides or []),
+    }
+    timings: dict[str, float] = {}
+    cfg = None
+    try:
+        t = time.perf_counter()
+        module = importlib.import_module(spec.module)
+        cls = getattr(module, spec.config_class)
+        func: Callable[[Any], Any] = getattr(module, spec.function)
+        cfg = load_config(cls, config_path, overrides or [])
+        record["config"] = _jsonable(dataclasses.asdict(cfg))
+        timings["load_config"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        ensure_ray(address)
+        record["ray"] = _ray_info()
+        timings["connect_ray"] = time.perf_counter() - t
+
+        log.info("job %s: running %s.%s (inputs: %s)", spec.name, spec.module, spec.function,
+                 _describe_inputs(cfg) or "-")
+        t = time.perf_counter()
+        result = func(cfg)
+        timings[spec.function] = time.perf_counter() - t
+
+        record["result"] = _jsonable(dataclasses.asdict(result)) if dataclasses.is_dataclass(result) \
+            else _jsonable(result)
+        record["counts"] = counts_of(result)
+        inner = getattr(result, "stage_seconds", None)
+        if isinstance(inner, dict):
+            timings.update({f"{spec.function}.{k}": float(v) for k, v in inner.items()})
+        failed = getattr(result, "ok", True) is False or int(getattr(result, "exit_code", 0) or 0) != 0
+        record["status"] = "failed" if failed else "succeeded"
+        code = EXIT_FAILED if failed else EXIT_OK
+        if failed:
+            record["error"] = {"type": "StageReportedFailure", "message": str(getattr(result, "message", "")),
+                               "inputs": _describe_inputs(cfg)}
+    except ConfigError as exc:
+        code = EXIT_CONFIG
+        record["status"] = "failed"
+        record["error"] = {"type": type(exc).__name__, "message": str(exc), "inputs": config_path}
+        log.error("job %s: bad config %s: %s", spec.name, config_path or "(none)", exc)
+    except Exception as exc:  # a job reports every failure in its summary, then exits non-zero
+        code = EXIT_FAILED
+        inputs = _describe_inputs(cfg) if cfg is not None else config_path
+        record["status"] = "failed"
+        record["error"] = {"type": type(exc).__name__, "message": str(exc), "inputs": inputs,
+                           "traceback": traceback.format_exc(limit=20)}
+        log.error("job %s failed on input %s: %s: %s", spec.name, inputs, type(exc).__name__, exc,
+                  exc_info=True)
+
+    finished = time.time()
+    timings["total"] = finished - started
+    record["finished_at"] = _iso(finished)
+    record["stage_seconds"] = {k: round(v, 3) for k, v in timings.items()}
+    record["exit_code"] = code
+    log.info("job %s %s in %.1f s; timings %s; counts %s", spec.name, record["status"], timings["total"],
+             json.dumps(record["stage_seconds"]), json.dumps(record.get("counts", {})))
+
+    where = summary or (summary_path(spec.name, cfg) if cfg is not None else None)
+    if where:
+        try:
+            from pipeline.storage import write_json
+            write_json(where, record)
+            log.info("job %s: summary written to %s", spec.name, where)
+        except Exception as exc:  # the summary never hides the stage's own outcome
+            log.warning("job %s: could not write summary %s: %s", spec.name, where, exc)
+            code = code or EXIT_FAILED
+    return code
+
+
+def summary_path(job: str, cfg: Any) -> str | None:
+    """``job-<name>.json`` inside the stage's output folder, or beside its output file."""
+    for name in OUTPUT_FIELDS:
+        value = getattr(cfg, name, None)
+        if isinstance(value, str) and value:
+            leaf = PurePosixPath(value.rstrip("/")).name
+            if "." in leaf and not leaf.endswith((".zarr",)):
+                # an output file (negatives.parquet): put the summary beside it
+                return f"{value.rsplit('/', 1)[0] if '/' in value else '.'}/{leaf}.job-{job}.json"
+            return f"{value.rstrip('/')}/job-{job}.json"
+    return None
+
+
+def counts_of(result: Any) -> dict[str, Any]:
+    """The integer fields of a stage result (images, shards, failures, vectors ...)."""
+    if not dataclasses.is_dataclass(result):
+        return {}
+    out = {}
+    for f in dataclasses.fields(result):
+        v = getattr(result, f.name)
+        if isinstance(v, bool):
+            continue
+        if isinstance(v, int):
+            out[f.name] = v
+        elif isinstance(v, (list, tuple, set, frozenset)) and f.name not in ("stage_seconds",):
+            out[f"{f.name}_count"] = len(v)
+    return out
+
+
+def _describe_inputs(cfg: Any) -> str:
+    parts = []
+    for name in INPUT_FIELDS:
+        v = getattr(cfg, name, None)
+        if v not in (None, "", [], ()):
+            parts.append(f"{name}={v}")
+    return ", ".join(parts)
+
+
+def _ray_info() -> dict[str, Any]:
+    import ray
+
+    try:
+        ctx = ray.get_runtime_context()
+        res = ray.cluster_resources()
+        return {"job_id": ctx.get_job_id(), "nodes": len([n for n in ray.nodes() if n.get("Alive")]),
+                "cpus": res.get("CPU", 0), "gpus": res.get("GPU", 0)}
+    except Exception:  # informational only
+        return {}
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        items = list(obj)
+        if len(items) > 1000:  # e.g. ids of a big run: the count is what a summary needs
+            return {"count": len(items), "first": [_jsonable(v) for v in items[:20]]}
+        return [_jsonable(v) for v in items]
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    if getattr(obj, "size", 0) and getattr(obj, "shape", None) is not None and obj.size > 64:
+        return {"shape": list(obj.shape), "dtype": str(obj.dtype)}  # arrays are outputs, not summary
+    if hasattr(obj, "item") and callable(obj.item):
+        try:
+            return obj.item()
+        except (ValueError, TypeError):
+            pass
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    return str(obj)
+
+
+def _iso(ts: float) -> str:
+    return _dt.datetime.fromtimestamp(ts, _dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def entrypoint(spec: JobSpec) -> None:
+    sys.exit(main(spec))

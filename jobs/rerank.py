@@ -1,0 +1,17 @@
+"""Ray job: batch reranking of a query set against the index.
+
+    python -m jobs.rerank --config configs/jobs/rerank.yaml [--set key=value ...]
+
+Submit it to a cluster with `ray job submit` (see jobs/common.py and infra/OPERATIONS.md).
+"""
+from jobs.common import JobSpec, entrypoint, main as _main
+
+SPEC = JobSpec(name="rerank", module="pipeline.rerank", config_class="RerankConfig", function="run")
+
+
+def main(argv=None) -> int:
+    return _main(SPEC, argv)
+
+
+if __name__ == "__main__":
+    entrypoint(SPEC)
