@@ -1,0 +1,195 @@
+"""The R²Former reranking transformer: two logits per (query, candidate) pair of token sets.
+
+Numerically it is the official ``R2Former`` reranker (model/R2Former.py of the release), with
+the same parameter names, so that ``checkpoint_filter_fn`` only has to strip ``module.Reranker.``.
+What differs is how it gets there, to be fast and lean on memory:
+
+- The official code builds a (P, N, M, 7) matrix of every (query, candidate) token combination,
+  argsorts the whole N x M correlation twice and gathers 7-channel copies. Here only the top-k
+  of each row and column is taken (``torch.topk``), and the 7 -> 32 ``pair_head`` is split into
+  its query part, candidate part and correlation column, so that the query and candidate parts are
+  projected once per token and gathered as 32-d rows.
+- Pairs are processed in chunks (``chunk_pairs``) so peak memory is bounded whatever P is.
+- Only token 0 of the last block of each level is read, so that block computes attention and MLP
+  for the class token only; ``decoder_norm`` is per token, so applying it to token 0 alone is exact.
+
+Token layout (both sides): column 0 x, 1 y, 2 attention (all in [0, 1] after clamping),
+columns 3: the local feature (L2-normalised here, as the official code does).
+"""
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from timm.models.vision_transformer import Block
+
+TOKEN_DIM = 131          # x, y, attention, 128-d feature
+COORD_DIM = 3            # x, y, attention
+CORR_DIM = 7             # [x_q, y_q, att_q, x_c, y_c, att_c, correlation]
+
+
+def sincos_embed_2d(xy: torch.Tensor, dim: int) -> torch.Tensor:
+    """(..., 2) positions in [0, 1] -> (..., dim): first half sin/cos of x, second half of y.
+
+    Matches the official ``get_2d_sincos_pos_embed_from_grid``: each half is
+    [sin(p * w_k), cos(p * w_k)] with w_k = 10000^(-k / (dim/4)), the raw coordinate as position.
+    """
+    quarter = dim // 4
+    omega = torch.arange(quarter, dtype=torch.float32, device=xy.device)
+    omega = 1.0 / 10000 ** (omega / quarter)
+    out = xy.float().unsqueeze(-1) * omega                       # (..., 2, quarter)
+    emb = torch.cat([out.sin(), out.cos()], dim=-1)              # (..., 2, dim/2)
+    return emb.flatten(-2).to(xy.dtype)
+
+
+def _block_cls_only(blk: Block, x: torch.Tensor) -> torch.Tensor:
+    """Run a timm ``Block`` but return only its output for token 0: (B, N, C) -> (B, C).
+
+    Attention keys/values still come from all tokens; only the query row and the MLP of token 0
+    are computed, which is what the official forward ends up reading.
+    """
+    attn = blk.attn
+    B, N, C = x.shape
+    y = blk.norm1(x)
+    qkv = attn.qkv(y).reshape(B, N, 3, attn.num_heads, C // attn.num_heads).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    o = F.scaled_dot_product_attention(q[:, :, :1], k, v)           # (B, H, 1, hd)
+    o = attn.proj(o.transpose(1, 2).reshape(B, C))
+    x0 = x[:, 0] + o
+    return x0 + blk.mlp(blk.norm2(x0))
+
+
+class RerankTransformer(nn.Module):
+    """``forward(query_tokens (P, N, 131), candidate_tokens (P, M, 131)) -> logits (P, 2)``.
+
+    Defaults are the released configuration (num_corr=5, dim 32, 4 heads, mlp 128, 2 blocks at
+    the correspondence level, 6 at the token level, num_local 500 sizing the unused
+    ``decoder_pos_embed`` kept for checkpoint fidelity). The match score is
+    ``softmax(logits)[:, 1]``.
+    """
+
+    def __init__(self, embed_dim: int = 32, num_heads: int = 4, mlp_ratio: float = 4.0,
+                 depth: int = 6, depth_corr: int = 2, num_corr: int = 5, num_local: int = 500,
+                 num_classes: int = 2, token_dim: int = TOKEN_DIM, chunk_pairs: int = 16):
+        super().__init__()
+        if num_classes != 2:
+            raise ValueError("only the 2-logit head of the released model is supported")
+        self.embed_dim = embed_dim
+        self.num_corr = num_corr
+        self.token_dim = token_dim
+        self.chunk_pairs = chunk_pairs
+        norm = partial(nn.LayerNorm, eps=1e-6)
+        # Names and shapes as in the official module (Reranker.* keys of the release).
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.cls_token_2 = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        # Never read by the official forward; kept so released checkpoints load strictly.
+        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, 2 * num_local + 1, embed_dim))
+        # Only enters ``final_score`` (global/local blend), not the logits.
+        self.ratio = nn.Parameter(torch.full((1,), 0.5))
+        self.blocks = nn.ModuleList(
+            [Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm) for _ in range(depth)])
+        self.blocks_2 = nn.ModuleList(
+            [Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm) for _ in range(depth_corr)])
+        # One LayerNorm shared by both levels, as in the release.
+        self.decoder_norm = norm(embed_dim)
+        self.pair_head = nn.Linear(CORR_DIM, embed_dim)
+        self.pair_head_2 = nn.Linear(embed_dim, embed_dim)
+        self.decoder_pred = nn.Linear(embed_dim, num_classes)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        # The official initialisation (trunc-normal tokens, xavier Linear, unit LayerNorm).
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        nn.init.trunc_normal_(self.cls_token_2, std=0.02)
+        nn.init.normal_(self.decoder_pos_embed[:, 1:], std=0.01)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    # ------------------------------------------------------------------ level helpers
+    def _encode(self, x: torch.Tensor, cls: torch.Tensor, blocks: nn.ModuleList) -> torch.Tensor:
+        """Prepend ``cls``, run ``blocks`` and return the normalised token 0: (B, L, C) -> (B, C)."""
+        x = torch.cat([cls.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
+        for blk in blocks[:-1]:
+            x = blk(x)
+        return self.decoder_norm(_block_cls_only(blocks[-1], x))
+
+    def _check(self, q: torch.Tensor, c: torch.Tensor) -> None:
+        for name, t in (("query_tokens", q), ("candidate_tokens", c)):
+            if t.ndim != 3 or t.shape[-1] != self.token_dim:
+                raise ValueError(f"{name} must be (P, T, {self.token_dim}), got {tuple(t.shape)}")
+        if q.shape[0] != c.shape[0]:
+            raise ValueError(f"query_tokens and candidate_tokens need the same number of pairs, "
+                             f"got {q.shape[0]} and {c.shape[0]}")
+        if min(q.shape[1], c.shape[1]) < 1:
+            raise ValueError("token sets must hold at least one token")
+
+    def forward(self, query_tokens: torch.Tensor, candidate_tokens: torch.Tensor,
+                chunk_pairs: int | None = None) -> torch.Tensor:
+        self._check(query_tokens, candidate_tokens)
+        step = chunk_pairs or self.chunk_pairs
+        P = query_tokens.shape[0]
+        if P <= step:
+            return self._forward_chunk(query_tokens, candidate_tokens)
+        return torch.cat([self._forward_chunk(query_tokens[s:s + step], candidate_tokens[s:s + step])
+                          for s in range(0, P, step)], dim=0)
+
+    def _forward_chunk(self, q: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        P, N, _ = q.shape
+        M = c.shape[1]
+        dt = self.pair_head.weight.dtype
+        q = q.to(dt)
+        c = c.to(dt)
+        qf = F.normalize(q[:, :, COORD_DIM:], p=2, dim=2)
+        cf = F.normalize(c[:, :, COORD_DIM:], p=2, dim=2)
+        qc = q[:, :, :COORD_DIM].detach().clamp(0, 1)
+        cc = c[:, :, :COORD_DIM].detach().clamp(0, 1)
+
+        corr = torch.bmm(qf, cf.transpose(1, 2))                          # (P, N, M) cosine
+        kq = min(self.num_corr, M)
+        kc = min(self.num_corr, N)
+        val_q, idx_q = corr.topk(kq, dim=2)                                # per query token: best candidates
+        val_c, idx_c = corr.transpose(1, 2).topk(kc, dim=2)                # per candidate token: best queries
+        del corr
+
+        # pair_head(7-vector) = W_q @ coord_q + W_c @ coord_c + w_corr * corr + b, split so each
+        # side is projected once per token; the level-1 embedding of the candidate position
+        # (entries 3, 4 of every 7-vector) is folded into the candidate part.
+        W = self.pair_head.weight
+        proj_q = qc @ W[:, :COORD_DIM].t()                                # (P, N, C)
+        proj_c = cc @ W[:, COORD_DIM:2 * COORD_DIM].t() + sincos_embed_2d(cc[:, :, :2], self.embed_dim)
+        w_corr = W[:, 2 * COORD_DIM]
+        bias = self.pair_head.bias
+        rows = torch.arange(P, device=q.device).view(P, 1, 1)
+
+        side_q = proj_q.unsqueeze(2) + proj_c[rows, idx_q] + val_q.unsqueeze(-1) * w_corr + bias   # (P,N,kq,C)
+        side_c = proj_q[rows, idx_c] + proj_c.unsqueeze(2) + val_c.unsqueeze(-1) * w_corr + bias   # (P,M,kc,C)
+
+        if kq == kc:
+            lvl1 = self._encode(torch.cat([side_q, side_c], dim=1).flatten(0, 1), self.cls_token_2, self.blocks_2)
+            lvl1 = lvl1.view(P, N + M, -1)
+        else:
+            lvl1 = torch.cat([self._encode(side_q.flatten(0, 1), self.cls_token_2, self.blocks_2).view(P, N, -1),
+                              self._encode(side_c.flatten(0, 1), self.cls_token_2, self.blocks_2).view(P, M, -1)],
+                             dim=1)
+        lvl1 = self.pair_head_2(lvl1)
+
+        # Level 2 position: the query-image position of each token's top-1 correspondence
+        # (a query token's own position; for a candidate token, its best query token's).
+        emb_q = sincos_embed_2d(qc[:, :, :2], self.embed_dim)              # (P, N, C)
+        emb_c = emb_q[rows[:, :, 0], idx_c[:, :, 0]]                       # (P, M, C)
+        x = lvl1 + torch.cat([emb_q, emb_c], dim=1)
+        x = self._encode(x, self.cls_token, self.blocks)
+        return self.decoder_pred(x)
+
+    def final_score(self, global_q: torch.Tensor, global_c: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """The official second output: cos(global) * c + prob1 * (1 - c), c = clamp(ratio, 0.1, 0.9).
+        The official ranking does not use it; kept for completeness."""
+        c = self.ratio.clamp(0.1, 0.9)
+        return F.cosine_similarity(global_q, global_c, dim=1) * c + logits.softmax(dim=1)[:, 1] * (1 - c)
