@@ -1,0 +1,205 @@
+"""``r2f run``: the whole pipeline on a database and a query set, into one folder.
+
+    extract database -> index -> extract queries -> retrieve + rerank -> evaluate -> report
+
+``OUT`` receives::
+
+    database_store/  query_store/   extraction stores (pipeline.storage layout)
+    index/           FAISS index with infos.json (pipeline.index)
+    results.parquet  one row per (query, candidate) (pipeline.rerank.RESULTS_SCHEMA)
+    errors.parquet   every bad input: path, stage, reason (empty when none)
+    metrics.json     {"global": {recall@N}, "reranked": {...}, "num_queries", "num_queries_without_positive",
+                      "settings", "stage_seconds"}
+    report.html      + report_assets/
+    run.json         what the stores were built with
+
+A rerun into the same OUT resumes the extraction stores when they were built with the same
+inputs and model, and replaces them otherwise; results, metrics and report are always rewritten,
+so nothing is ever appended twice.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import pyarrow as pa
+
+from . import storage
+from .log import get_logger
+
+log = get_logger(__name__)
+
+
+@dataclass
+class RunConfig:
+    database: str = ""
+    queries: str = ""
+    out: str = ""
+    backbone: str = "r2former"
+    checkpoint: str | None = None
+    reranker: str = "auto"
+    candidates: int = 100
+    positive_radius: float = 25.0
+    image_size: list[int] = field(default_factory=lambda: [480, 640])
+    batch_pairs: int = 400
+    report_samples: int = 6
+    extract: dict[str, Any] = field(default_factory=dict)  # extra ExtractConfig fields
+    index: dict[str, Any] = field(default_factory=dict)    # extra IndexConfig fields
+
+
+@dataclass
+class RunOutput:
+    out: str
+    metrics: dict
+    report: str
+    num_errors: int
+
+
+def _fingerprint(cfg: RunConfig) -> dict[str, Any]:
+    """What the stores depend on: change any of it and they are rebuilt, not resumed."""
+    return {"database": cfg.database, "queries": cfg.queries, "backbone": cfg.backbone,
+            "checkpoint": cfg.checkpoint, "image_size": list(cfg.image_size), "extract": cfg.extract}
+
+
+def _prepare_out(cfg: RunConfig) -> None:
+    state_url = storage.join(cfg.out, "run.json")
+    want = _fingerprint(cfg)
+    if storage.exists(state_url):
+        have = storage.read_json(state_url).get("fingerprint")
+        if have != want:
+            log.info("OUT %s was built with other inputs or model (%s); replacing its stores", cfg.out, have)
+            for name in ("database_store", "query_store", "index"):
+                fs, path = storage.filesystem(storage.join(cfg.out, name))
+                if fs.exists(path):
+                    fs.rm(path, recursive=True)
+        else:
+            log.info("OUT %s exists with the same inputs; resuming", cfg.out)
+    storage.write_json(state_url, {"fingerprint": want})
+
+
+def collect_errors(*stores: str) -> pa.Table:
+    tables = [storage.read_errors(s) for s in stores if storage.exists(storage.StoreLayout(s).manifest)]
+    tables = [t.select(list(storage.ERROR_SCHEMA.names)).cast(storage.ERROR_SCHEMA) for t in tables if t.num_rows]
+    return pa.concat_tables(tables) if tables else storage.ERROR_SCHEMA.empty_table()
+
+
+def run(cfg: RunConfig) -> RunOutput:
+    from . import evaluate, index, report
+    from .model import build_model
+    from .rerank import RerankConfig, extract_into, resolve_reranker
+    from .rerank import run as rerank_run
+
+    for name in ("database", "queries", "out"):
+        if not getattr(cfg, name):
+            raise ValueError(f"r2f run needs --{name}")
+    if len(cfg.image_size) != 2:
+        raise ValueError(f"image size must be H W, got {cfg.image_size}")
+    if cfg.positive_radius <= 0:
+        raise ValueError(f"--positive-radius must be > 0, got {cfg.positive_radius}")
+    if cfg.candidates < 1:
+        raise ValueError(f"--candidates must be >= 1, got {cfg.candidates}")
+    t_all = time.perf_counter()
+    # Fails fast (before any extraction) on a backbone without weights, naming the options.
+    model = build_model(cfg.backbone, cfg.checkpoint)
+    reranker = resolve_reranker(cfg.reranker, cfg.backbone, cfg.checkpoint, model=model)
+    del model
+    _prepare_out(cfg)
+    seconds: dict[str, float] = {}
+    db_store = storage.join(cfg.out, "database_store")
+    q_store = storage.join(cfg.out, "query_store")
+    index_dir = storage.join(cfg.out, "index")
+
+    t = time.perf_counter()
+    extract_into(cfg.database, db_store, cfg.backbone, cfg.checkpoint, cfg.image_size, cfg.extract)
+    seconds["extract_database"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    index.build(index.IndexConfig(store=db_store, index_dir=index_dir, **cfg.index))
+    seconds["index"] = time.perf_counter() - t
+
+    rr = rerank_run(RerankConfig(query_store=q_store, database_store=db_store, index_dir=index_dir,
+                                 results=storage.join(cfg.out, "results.parquet"), queries=cfg.queries,
+                                 backbone=cfg.backbone, checkpoint=cfg.checkpoint, image_size=list(cfg.image_size),
+                                 reranker=reranker, candidates=cfg.candidates, batch_pairs=cfg.batch_pairs,
+                                 extract=dict(cfg.extract)))
+    seconds.update(rr.stage_seconds)
+
+    t = time.perf_counter()
+    results = storage.read_parquet(rr.results)
+    db_xy = evaluate.database_positions(db_store)
+    m = evaluate.evaluate_results(results, db_xy, cfg.positive_radius)
+    seconds["evaluate"] = time.perf_counter() - t
+
+    errors = collect_errors(db_store, q_store)
+    storage.write_parquet(storage.join(cfg.out, "errors.parquet"), errors)
+    if errors.num_rows:
+        log.warning("%d bad inputs, listed in %s", errors.num_rows, storage.join(cfg.out, "errors.parquet"))
+
+    settings = {
+        "database": cfg.database, "queries": cfg.queries, "backbone": cfg.backbone, "checkpoint": cfg.checkpoint,
+        "reranker": cfg.reranker, "reranker_used": rr.reranker, "candidates": cfg.candidates,
+        "candidates_used": rr.candidates, "positive_radius": cfg.positive_radius,
+        "image_size": list(cfg.image_size), "num_database_images": int(len(db_xy)), "num_pairs": rr.num_pairs,
+        "num_errors": int(errors.num_rows), "pairs_per_second": round(rr.pairs_per_second, 2),
+    }
+    metrics = {"global": m["global"], "reranked": m["reranked"], "num_queries": m["num_queries"],
+               "num_queries_without_positive": m["num_queries_without_positive"], "settings": settings,
+               "stage_seconds": {k: round(v, 3) for k, v in seconds.items()}}
+    metrics_url = storage.join(cfg.out, "metrics.json")
+    storage.write_json(metrics_url, metrics)
+
+    t = time.perf_counter()
+    report_url = report.write_report(cfg.out, metrics, results, cfg.positive_radius, tuple(cfg.image_size),
+                                     query_store=q_store, database_store=db_store, samples=cfg.report_samples,
+                                     title=f"R²Former run: {cfg.queries} against {cfg.database}")
+    seconds["report"] = time.perf_counter() - t
+    seconds["total"] = time.perf_counter() - t_all
+    metrics["stage_seconds"] = {k: round(v, 3) for k, v in seconds.items()}
+    storage.write_json(metrics_url, metrics)
+    log.info("run finished in %.1f s: global R@1 %s, reranked (%s) R@1 %s -> %s", seconds["total"],
+             _pct(m["global"]["recall@1"]), rr.reranker, _pct(m["reranked"]["recall@1"]), cfg.out)
+    return RunOutput(out=cfg.out, metrics=metrics, report=report_url, num_errors=int(errors.num_rows))
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.1f}%"
+
+
+def register_cli(subparsers) -> None:
+    from .cli import add_config_arguments
+
+    p = subparsers.add_parser("run", help="extraction, index, reranking, evaluation and report in one go")
+    add_config_arguments(p)
+    p.add_argument("--database", help="database dataset (folder, URL, sequence:FOLDER or manifest)")
+    p.add_argument("--queries", help="query dataset (same forms)")
+    p.add_argument("--out", help="output folder")
+    p.add_argument("--backbone", choices=("r2former", "efficientnet-lite0"))
+    p.add_argument("--checkpoint", help="R2Former weights (official release or `r2f train` layout)")
+    p.add_argument("--reranker", choices=("auto", "r2former", "ransac", "none"))
+    p.add_argument("--candidates", type=int, help="top-K global candidates reranked per query (default 100)")
+    p.add_argument("--positive-radius", type=float, help="in the units of the position columns (default 25)")
+    p.add_argument("--image-size", nargs=2, type=int, metavar=("H", "W"), help="default 480 640")
+    p.set_defaults(func=_cli)
+
+
+def _cli(args: argparse.Namespace) -> int:
+    from .config import load_config
+
+    cfg = load_config(RunConfig, args.config, args.overrides)
+    # Command-line options win over the YAML file; set as typed values (no YAML re-parsing of paths).
+    for name in ("database", "queries", "out", "backbone", "checkpoint", "reranker", "candidates",
+                 "positive_radius"):
+        v = getattr(args, name)
+        if v is not None:
+            setattr(cfg, name, v)
+    if args.image_size:
+        cfg.image_size = list(args.image_size)
+    res = run(cfg)
+    m = res.metrics
+    print(f"{m['num_queries']} queries ({m['num_queries_without_positive']} without a positive)")
+    for kind in ("global", "reranked"):
+        print(f"{kind:>9}: " + "  ".join(f"{k.replace('recall', 'R')}={_pct(v)}" for k, v in m[kind].items()))
+    print(f"report: {res.report}")
+    return 0
