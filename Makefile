@@ -20,9 +20,13 @@ $(VENV)/.installed: pyproject.toml
 venv: $(VENV)/.installed
 
 # Demo: EfficientNet-Lite0 (offline ImageNet weights) on the bundled Gardens Point sample,
-# day_right -> night_right. Point DATA at a full copy to run on all 200 places.
+# day_right -> night_right. `make demo DATA=/path/to/gardens_point` runs on a full copy: a traverse
+# with a manifest (DATA/day_right.csv) is read from it, a bare folder as a `sequence:` dataset
+# (frame index = position), so radius 2 means "within 2 frames".
+DEMO_DB = $(if $(wildcard $(DATA)/day_right.csv),$(DATA)/day_right.csv,sequence:$(DATA)/day_right)
+DEMO_Q = $(if $(wildcard $(DATA)/night_right.csv),$(DATA)/night_right.csv,sequence:$(DATA)/night_right)
 demo: venv
-	$(VENV)/bin/r2f run --database $(DATA)/day_right --queries $(DATA)/night_right \
+	$(VENV)/bin/r2f run --database $(DEMO_DB) --queries $(DEMO_Q) \
 	    --backbone efficientnet-lite0 --positive-radius 2 --image-size 272 480 --out $(OUT)
 	@echo "report: $(OUT)/report.html"
 
