@@ -1,0 +1,197 @@
+"""The index layout: versions, the CURRENT pointer, shard files and ``infos.json``. Defined here only.
+
+An index folder or URL (local path or ``s3://``) holds::
+
+    <index_dir>/CURRENT                          {"version": "v0003"}: the version searches use
+    <index_dir>/versions/v0003/infos.json        written last: makes the version visible (the manifest)
+    <index_dir>/versions/v0003/trained.faiss     the empty trained index every shard was filled from
+    <index_dir>/versions/v0003/shard-00000.faiss one FAISS index per index shard (ids = image ids)
+    <index_dir>/versions/v0003/merged.faiss      optional: every shard merged into one IVF index whose
+    <index_dir>/versions/v0003/merged.ivfdata    inverted lists live on disk (faiss merge_ondisk)
+
+A version is immutable once its ``infos.json`` exists; a new build writes a new version folder and
+then replaces ``CURRENT`` atomically, so a reader that resolved the old version keeps reading
+complete, unchanged files. Versions without ``infos.json`` are unfinished and never searched.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import faiss
+import numpy as np
+
+from .. import storage
+from ..storage import join
+
+INDEX_LAYOUT_VERSION = 1
+_VERSION_RE = re.compile(r"^v(\d{4,})$")
+
+
+class IndexFileError(RuntimeError):
+    """A shard file (or the pointer, or infos.json) is missing, truncated or unreadable; the
+    message names the file."""
+
+
+@dataclass(frozen=True)
+class IndexLayout:
+    root: str
+
+    @property
+    def current(self) -> str:
+        return join(self.root, "CURRENT")
+
+    @property
+    def versions_dir(self) -> str:
+        return join(self.root, "versions")
+
+    def version_dir(self, version: str) -> str:
+        return join(self.versions_dir, version)
+
+    def infos(self, version: str) -> str:
+        return join(self.version_dir(version), "infos.json")
+
+    def file(self, version: str, name: str) -> str:
+        return join(self.version_dir(version), name)
+
+
+def version_name(number: int) -> str:
+    return f"v{number:04d}"
+
+
+def shard_file_name(shard: int) -> str:
+    return f"shard-{shard:05d}.faiss"
+
+
+def list_versions(index_dir: str, finished_only: bool = True) -> list[str]:
+    """Version names in build order; ``finished_only`` keeps those whose ``infos.json`` exists."""
+    layout = IndexLayout(index_dir)
+    fs, path = storage.filesystem(layout.versions_dir)
+    if not fs.exists(path):
+        return []
+    names = []
+    for entry in fs.ls(path, detail=False):
+        name = entry.rstrip("/").rsplit("/", 1)[-1]
+        if _VERSION_RE.match(name):
+            names.append(name)
+    names.sort(key=lambda n: int(n[1:]))
+    if finished_only:
+        names = [n for n in names if storage.exists(layout.infos(n))]
+    return names
+
+
+def next_version(index_dir: str) -> str:
+    """The name after every version folder present, finished or not (an abandoned build's
+    folder is never reused, so its leftovers cannot mix with a new build)."""
+    existing = list_versions(index_dir, finished_only=False)
+    return version_name(int(existing[-1][1:]) + 1 if existing else 1)
+
+
+def current_version(index_dir: str) -> str:
+    layout = IndexLayout(index_dir)
+    try:
+        pointer = storage.read_json(layout.current)
+    except FileNotFoundError:
+        raise IndexFileError(f"{index_dir} holds no built index (no {layout.current}); run `r2f index` first") from None
+    except ValueError as exc:
+        raise IndexFileError(f"corrupt index pointer {layout.current}: {exc}") from None
+    version = pointer.get("version") if isinstance(pointer, dict) else None
+    if not isinstance(version, str) or not _VERSION_RE.match(version):
+        raise IndexFileError(f"corrupt index pointer {layout.current}: no valid version in {pointer!r}")
+    return version
+
+
+def resolve_version(index_dir: str, version: str | None) -> str:
+    return current_version(index_dir) if version is None else version
+
+
+def set_current(index_dir: str, version: str) -> None:
+    """Point searches at ``version`` (the version must be finished). Atomic: readers see the old
+    pointer or the new one, never a mix."""
+    if not storage.exists(IndexLayout(index_dir).infos(version)):
+        raise IndexFileError(f"cannot point {index_dir} at {version}: it has no infos.json (unfinished or absent)")
+    storage.write_json(IndexLayout(index_dir).current, {"version": version})
+
+
+def read_infos(index_dir: str, version: str | None = None) -> dict[str, Any]:
+    version = resolve_version(index_dir, version)
+    url = IndexLayout(index_dir).infos(version)
+    try:
+        infos = storage.read_json(url)
+    except FileNotFoundError:
+        raise IndexFileError(f"index version {version} is missing or unfinished: no {url}") from None
+    except ValueError as exc:
+        raise IndexFileError(f"corrupt index infos {url}: {exc}") from None
+    infos["version"] = version
+    return infos
+
+
+def prune_versions(index_dir: str, keep: int = 3) -> list[str]:
+    """Delete all but the newest ``keep`` finished versions, plus unfinished folders older than
+    the newest finished one. The CURRENT version is always kept. Returns the deleted names."""
+    if keep < 1:
+        raise ValueError(f"keep must be at least 1, got {keep}")
+    finished = list_versions(index_dir)
+    everything = list_versions(index_dir, finished_only=False)
+    try:
+        current = current_version(index_dir)
+    except IndexFileError:
+        current = None
+    keep_set = set(finished[-keep:]) | ({current} if current else set())
+    newest_finished = int(finished[-1][1:]) if finished else 0
+    doomed = [v for v in everything
+              if v not in keep_set and (v in finished or int(v[1:]) < newest_finished)]
+    layout = IndexLayout(index_dir)
+    for v in doomed:
+        fs, path = storage.filesystem(layout.version_dir(v))
+        fs.rm(path, recursive=True)
+    return doomed
+
+
+# ---------------------------------------------------------------- FAISS files through fsspec
+def checksum(data: bytes | np.ndarray) -> str:
+    return hashlib.blake2b(memoryview(data).cast("B"), digest_size=16).hexdigest()
+
+
+def write_index_file(url: str, index: faiss.Index) -> dict[str, Any]:
+    """Serialise ``index`` to ``url`` (local or s3://); returns ``{"bytes", "checksum"}`` for infos.json."""
+    data = faiss.serialize_index(index)
+    fs, path = storage.filesystem(url)
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    with fs.open(path, "wb") as f:
+        f.write(memoryview(data))
+    return {"bytes": int(data.nbytes), "checksum": checksum(data)}
+
+
+def read_index_file(url: str, expected: dict[str, Any] | None = None) -> faiss.Index:
+    """Load a FAISS index file, checking size and checksum against infos.json when given, so a
+    truncated or overwritten shard is reported by name instead of failing inside FAISS."""
+    fs, path = storage.filesystem(url)
+    try:
+        with fs.open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        raise IndexFileError(f"missing index shard file {url}") from None
+    if expected:
+        if len(raw) != expected.get("bytes", len(raw)):
+            raise IndexFileError(f"corrupt index shard file {url}: {len(raw)} bytes, infos.json says "
+                                 f"{expected['bytes']}")
+        if expected.get("checksum") and checksum(raw) != expected["checksum"]:
+            raise IndexFileError(f"corrupt index shard file {url}: checksum does not match infos.json")
+    try:
+        return faiss.deserialize_index(np.frombuffer(raw, dtype=np.uint8))
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise IndexFileError(f"corrupt index shard file {url}: FAISS cannot read it ({first})") from None
+
+
+def copy_file(src: str, dst: str) -> None:
+    """Copy within one filesystem (server-side on S3)."""
+    fs, src_path = storage.filesystem(src)
+    _, dst_path = storage.filesystem(dst)
+    if not fs.exists(src_path):
+        raise IndexFileError(f"missing index shard file {src}")
+    fs.makedirs(dst_path.rsplit("/", 1)[0], exist_ok=True)
+    fs.copy(src_path, dst_path)
