@@ -37,9 +37,7 @@ log = get_logger("jobs")
 RUNTIME_ENV_EXCLUDES = [".venv", ".git", "out", "data", "demo", "bench", "tests", "*.egg-info",
                         "__pycache__", ".pytest_cache"]
 
-# Config fields that name where a stage writes; the first one a config has is where the job
-# summary goes. Input fields are named in failure messages.
-OUTPUT_FIELDS = ("out", "out_dir", "output", "output_dir", "index_dir", "store", "checkpoint_dir")
+# Config fields named in failure messages (the inputs a stage reads).
 INPUT_FIELDS = ("source", "dataset", "database", "queries", "store", "index_dir", "checkpoint",
                 "database_store", "query_store", "negatives", "results")
 
@@ -53,6 +51,9 @@ class JobSpec:
     module: str
     config_class: str
     function: str = "run"
+    # config fields (or properties) naming where the stage writes, first non-empty one wins: the
+    # JSON summary goes inside that folder, or beside that file
+    output_fields: tuple[str, ...] = ("out", "output", "store")
 
 
 def submit_command(job: str, config: str, address: str = "http://127.0.0.1:8265",
@@ -96,7 +97,7 @@ def run_job(spec: JobSpec, config_path: str | None, overrides: list[str] | None 
     record: dict[str, Any] = {
         "job": spec.name, "stage": f"{spec.module}.{spec.function}", "status": "running",
         "started_at": _iso(started), "host": socket.gethostname(),
-        "ray_job_submission_id": os.environ.get("RAY_JOB_SUBMISSION_ID"),
+        "ray_job_submission_id": submission_id(),
         "config_file": config_path, "overrides": list(overrides or []),
     }
     timings: dict[str, float] = {}
@@ -127,12 +128,15 @@ def run_job(spec: JobSpec, config_path: str | None, overrides: list[str] | None 
         inner = getattr(result, "stage_seconds", None)
         if isinstance(inner, dict):
             timings.update({f"{spec.function}.{k}": float(v) for k, v in inner.items()})
-        failed = getattr(result, "ok", True) is False or int(getattr(result, "exit_code", 0) or 0) != 0
+        failed = (getattr(result, "ok", True) is False or bool(getattr(result, "too_many_failures", False))
+                  or int(getattr(result, "exit_code", 0) or 0) != 0)
         record["status"] = "failed" if failed else "succeeded"
         code = EXIT_FAILED if failed else EXIT_OK
         if failed:
-            record["error"] = {"type": "StageReportedFailure", "message": str(getattr(result, "message", "")),
+            message = getattr(result, "message", "") or (result.summary() if hasattr(result, "summary") else "")
+            record["error"] = {"type": "StageReportedFailure", "message": str(message),
                                "inputs": _describe_inputs(cfg)}
+            log.error("job %s: the stage reported failure on input %s: %s", spec.name, _describe_inputs(cfg), message)
     except ConfigError as exc:
         code = EXIT_CONFIG
         record["status"] = "failed"
@@ -155,7 +159,7 @@ def run_job(spec: JobSpec, config_path: str | None, overrides: list[str] | None 
     log.info("job %s %s in %.1f s; timings %s; counts %s", spec.name, record["status"], timings["total"],
              json.dumps(record["stage_seconds"]), json.dumps(record.get("counts", {})))
 
-    where = summary or (summary_path(spec.name, cfg) if cfg is not None else None)
+    where = summary or (summary_path(spec.name, cfg, spec.output_fields) if cfg is not None else None)
     if where:
         try:
             from pipeline.storage import write_json
@@ -167,10 +171,25 @@ def run_job(spec: JobSpec, config_path: str | None, overrides: list[str] | None 
     return code
 
 
-def summary_path(job: str, cfg: Any) -> str | None:
+def submission_id() -> str | None:
+    """The ``ray job submit`` id of this driver: the job server passes it in the job config it
+    hands the entrypoint (``RAY_JOB_CONFIG_JSON_ENV_VAR``); None outside a submitted job."""
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if raw:
+        try:
+            return json.loads(raw).get("metadata", {}).get("job_submission_id")
+        except (ValueError, AttributeError):
+            pass
+    return os.environ.get("RAY_JOB_SUBMISSION_ID")
+
+
+def summary_path(job: str, cfg: Any, fields: tuple[str, ...] = ("out", "output", "store")) -> str | None:
     """``job-<name>.json`` inside the stage's output folder, or beside its output file."""
-    for name in OUTPUT_FIELDS:
-        value = getattr(cfg, name, None)
+    for name in fields:
+        try:
+            value = getattr(cfg, name, None)
+        except Exception:  # a property that cannot resolve (e.g. no store given)
+            value = None
         if isinstance(value, str) and value:
             leaf = PurePosixPath(value.rstrip("/")).name
             if "." in leaf and not leaf.endswith((".zarr",)):

@@ -6,7 +6,8 @@ Submit it to a cluster with `ray job submit` (see jobs/common.py and infra/OPERA
 """
 from jobs.common import JobSpec, entrypoint, main as _main
 
-SPEC = JobSpec(name="evaluate", module="pipeline.evaluate", config_class="EvaluateConfig", function="run")
+SPEC = JobSpec(name="evaluate", module="pipeline.evaluate", config_class="EvaluateConfig", function="run",
+               output_fields=("out", "results"))
 
 
 def main(argv=None) -> int:

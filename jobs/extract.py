@@ -6,7 +6,8 @@ Submit it to a cluster with `ray job submit` (see jobs/common.py and infra/OPERA
 """
 from jobs.common import JobSpec, entrypoint, main as _main
 
-SPEC = JobSpec(name="extract", module="pipeline.extract", config_class="ExtractConfig", function="run")
+SPEC = JobSpec(name="extract", module="pipeline.extract", config_class="ExtractConfig", function="run",
+               output_fields=("store",))
 
 
 def main(argv=None) -> int:

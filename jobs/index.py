@@ -6,7 +6,8 @@ Submit it to a cluster with `ray job submit` (see jobs/common.py and infra/OPERA
 """
 from jobs.common import JobSpec, entrypoint, main as _main
 
-SPEC = JobSpec(name="index", module="pipeline.index", config_class="IndexConfig", function="build")
+SPEC = JobSpec(name="index", module="pipeline.index", config_class="IndexConfig", function="build",
+               output_fields=("resolved_index_dir",))
 
 
 def main(argv=None) -> int:

@@ -6,7 +6,8 @@ Submit it to a cluster with `ray job submit` (see jobs/common.py and infra/OPERA
 """
 from jobs.common import JobSpec, entrypoint, main as _main
 
-SPEC = JobSpec(name="mine", module="pipeline.mine", config_class="MineConfig", function="run")
+SPEC = JobSpec(name="mine", module="pipeline.mine", config_class="MineConfig", function="run",
+               output_fields=("output",))
 
 
 def main(argv=None) -> int:

@@ -6,7 +6,8 @@ Submit it to a cluster with `ray job submit` (see jobs/common.py and infra/OPERA
 """
 from jobs.common import JobSpec, entrypoint, main as _main
 
-SPEC = JobSpec(name="rerank", module="pipeline.rerank", config_class="RerankConfig", function="run")
+SPEC = JobSpec(name="rerank", module="pipeline.rerank", config_class="RerankConfig", function="run",
+               output_fields=("results",))
 
 
 def main(argv=None) -> int:

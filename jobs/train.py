@@ -6,7 +6,8 @@ Submit it to a cluster with `ray job submit` (see jobs/common.py and infra/OPERA
 """
 from jobs.common import JobSpec, entrypoint, main as _main
 
-SPEC = JobSpec(name="train", module="pipeline.train", config_class="TrainConfig", function="run")
+SPEC = JobSpec(name="train", module="pipeline.train", config_class="TrainConfig", function="run",
+               output_fields=("output",))
 
 
 def main(argv=None) -> int:
