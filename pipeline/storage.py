@@ -6,6 +6,7 @@ A store is a folder or URL (local path or ``s3://``, through fsspec)::
     <store>/global/part-00012.parquet     one row per image of shard 12 (schema: GLOBAL_SCHEMA)
     <store>/errors/part-00012.parquet     bad inputs of shard 12 (schema: ERROR_SCHEMA)
     <store>/progress/shard-00012.json     shard 12 finished (written after its Parquet and Zarr)
+    <store>/plan.json                     written first: what is being extracted (checked on resume)
     <store>/local_tokens.zarr             Zarr v3 array (rows, T, 131) float16
 
 Shard ``s`` owns Zarr rows ``[s * shard_size, (s + 1) * shard_size)``; the row chunk size divides
@@ -110,6 +111,12 @@ class StoreLayout:
     @property
     def local_tokens(self) -> str:
         return join(self.root, "local_tokens.zarr")
+
+    @property
+    def plan(self) -> str:
+        """What an extraction in progress is extracting (dataset digest, model, sizes), written
+        first, so that a resumed run refuses to mix shards of two different extractions."""
+        return join(self.root, "plan.json")
 
     def global_part(self, shard: int) -> str:
         return join(self.global_dir, f"part-{shard:05d}.parquet")

@@ -1,0 +1,151 @@
+"""Extraction on a local Ray: real Gardens Point images, real model (efficientnet-lite0), Parquet and
+Zarr on a real S3 endpoint, bad inputs, and resume after the driver is SIGKILLed mid-run."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline import cli, extract, storage
+from pipeline.images import load_image
+
+SIZE = (128, 224)  # small, multiple of 16, keeps the CPU tests fast
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _config(**kw):
+    base = dict(backbone="efficientnet-lite0", image_size=SIZE, batch_size=4, shard_size=4, chunk_rows=2,
+                progress=False)
+    return extract.ExtractConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def model():
+    from pipeline.model import build_model
+    return build_model("efficientnet-lite0")
+
+
+def _direct(model, paths):
+    """The in-process reference: same preprocessing, one direct model call."""
+    import torch
+
+    from pipeline.model import normalize_images
+    pixels = np.stack([load_image(p, SIZE).pixels for p in paths])
+    feats = model.extract(normalize_images(torch.from_numpy(pixels))).cpu_float()
+    return feats.global_descriptor.numpy(), feats.local_tokens.numpy()
+
+
+def test_s3_store_with_bad_inputs_matches_direct_model(ray_session, s3_bucket, gardens_point, model, tmp_path):
+    import fsspec
+    fs = fsspec.filesystem("s3", **storage.storage_options(s3_bucket))
+    good = [gardens_point / "day_left" / f"Image{i:03d}.jpg" for i in range(8)]
+    for p in good:
+        fs.put(str(p), f"{s3_bucket}/data/imgs/{p.name}")
+    real = good[0].read_bytes()
+    fs.pipe(f"{s3_bucket}/data/imgs/corrupt.jpg", b"\xff\xd8\xff\xe0 definitely not a jpeg" * 20)
+    fs.pipe(f"{s3_bucket}/data/imgs/empty.jpg", b"")
+    fs.pipe(f"{s3_bucket}/data/imgs/truncated.jpg", real[: len(real) * 2 // 5])
+    rel = [f"imgs/{p.name}" for p in good] + ["imgs/corrupt.jpg", "imgs/empty.jpg", "imgs/truncated.jpg",
+                                               "imgs/missing.jpg", "s3://r2f-no-such-bucket-x/a.jpg"]
+    fs.pipe(f"{s3_bucket}/data/manifest.csv",
+            ("path,utm_east,utm_north\n" + "".join(f"{p},{i}.0,0.0\n" for i, p in enumerate(rel))).encode())
+    dataset, store = f"{s3_bucket}/data/manifest.csv", f"{s3_bucket}/stores/db"
+
+    result = extract.run(_config(dataset=dataset, store=store))
+    assert (result.num_images, result.num_extracted, result.num_failed) == (13, 8, 5)
+    assert result.skipped_shards == [] and not result.too_many_failures
+
+    manifest = storage.read_manifest(store)
+    assert manifest["shards"] == [0, 1, 2, 3] and manifest["counts"] == {"images": 13, "extracted": 8, "failed": 5}
+    assert manifest["model"]["checkpoint_hash"].startswith("sha256:") and manifest["tokens"] > 0
+
+    # Every bad input is in the errors table with the stage that caught it.
+    errors = {r["path"].rsplit("/", 1)[-1]: r for r in storage.read_errors(store).to_pylist()}
+    assert {k: v["stage"] for k, v in errors.items()} == {
+        "corrupt.jpg": "decode", "truncated.jpg": "decode", "empty.jpg": "read", "missing.jpg": "read",
+        "a.jpg": "read"}
+    assert "empty" in errors["empty.jpg"]["reason"] and "not found" in errors["missing.jpg"]["reason"]
+
+    # Parquet (from S3) and Zarr (from S3) equal a direct in-process call on the same images.
+    table = storage.read_global_table(store)
+    assert table.num_rows == 8 and len(set(table.column("image_id").to_pylist())) == 8
+    by_key = {p.rsplit("/", 1)[-1]: i for i, p in enumerate(table.column("path").to_pylist())}
+    order = [by_key[p.name] for p in good]
+    ref_global, ref_tokens = _direct(model, [str(p) for p in good])
+    np.testing.assert_allclose(storage.descriptors_of(table)[order], ref_global, atol=2e-4)
+    rows = table.column("row").to_numpy()[order]
+    assert list(rows) == list(range(8))  # manifest order: sorted keys put the good images first
+    tokens = storage.read_local_tokens(store, rows)
+    assert tokens.shape == ref_tokens.shape
+    np.testing.assert_allclose(tokens, ref_tokens.astype(np.float16).astype(np.float32), atol=2e-3, rtol=2e-3)
+    assert table.column("width").to_pylist()[0] == 960 and table.column("height").to_pylist()[0] == 540
+    assert table.column("utm_east").to_pylist() == [float(i) for i in range(8)]
+    meta = storage.parquet_metadata(storage.StoreLayout(store).global_part(0))
+    assert meta["layout_version"] == storage.LAYOUT_VERSION and meta["preprocessing"]["image_size"] == list(SIZE)
+    assert meta["checkpoint_hash"] == manifest["model"]["checkpoint_hash"]
+
+    # The CLI on the finished store: everything skipped; --max-failures decides the exit code.
+    argv = ["extract", "--dataset", dataset, "--store", store, "--backbone", "efficientnet-lite0",
+            "--image-size", "128,224", "--shard-size", "4", "--batch-size", "4", "--set", "chunk_rows=2",
+            "--no-progress"]
+    assert cli.main(argv + ["--max-failures", "2"]) == 3
+    assert cli.main(argv + ["--max-failures", "50%"]) == 0
+    assert cli.main(argv) == 0
+    assert storage.read_global_table(store).num_rows == 8
+
+
+def test_resume_after_driver_sigkill(ray_session, gardens_point, tmp_path):
+    paths = [gardens_point / "day_right" / f"Image{i:03d}.jpg" for i in range(12)]
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path\n" + "".join(f"{p}\n" for p in paths))
+    store = tmp_path / "store"
+    cfg = dict(dataset=str(manifest), store=str(store), shard_size=2, batch_size=2)
+    code = ("import sys; from pipeline import extract; from pipeline.log import setup_logging; setup_logging(); "
+            f"extract.run(extract.ExtractConfig(**{_config(**cfg).__dict__!r}))")
+    env = dict(os.environ, RAY_ADDRESS=ray_session.get_runtime_context().gcs_address,
+               PYTHONPATH=str(ROOT))
+    driver = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=ROOT,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    progress = store / "progress"
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and not (progress.exists() and any(progress.iterdir())):
+            assert driver.poll() is None, "the driver ended before writing any shard"
+            time.sleep(0.2)
+        assert progress.exists() and any(progress.iterdir()), "no shard finished in time"
+    finally:
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+    finished_before = sorted(progress.glob("shard-*.json"))
+    assert not (store / "manifest.json").exists() or len(finished_before) == 6
+
+    result = extract.run(_config(**cfg))
+    assert result.num_extracted == 12 and result.num_failed == 0
+    assert len(result.skipped_shards) >= len(finished_before) >= 1
+    table = storage.read_global_table(str(store))
+    ids = table.column("image_id").to_pylist()
+    assert len(ids) == 12 and len(set(ids)) == 12  # exactly one row per image
+    assert sorted(table.column("row").to_pylist()) == list(range(12))
+    tokens = storage.read_local_tokens(str(store), np.arange(12))
+    assert np.all(np.abs(tokens).sum(axis=(1, 2)) > 0)  # every Zarr row written
+    markers = [json.loads(p.read_text()) for p in sorted(progress.glob("shard-*.json"))]
+    assert [m["shard"] for m in markers] == list(range(6)) and all(m["node_id"] for m in markers)
+
+    # A rerun with a different layout refuses to mix shards into this store.
+    with pytest.raises(storage.StoreError, match="shard_size"):
+        extract.run(_config(**{**cfg, "shard_size": 4}))
+
+
+def test_config_checks():
+    with pytest.raises(ValueError, match="chunk_rows"):
+        extract.run(_config(dataset="x", store="y", shard_size=6, chunk_rows=4))
+    assert extract.parse_max_failures("5%", 200) == 10
+    assert extract.parse_max_failures("0.1", 50) == 5
+    assert extract.parse_max_failures(3, 50) == 3
+    with pytest.raises(ValueError, match="max_failures"):
+        extract.parse_max_failures("lots", 5)
