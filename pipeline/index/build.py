@@ -40,6 +40,7 @@ METRIC = "inner_product"
 NPROBE_CANDIDATES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 DEFAULT_K_FACTOR = 4
 SHARD_TARGET_BYTES = 1 << 30  # one index shard should load comfortably on any worker
+PARALLEL_MIN_VECTORS = 200_000  # below this one task is quicker than spreading the fill
 
 
 @dataclass
@@ -115,7 +116,8 @@ def build(config: IndexConfig, previous_version: str | None = None,
     else:
         budget = parse_size(config.memory_budget)
         choice = choose_index(total, dim, budget, config.factory, ivf_only=config.merged)
-        groups = _group_shards(ext_shards, counts, config.num_shards or _auto_num_shards(choice, total, len(ext_shards)))
+        groups = _group_shards(ext_shards, counts, config.num_shards or _auto_num_shards(choice, total, len(ext_shards),
+                                                                                      config.ray_address))
         rebuild = set(groups)
     log.info("indexing %d vectors (dim %d) from %d extraction shards into %d index shards as %s (%s)",
              total, dim, len(ext_shards), len(groups), choice.factory, choice.reason)
@@ -257,8 +259,17 @@ def _shard_row_counts(store: str, ext_shards: list[int]) -> tuple[dict[int, int]
     return counts, int(dim or storage.GLOBAL_DIM)
 
 
-def _auto_num_shards(choice: IndexChoice, total: int, n_ext: int) -> int:
-    return max(1, min(n_ext, math.ceil(choice.estimated_bytes(total) / SHARD_TARGET_BYTES)))
+def _auto_num_shards(choice: IndexChoice, total: int, n_ext: int, ray_address: str | None) -> int:
+    """Shards of about 1 GiB; from PARALLEL_MIN_VECTORS on, at least one per cluster CPU so the
+    fill runs in parallel; never more than there are extraction shards."""
+    n = math.ceil(choice.estimated_bytes(total) / SHARD_TARGET_BYTES)
+    if total >= PARALLEL_MIN_VECTORS:
+        from ..cluster import ensure_ray
+        import ray
+
+        ensure_ray(ray_address)
+        n = max(n, int(ray.cluster_resources().get("CPU", 1)))
+    return max(1, min(n_ext, n))
 
 
 def _group_shards(ext_shards: list[int], counts: dict[int, int], num_shards: int) -> dict[int, list[int]]:
@@ -401,6 +412,8 @@ def _fill(store, ext_shards, trained_url, trained_meta, out_url, reuse, queries,
     i_exact = np.where(p_exact >= 0, ids[np.maximum(p_exact, 0)], -1)
     del exact
     approx = {}
+    if _is_exact(index):  # brute force again would only repeat the exact search
+        return {"num_vectors": int(len(ids)), **meta, "exact": (d_exact, i_exact), "approx": {None: (d_exact, i_exact)}}
     searchable = to_device(index, use_gpu)
     for p in nprobes or [None]:
         params = dict(params_extra)
@@ -409,6 +422,11 @@ def _fill(store, ext_shards, trained_url, trained_meta, out_url, reuse, queries,
         apply_search_params(searchable, params)
         approx[p] = searchable.search(queries, kk) if len(queries) else (d_exact, i_exact)
     return {"num_vectors": int(len(ids)), **meta, "exact": (d_exact, i_exact), "approx": approx}
+
+
+def _is_exact(index: faiss.Index) -> bool:
+    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
+    return type(inner) in (faiss.IndexFlat, faiss.IndexFlatIP)
 
 
 def _remote(fn):

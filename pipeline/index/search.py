@@ -32,11 +32,16 @@ class SearchResult:
 
 def apply_search_params(index: faiss.Index, params: dict[str, Any]) -> None:
     """Set search-time parameters (nprobe, k_factor) through any wrapper (IDMap, refine, GPU)."""
-    text = ",".join(f"{k}={v}" for k, v in params.items() if v is not None)
-    if not text:
-        return
-    space = faiss.GpuParameterSpace() if _on_gpu(index) else faiss.ParameterSpace()
-    space.set_index_parameters(index, text)
+    params = {k: v for k, v in params.items() if v is not None}
+    k_factor = params.pop("k_factor", None)
+    if k_factor is not None:
+        # ParameterSpace does not reach a refine index inside an IndexIDMap: set it directly
+        inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
+        if isinstance(inner, faiss.IndexRefine):
+            inner.k_factor = float(k_factor)
+    if params:
+        space = faiss.GpuParameterSpace() if _on_gpu(index) else faiss.ParameterSpace()
+        space.set_index_parameters(index, ",".join(f"{k}={v}" for k, v in params.items()))
 
 
 def _on_gpu(index: faiss.Index) -> bool:
