@@ -35,7 +35,9 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None,
         return
     store = object_store_memory or int(os.environ.get("R2F_OBJECT_STORE_BYTES", str(512 * 1024 * 1024)))
     log.info("starting an embedded local Ray (%s CPUs)", num_cpus or os.cpu_count())
-    ray.init(num_cpus=num_cpus, include_dashboard=False, object_store_memory=store,
+    # address="local": without it ray.init() joins whatever cluster /tmp/ray/ray_current_cluster
+    # names (any `ray start --head` on this machine), instead of starting the embedded one.
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, object_store_memory=store,
              runtime_env=runtime_env, log_to_driver=True)
 
 
