@@ -1,0 +1,133 @@
+"""Extraction on a two-node Ray cluster on 127.0.0.1: a head and one more node, token auth for every
+process, the extraction run as a driver subprocess. The progress markers record the node of the
+model actor that wrote each shard; both nodes must appear and the output must be complete."""
+import json
+import os
+import random
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline import storage
+
+ROOT = Path(__file__).resolve().parents[1]
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def _free_ports(n: int, taken: set[int]) -> list[int]:
+    out = []
+    while len(out) < n:
+        p = random.randint(20000, 59000)
+        if p not in taken and _port_free(p):
+            out.append(p)
+            taken.add(p)
+    return out
+
+
+def _free_range(width: int, taken: set[int]) -> tuple[int, int]:
+    while True:
+        base = random.randint(20000, 59000 - width)
+        span = set(range(base, base + width))
+        if not span & taken and all(_port_free(p) for p in range(base, base + width, 7)):
+            taken |= span
+            return base, base + width - 1
+
+
+def _node_args(taken: set[int]) -> list[str]:
+    manager, objects, agent, agent_grpc, metrics, runtime_env = _free_ports(6, taken)
+    lo, hi = _free_range(40, taken)
+    return ["--node-ip-address", "127.0.0.1", "--num-cpus", "2", "--object-store-memory", str(150 * 1024 * 1024),
+            "--node-manager-port", str(manager), "--object-manager-port", str(objects),
+            "--dashboard-agent-listen-port", str(agent), "--dashboard-agent-grpc-port", str(agent_grpc),
+            "--metrics-export-port", str(metrics), "--runtime-env-agent-port", str(runtime_env),
+            "--min-worker-port", str(lo), "--max-worker-port", str(hi), "--disable-usage-stats", "--block"]
+
+
+@pytest.fixture()
+def two_node_cluster(tmp_path):
+    """``(address, env)`` of a head plus one worker node; only the two ``ray start --block`` processes
+    started here are stopped (SIGINT makes each tear down its own Ray daemons)."""
+    taken: set[int] = set()
+    gcs, client = _free_ports(2, taken)
+    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16), RAY_USAGE_STATS_ENABLED="0",
+               PYTHONPATH=str(ROOT))
+    env.pop("RAY_ADDRESS", None)
+    logs = [open(tmp_path / f"node{i}.log", "wb") for i in range(2)]
+    procs = []
+    address = f"127.0.0.1:{gcs}"
+    try:
+        procs.append(subprocess.Popen(
+            [RAY, "start", "--head", "--port", str(gcs), "--ray-client-server-port", str(client),
+             "--include-dashboard", "false", *_node_args(taken)],
+            env=env, stdout=logs[0], stderr=subprocess.STDOUT, cwd=ROOT))
+        _wait_nodes(address, env, 1)
+        procs.append(subprocess.Popen([RAY, "start", "--address", address, *_node_args(taken)],
+                                      env=env, stdout=logs[1], stderr=subprocess.STDOUT, cwd=ROOT))
+        _wait_nodes(address, env, 2)
+        yield address, env
+    finally:
+        for p in reversed(procs):
+            if p.poll() is None:
+                p.send_signal(signal.SIGINT)
+        for p in reversed(procs):
+            try:
+                p.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        for f in logs:
+            f.close()
+
+
+def _wait_nodes(address: str, env: dict, n: int, timeout: float = 180) -> None:
+    code = ("import ray, sys; ray.init(address=sys.argv[1], logging_level='ERROR'); "
+            "print(sum(1 for x in ray.nodes() if x['Alive']))")
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        out = subprocess.run([sys.executable, "-c", code, address], env=env, capture_output=True, text=True)
+        if out.returncode == 0 and out.stdout.strip().splitlines()[-1:] == [str(n)]:
+            return
+        time.sleep(2)
+    raise AssertionError(f"Ray cluster at {address} did not reach {n} node(s): {out.stderr[-2000:]}")
+
+
+def test_two_node_extraction_uses_both_nodes(two_node_cluster, gardens_point, tmp_path):
+    address, env = two_node_cluster
+    paths = [gardens_point / "night_right" / f"Image{i:03d}.jpg" for i in range(8)]
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path\n" + "".join(f"{p}\n" for p in paths))
+    store = tmp_path / "store"
+    code = (
+        "import json, ray; from pipeline import extract; from pipeline.log import setup_logging; setup_logging()\n"
+        f"r = extract.run(extract.ExtractConfig(dataset={str(manifest)!r}, store={str(store)!r}, "
+        "backbone='efficientnet-lite0', image_size=(128, 224), batch_size=2, shard_size=2, chunk_rows=2, "
+        "num_actors=2, threads_per_actor=1, progress=False))\n"
+        "print('RESULT', json.dumps({'nodes': sorted(n['NodeID'] for n in ray.nodes() if n['Alive']), "
+        "'actor_nodes': r.node_ids, 'extracted': r.num_extracted}))\n")
+    out = subprocess.run([sys.executable, "-c", code], env=dict(env, RAY_ADDRESS=address), cwd=ROOT,
+                         capture_output=True, text=True, timeout=480)
+    assert out.returncode == 0, out.stderr[-4000:]
+    line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")][-1]
+    got = json.loads(line[len("RESULT "):])
+    assert len(got["nodes"]) == 2
+    markers = [json.loads(p.read_text()) for p in sorted((store / "progress").glob("shard-*.json"))]
+    assert [m["shard"] for m in markers] == [0, 1, 2, 3]
+    assert {m["node_id"] for m in markers} == set(got["nodes"]) == set(got["actor_nodes"])
+    table = storage.read_global_table(str(store))
+    assert got["extracted"] == 8 and table.num_rows == 8 and len(set(table.column("image_id").to_pylist())) == 8
+    assert storage.read_manifest(str(store))["counts"] == {"images": 8, "extracted": 8, "failed": 0}
