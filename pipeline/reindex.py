@@ -1,0 +1,872 @@
+"""Scheduled incremental reindexing: bring the store and the index up to date with the image source.
+
+One run (``r2f reindex``, ``jobs/reindex.py``, ``run(ReindexConfig)``)::
+
+    scan     hash every image of the source (Ray tasks; ``pipeline.images.content_hash``)
+    plan     compare with the catalog (the store's Parquet: image_id, path, content_hash, positions):
+             added, changed (new bytes), moved (same bytes, new path or position), deleted
+    extract  only added + changed images, into a staging store <store>/reindex/staging/<digest>
+             (``pipeline.extract.extract_dataset``: resumable per shard like any extraction)
+    adopt    staging shards become new shards of the store (fresh shard numbers, their local tokens
+             copied to fresh Zarr rows); every old shard that lost or moved a row is replaced by a
+             filtered copy under a fresh number whose rows still point at the old Zarr rows
+    store    a new store generation: manifests/g0004.json, then manifest.json (same content)
+    index    ``pipeline.index.build(previous_version=CURRENT)``: unchanged index shards are copied,
+             only index shards that lost an extraction shard are refilled, new extraction shards
+             form a new index shard; the version is built with ``make_current=False``
+    publish  the new version's image ids are checked against the store, then CURRENT is rewritten
+             (one atomic write), and all but the newest ``keep_versions`` versions are pruned
+
+Invariants that make this safe:
+
+- Shard numbers are never reused and a shard's Parquet part and Zarr rows are never rewritten once
+  a manifest lists it, so every kept store generation (and each index version built from one) stays
+  readable: rollback is rewriting two small files (``manifest.json`` and ``CURRENT``).
+- Until the final CURRENT write, searches answer from the old version's unchanged files. A run that
+  dies anywhere before it leaves CURRENT as it was; the next run resumes: staging shards already
+  extracted are skipped, and a store generation that no index version covers yet is indexed.
+- A run with nothing new (no added, changed, moved or deleted image, and CURRENT covering exactly
+  the store's shards) writes nothing and says so.
+- Images that failed to decode are remembered with their content hash (``failures.parquet``) and
+  are retried only when their bytes change; unreadable source files never delete catalog rows (an
+  S3 hiccup must not drop a place from the index).
+
+Layout added to a store (beside ``pipeline.storage``'s files)::
+
+    <store>/manifests/g0003.json               snapshot of each store generation's manifest
+    <store>/reindex/staging/<digest>/           extraction store of one run's new images
+    <store>/reindex/failures.parquet            path, content_hash, stage, reason of known bad images
+
+and to an index folder (beside ``pipeline.index.layout``'s files)::
+
+    <index_dir>/reindex/v0003.json              which store generation version v0003 was built from
+    <index_dir>/reindex.lock                    held while a reindex runs
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import pyarrow as pa
+
+from . import storage
+from .log import get_logger
+
+log = get_logger(__name__)
+
+POSITION_COLUMNS = ("utm_east", "utm_north", "heading", "timestamp", "place_id")
+FAILURES_SCHEMA = pa.schema([("path", pa.string()), ("content_hash", pa.string()), ("stage", pa.string()),
+                             ("reason", pa.string())])
+# ExtractConfig keys a reindex may set: how to run, not what the descriptors are. What they are
+# (backbone, checkpoint, image size, shard size) comes from the store, so new rows match old ones.
+RUNTIME_EXTRACT_KEYS = ("batch_size", "num_actors", "threads_per_actor", "max_failures", "progress", "device",
+                        "ray_address")
+
+
+class ReindexError(RuntimeError):
+    pass
+
+
+class ReindexBusy(ReindexError):
+    """Another reindex holds the lock of this index."""
+
+
+@dataclass
+class ReindexConfig:
+    source: str = ""                      # dataset description of the images as they are now
+    store: str = ""                       # the extraction store: the catalog that is brought up to date
+    index_dir: str | None = None          # default <store>/index (as pipeline.index)
+    keep_versions: int = 3                # finished index versions kept for rollback (CURRENT always kept)
+    rollback: str | None = None           # instead of reindexing, publish this kept version again
+    extract: dict[str, Any] = field(default_factory=dict)  # ExtractConfig keys; model keys only for a first run
+    index: dict[str, Any] = field(default_factory=dict)    # IndexConfig keys for full builds
+    max_index_shards: int = 64            # more index shards than this: rebuild all (compaction)
+    hash_chunk: int = 256                 # images hashed per Ray task
+    lock_stale_hours: float = 12.0        # a lock older than this (or of a dead local pid) is taken over
+    ray_address: str | None = None
+
+    @property
+    def resolved_index_dir(self) -> str:
+        if self.index_dir:
+            return self.index_dir
+        if not self.store:
+            raise ReindexError("ReindexConfig needs `store`")
+        return storage.join(self.store, "index")
+
+
+@dataclass
+class ReindexResult:
+    status: str                           # "noop" | "published" | "rolled_back"
+    message: str
+    version: str | None                   # CURRENT after the run
+    previous_version: str | None          # CURRENT before the run
+    store_generation: int
+    added: int = 0
+    changed: int = 0
+    moved: int = 0
+    deleted: int = 0
+    unchanged: int = 0
+    failed: int = 0                       # new or changed images whose extraction failed (kept in failures.parquet)
+    unreadable: int = 0                   # source images that could not be read during the scan
+    num_images: int = 0                   # rows of the published store generation
+    new_shards: list[int] = field(default_factory=list)
+    retired_shards: list[int] = field(default_factory=list)
+    rebuilt_index_shards: list[int] = field(default_factory=list)
+    reused_index_shards: list[int] = field(default_factory=list)
+    pruned_versions: list[str] = field(default_factory=list)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class ReindexPlan:
+    """What differs between the source and the catalog."""
+    to_extract: pa.Table                  # dataset rows (pipeline.datasets schema) of added + changed images
+    added_ids: np.ndarray
+    changed_ids: np.ndarray
+    moved: pa.Table                       # image_id + new path/positions of moved images
+    deleted_ids: np.ndarray
+    unchanged: int
+    unreadable: list[str]
+    skipped_failures: int                 # known-bad images with unchanged bytes, not retried
+    affected_shards: list[int]            # catalog shards that lose or move a row
+    source_hashes: dict[str, str]         # path -> content hash of every readable source image
+
+    @property
+    def empty(self) -> bool:
+        return not (len(self.to_extract) or len(self.deleted_ids) or len(self.moved))
+
+
+# ---------------------------------------------------------------- layout
+@dataclass(frozen=True)
+class ReindexLayout:
+    store: str
+    index_dir: str
+
+    @property
+    def manifests_dir(self) -> str:
+        return storage.join(self.store, "manifests")
+
+    def manifest_snapshot(self, generation: int) -> str:
+        return storage.join(self.manifests_dir, f"g{generation:04d}.json")
+
+    def staging(self, digest: str) -> str:
+        return storage.join(self.store, "reindex", "staging", digest)
+
+    @property
+    def staging_dir(self) -> str:
+        return storage.join(self.store, "reindex", "staging")
+
+    @property
+    def failures(self) -> str:
+        return storage.join(self.store, "reindex", "failures.parquet")
+
+    def version_record(self, version: str) -> str:
+        return storage.join(self.index_dir, "reindex", f"{version}.json")
+
+    @property
+    def lock(self) -> str:
+        return storage.join(self.index_dir, "reindex.lock")
+
+
+# ---------------------------------------------------------------- lock
+class _Lock:
+    """One reindex per index at a time. Local files are created exclusively; on S3 the check and
+    the write are two requests (the scheduler's no-overlap policy is the first guard there)."""
+
+    def __init__(self, url: str, stale_hours: float):
+        self.url, self.stale_s = url, stale_hours * 3600
+        self.held = False
+
+    def __enter__(self) -> "_Lock":
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}
+        fs, path = storage.filesystem(self.url)
+        if fs.exists(path):
+            try:
+                other = storage.read_json(self.url)
+            except Exception:
+                other = {}
+            if not self._stale(other):
+                raise ReindexBusy(f"another reindex is running on {self.url.rsplit('/', 1)[0]} "
+                                  f"(host {other.get('host')}, pid {other.get('pid')}, since "
+                                  f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(other.get('since', 0)))} UTC); "
+                                  f"delete {self.url} if it died")
+            log.warning("taking over a stale reindex lock %s (%s)", self.url, other)
+            fs.rm(path)
+        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        data = json.dumps(me).encode()
+        if _is_local(fs):
+            try:
+                with open(path, "xb") as f:
+                    f.write(data)
+            except FileExistsError:
+                raise ReindexBusy(f"another reindex took {self.url} just now") from None
+        else:
+            with fs.open(path, "wb") as f:
+                f.write(data)
+        self.held = True
+        return self
+
+    def _stale(self, other: dict[str, Any]) -> bool:
+        if time.time() - float(other.get("since", 0)) > self.stale_s:
+            return True
+        if other.get("host") == socket.gethostname() and isinstance(other.get("pid"), int):
+            try:
+                os.kill(other["pid"], 0)
+            except ProcessLookupError:
+                return True  # its process is gone
+            except PermissionError:
+                return False
+        return False
+
+    def __exit__(self, *exc) -> None:
+        if self.held:
+            fs, path = storage.filesystem(self.url)
+            try:
+                fs.rm(path)
+            except FileNotFoundError:
+                pass
+            self.held = False
+
+
+def _is_local(fs) -> bool:
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    return "file" in protocols or "local" in protocols
+
+
+# ---------------------------------------------------------------- scan and plan
+def _hash_paths(paths: list[str]) -> list[tuple[str | None, str | None]]:
+    """``(content_hash, None)`` or ``(None, reason)`` per path."""
+    from .images import ImageReadError, content_hash, read_bytes
+
+    out = []
+    for p in paths:
+        try:
+            out.append((content_hash(read_bytes(p)), None))
+        except ImageReadError as exc:
+            out.append((None, f"{exc.stage}: {exc.reason}"))
+    return out
+
+
+def scan_hashes(paths: list[str], chunk: int = 256) -> list[tuple[str | None, str | None]]:
+    """Content hashes of ``paths``, read in Ray tasks of ``chunk`` paths (in-process when one
+    chunk is all there is: a task would cost more than it saves)."""
+    if len(paths) <= chunk:
+        return _hash_paths(paths)
+    import ray
+
+    task = ray.remote(num_cpus=1, max_retries=2)(_hash_paths)
+    refs = [task.remote(paths[i:i + chunk]) for i in range(0, len(paths), chunk)]
+    out: list[tuple[str | None, str | None]] = []
+    for part in ray.get(refs):
+        out.extend(part)
+    return out
+
+
+def read_catalog(store: str) -> pa.Table:
+    """The store's rows as the reindex compares them (no descriptors)."""
+    return storage.read_global_table(store, ["image_id", "path", "content_hash", "shard", "row",
+                                             *POSITION_COLUMNS])
+
+
+def read_failures(layout: ReindexLayout) -> pa.Table:
+    if not storage.exists(layout.failures):
+        return FAILURES_SCHEMA.empty_table()
+    return storage.read_parquet(layout.failures).cast(FAILURES_SCHEMA)
+
+
+def _same(a: list, b: list) -> np.ndarray:
+    """Element-wise equality treating None/NaN as equal to each other."""
+    def norm(v):
+        return None if v is None or (isinstance(v, float) and np.isnan(v)) else v
+    return np.array([norm(x) == norm(y) for x, y in zip(a, b)], dtype=bool)
+
+
+def plan_changes(source: pa.Table, catalog: pa.Table, hashes: list[tuple[str | None, str | None]],
+                 failures: pa.Table | None = None) -> ReindexPlan:
+    """Compare the dataset table (with one scan result per row) with the catalog."""
+    src_ids = source.column("image_id").to_numpy()
+    src_paths = source.column("path").to_pylist()
+    src_hash = [h for h, _ in hashes]
+    readable = np.array([h is not None for h in src_hash], dtype=bool)
+    unreadable = [p for p, ok in zip(src_paths, readable) if not ok]
+
+    cat_ids = catalog.column("image_id").to_numpy()
+    cat_pos = {int(i): k for k, i in enumerate(cat_ids)}
+    in_cat = np.array([int(i) in cat_pos for i in src_ids], dtype=bool)
+    cat_idx = np.array([cat_pos.get(int(i), -1) for i in src_ids], dtype=np.int64)
+
+    cat_hash = catalog.column("content_hash").to_pylist()
+    same_bytes = np.array([in_cat[k] and readable[k] and cat_hash[cat_idx[k]] == src_hash[k]
+                           for k in range(len(src_ids))], dtype=bool)
+    added = ~in_cat & readable
+    changed = in_cat & readable & ~same_bytes
+
+    # known-bad images whose bytes did not change are not tried again
+    known_bad = {}
+    if failures is not None and failures.num_rows:
+        known_bad = dict(zip(failures.column("path").to_pylist(), failures.column("content_hash").to_pylist()))
+    skip = np.array([added[k] and known_bad.get(src_paths[k]) == src_hash[k] for k in range(len(src_ids))],
+                    dtype=bool)
+    added &= ~skip
+
+    # same bytes, but the path or a position column differs: rewrite the row, no extraction
+    moved_mask = np.zeros(len(src_ids), dtype=bool)
+    both = np.flatnonzero(same_bytes)
+    if len(both):
+        cat_rows = catalog.take(pa.array(cat_idx[both]))
+        src_rows = source.take(pa.array(both))
+        differs = ~_same(src_rows.column("path").to_pylist(), cat_rows.column("path").to_pylist())
+        for c in POSITION_COLUMNS:
+            differs |= ~_same(src_rows.column(c).to_pylist(), cat_rows.column(c).to_pylist())
+        moved_mask[both[differs]] = True
+    moved = source.filter(pa.array(moved_mask)).select(["image_id", "path", *POSITION_COLUMNS])
+
+    src_set = set(int(i) for i in src_ids)
+    deleted_ids = np.array([int(i) for i in cat_ids if int(i) not in src_set], dtype=np.int64)
+
+    changed_ids = src_ids[changed]
+    lose = set(deleted_ids.tolist()) | set(changed_ids.tolist()) | set(moved.column("image_id").to_pylist())
+    shards = catalog.column("shard").to_numpy()
+    affected = sorted({int(s) for i, s in zip(cat_ids, shards) if int(i) in lose})
+
+    return ReindexPlan(
+        to_extract=source.filter(pa.array(added | changed)),
+        added_ids=src_ids[added], changed_ids=changed_ids, moved=moved, deleted_ids=deleted_ids,
+        unchanged=int((same_bytes & ~moved_mask).sum()), unreadable=unreadable,
+        skipped_failures=int(skip.sum()), affected_shards=affected,
+        source_hashes={p: h for p, h in zip(src_paths, src_hash) if h is not None},
+    )
+
+
+# ---------------------------------------------------------------- store generations
+def store_generation(manifest: dict[str, Any]) -> int:
+    return int(manifest.get("generation", 0))
+
+
+def _used_shard_numbers(store: str) -> set[int]:
+    """Every shard number that has ever had a file in the store (listed or not): new shards get
+    numbers above all of them, so no file a kept generation may read is ever overwritten."""
+    lay = storage.StoreLayout(store)
+    used: set[int] = set()
+    for d, prefix in ((lay.global_dir, "part-"), (lay.progress_dir, "shard-"), (lay.errors_dir, "part-")):
+        fs, path = storage.filesystem(d)
+        if not fs.exists(path):
+            continue
+        for entry in fs.ls(path, detail=False):
+            name = entry.rstrip("/").rsplit("/", 1)[-1]
+            if name.startswith(prefix):
+                try:
+                    used.add(int(name[len(prefix):].split(".", 1)[0]))
+                except ValueError:
+                    continue
+    return used
+
+
+def _snapshot_if_missing(layout: ReindexLayout, manifest: dict[str, Any]) -> None:
+    url = layout.manifest_snapshot(store_generation(manifest))
+    if not storage.exists(url):
+        storage.write_json(url, manifest)
+
+
+def _publish_store_generation(layout: ReindexLayout, manifest: dict[str, Any]) -> None:
+    """Snapshot first, then the manifest readers use (each one atomic write)."""
+    storage.write_json(layout.manifest_snapshot(store_generation(manifest)), manifest)
+    storage.write_json(storage.StoreLayout(layout.store).manifest, manifest)
+
+
+def _count_rows(store: str, shards: list[int]) -> int:
+    import pyarrow.parquet as pq
+
+    lay = storage.StoreLayout(store)
+    total = 0
+    for s in shards:
+        fs, path = storage.filesystem(lay.global_part(s))
+        with fs.open(path, "rb") as f:
+            total += pq.ParquetFile(f).metadata.num_rows
+    return total
+
+
+def _part_metadata(url: str) -> dict[str, Any]:
+    meta = storage.parquet_metadata(url)
+    return {k: v for k, v in meta.items() if k not in ("ARROW:schema", "pandas")}
+
+
+def _rewrite_shard(store: str, old: int, new: int, drop_ids: set[int], moved: dict[int, dict[str, Any]]) -> int:
+    """Copy shard ``old``'s rows minus ``drop_ids`` (moved rows get their new path/positions) into
+    a part numbered ``new``. Rows keep their Zarr row: the old shard's tokens are never rewritten,
+    so they stay valid for both generations. Returns the number of rows written (0: nothing)."""
+    lay = storage.StoreLayout(store)
+    url = lay.global_part(old)
+    t = storage.read_parquet(url)
+    ids = t.column("image_id").to_pylist()
+    keep = pa.array([i not in drop_ids for i in ids])
+    t = t.filter(keep)
+    if t.num_rows == 0:
+        return 0
+    if moved:
+        cols = {c: t.column(c).to_pylist() for c in ("path", *POSITION_COLUMNS)}
+        for k, i in enumerate(t.column("image_id").to_pylist()):
+            if i in moved:
+                for c in cols:
+                    cols[c][k] = moved[i][c]
+        for c, values in cols.items():
+            t = t.set_column(t.schema.get_field_index(c), c, pa.array(values, t.schema.field(c).type))
+    t = t.set_column(t.schema.get_field_index("shard"), "shard", pa.array([new] * t.num_rows, pa.int32()))
+    storage.write_parquet(lay.global_part(new), t, _part_metadata(url))
+    storage.write_json(lay.progress(new), dict(shard=new, images=t.num_rows, extracted=t.num_rows, failed=0,
+                                               rewritten_from=old))
+    return t.num_rows
+
+
+def _adopt_shard(staging: str, store: str, k: int, new: int, shard_size: int, staging_rows: int) -> int:
+    """Staging shard ``k`` becomes store shard ``new``: Parquet rows renumbered into ``new``'s Zarr
+    rows, and that block of local tokens copied (whole chunks: ``new * shard_size`` is a chunk
+    boundary). Runs in a Ray task; one task per shard, so each owns its Zarr chunks."""
+    src, dst = storage.StoreLayout(staging), storage.StoreLayout(store)
+    url = src.global_part(k)
+    t = storage.read_parquet(url)
+    if t.num_rows == 0:
+        return 0
+    start, n = k * shard_size, min(shard_size, staging_rows - k * shard_size)
+    block = np.asarray(storage.open_local_tokens(staging)[start:start + n])
+    storage.open_local_tokens(store, mode="r+")[new * shard_size:new * shard_size + n] = block
+    rows = t.column("row").to_numpy() - start + new * shard_size
+    t = t.set_column(t.schema.get_field_index("row"), "row", pa.array(rows, pa.int64()))
+    t = t.set_column(t.schema.get_field_index("shard"), "shard", pa.array([new] * t.num_rows, pa.int32()))
+    storage.write_parquet(dst.global_part(new), t, _part_metadata(url))
+    storage.write_json(dst.progress(new), dict(shard=new, row_start=new * shard_size, images=n,
+                                               extracted=t.num_rows, failed=n - t.num_rows,
+                                               adopted_from=f"{staging}#{k}"))
+    return t.num_rows
+
+
+def _delta_digest(table: pa.Table, hashes: dict[str, str]) -> str:
+    d = hashlib.blake2b(digest_size=8)
+    for key, path in zip(table.column("key").to_pylist(), table.column("path").to_pylist()):
+        d.update(f"{key}\0{hashes.get(path)}\0".encode())
+    return d.hexdigest()
+
+
+def _staging_config(cfg: ReindexConfig, manifest: dict[str, Any]):
+    """The ExtractConfig of new images: the model and sizes of the store, run settings from ``cfg``."""
+    from .extract import ExtractConfig
+
+    model = manifest.get("model") or {}
+    fixed = dict(backbone=model.get("backbone"), checkpoint=model.get("checkpoint"),
+                 image_size=tuple(manifest["image_size"]), shard_size=int(manifest["shard_size"]),
+                 chunk_rows=int(manifest["chunk_rows"]))
+    for k, v in cfg.extract.items():
+        if k in fixed and v is not None and _norm(v) != _norm(fixed[k]):
+            raise ReindexError(f"extract.{k}={v!r} differs from the store {cfg.store} ({fixed[k]!r}); new rows must "
+                               "match the old ones, so a different model or size needs a new store")
+        if k not in fixed and k not in RUNTIME_EXTRACT_KEYS:
+            raise ReindexError(f"extract.{k} cannot be set for a reindex (allowed: {', '.join(RUNTIME_EXTRACT_KEYS)})")
+    from .config import from_dict
+
+    run = {k: v for k, v in cfg.extract.items() if k in RUNTIME_EXTRACT_KEYS}
+    run.setdefault("ray_address", cfg.ray_address)
+    return from_dict(ExtractConfig, {"dataset": cfg.source, **fixed, **run})
+
+
+def _norm(v: Any) -> Any:
+    return list(v) if isinstance(v, (list, tuple)) else v
+
+
+# ---------------------------------------------------------------- index versions
+def version_image_ids(index_dir: str, version: str | None = None) -> np.ndarray:
+    """Sorted image ids held by an index version (read from its shard files)."""
+    import faiss
+
+    from .index import layout as L
+
+    infos = L.read_infos(index_dir, version)
+    lay = L.IndexLayout(index_dir)
+    out = []
+    for entry in infos["shards"]:
+        index = L.read_index_file(lay.file(infos["version"], entry["file"]), entry)
+        out.append(_ids_of(index, faiss))
+    return np.sort(np.concatenate(out)) if out else np.zeros(0, np.int64)
+
+
+def _ids_of(index, faiss) -> np.ndarray:
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:
+        inv = ivf.invlists
+        parts = [faiss.rev_swig_ptr(inv.get_ids(c), inv.list_size(c)).copy()
+                 for c in range(inv.nlist) if inv.list_size(c)]
+        return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
+    for cls in ("IndexIDMap2", "IndexIDMap"):
+        downcast = getattr(faiss, cls, None)
+        if downcast is not None and isinstance(index, downcast):
+            return faiss.vector_to_array(index.id_map).astype(np.int64)
+    if hasattr(index, "id_map"):
+        return faiss.vector_to_array(index.id_map).astype(np.int64)
+    raise ReindexError(f"cannot read the ids of a {type(index).__name__} index")
+
+
+def _current_or_none(index_dir: str) -> str | None:
+    from .index import layout as L
+
+    try:
+        return L.current_version(index_dir)
+    except L.IndexFileError:
+        return None
+
+
+def _covered_shards(index_dir: str, version: str) -> set[int]:
+    from .index import layout as L
+
+    infos = L.read_infos(index_dir, version)
+    return {int(s) for e in infos["shards"] for s in e["extraction_shards"]}
+
+
+def list_history(cfg: ReindexConfig) -> list[dict[str, Any]]:
+    """Finished index versions, oldest first, with their store generation and counts."""
+    from .index import layout as L
+
+    index_dir = cfg.resolved_index_dir
+    layout = ReindexLayout(cfg.store, index_dir)
+    current = _current_or_none(index_dir)
+    out = []
+    for v in L.list_versions(index_dir):
+        infos = L.read_infos(index_dir, v)
+        rec = storage.read_json(layout.version_record(v)) if storage.exists(layout.version_record(v)) else {}
+        out.append(dict(version=v, current=v == current, num_vectors=infos.get("num_vectors"),
+                        num_shards=infos.get("num_shards"), created=infos.get("created"),
+                        store_generation=rec.get("store_generation"), changes=rec.get("changes")))
+    return out
+
+
+# ---------------------------------------------------------------- entry points
+Hook = Callable[[str, dict[str, Any]], None]
+
+
+def run(config: ReindexConfig, on_stage: Hook | None = None) -> ReindexResult:
+    """Bring ``config.store`` and its index up to date with ``config.source`` (or roll back).
+
+    ``on_stage(name, info)`` is called after each step (``planned``, ``extracted``, ``adopted``,
+    ``store_published``, ``index_built``, ``published``); operators' tooling and the tests use it
+    to look at the system between steps."""
+    if not config.store:
+        raise ReindexError("store is empty: name the extraction store to keep up to date")
+    if config.keep_versions < 1:
+        raise ReindexError(f"keep_versions must be at least 1, got {config.keep_versions}")
+    index_dir = config.resolved_index_dir
+    layout = ReindexLayout(config.store, index_dir)
+    with _Lock(layout.lock, config.lock_stale_hours):
+        if config.rollback:
+            return _rollback(config, layout, config.rollback)
+        if not config.source:
+            raise ReindexError("source is empty: give the dataset description of the images as they are now")
+        return _reindex(config, layout, on_stage or (lambda name, info: None))
+
+
+def rollback(config: ReindexConfig, version: str) -> ReindexResult:
+    return run(dataclasses.replace(config, rollback=version))
+
+
+def _rollback(cfg: ReindexConfig, layout: ReindexLayout, version: str) -> ReindexResult:
+    from .index import layout as L
+
+    t0 = time.perf_counter()
+    index_dir = layout.index_dir
+    if version not in L.list_versions(index_dir):
+        kept = ", ".join(L.list_versions(index_dir)) or "none"
+        raise ReindexError(f"cannot roll back {index_dir} to {version}: not a finished version (kept: {kept})")
+    previous = _current_or_none(index_dir)
+    generation = -1
+    if storage.exists(layout.version_record(version)):
+        rec = storage.read_json(layout.version_record(version))
+        generation = int(rec["store_generation"])
+        snapshot = storage.read_json(layout.manifest_snapshot(generation))
+        storage.write_json(storage.StoreLayout(cfg.store).manifest, snapshot)
+    else:
+        log.warning("no reindex record for %s: the store manifest is left as it is", version)
+    L.set_current(index_dir, version)
+    msg = f"rolled back {index_dir} from {previous} to {version}" + \
+        (f" (store generation {generation})" if generation >= 0 else "")
+    log.info("%s", msg)
+    infos = L.read_infos(index_dir, version)
+    return ReindexResult(status="rolled_back", message=msg, version=version, previous_version=previous,
+                         store_generation=generation, num_images=int(infos.get("num_vectors", 0)),
+                         stage_seconds={"rollback": round(time.perf_counter() - t0, 3)})
+
+
+def _reindex(cfg: ReindexConfig, layout: ReindexLayout, on_stage: Hook) -> ReindexResult:
+    from .cluster import ensure_ray
+    from .config import from_dict
+    from .datasets import load_dataset
+    from .extract import ExtractConfig, extract_dataset
+    from .index import build, IndexConfig
+    from .index import layout as L
+
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal t
+        timings[name] = round(time.perf_counter() - t, 3)
+        t = time.perf_counter()
+
+    index_dir = layout.index_dir
+    store_lay = storage.StoreLayout(cfg.store)
+    previous_version = _current_or_none(index_dir)
+    first_run = not storage.exists(store_lay.manifest)
+
+    source = load_dataset(cfg.source)
+    ensure_ray(cfg.ray_address)
+    hashes = scan_hashes(source.column("path").to_pylist(), cfg.hash_chunk)
+    lap("scan")
+
+    if first_run:
+        # No catalog yet: the whole source is new. A plain extraction, then generation 0.
+        log.info("reindex: %s holds no extraction yet; extracting all %d images of %s", cfg.store,
+                 source.num_rows, cfg.source)
+        ecfg = from_dict(ExtractConfig, {"dataset": cfg.source, "ray_address": cfg.ray_address, **cfg.extract})
+        ext = extract_dataset(source, cfg.store, ecfg, source=cfg.source)
+        lap("extract")
+        manifest = dict(storage.read_manifest(cfg.store), generation=0)
+        _publish_store_generation(layout, manifest)
+        _write_failures(layout, storage.read_errors(cfg.store), dict(zip(source.column("path").to_pylist(),
+                                                                         [h for h, _ in hashes])))
+        plan_counts = dict(added=ext.num_extracted, changed=0, moved=0, deleted=0, unchanged=0,
+                           failed=ext.num_failed, unreadable=sum(h is None for h, _ in hashes))
+        new_shards, retired = list(manifest["shards"]), []
+        lap("store")
+        on_stage("store_published", {"generation": 0})
+    else:
+        manifest = storage.read_manifest(cfg.store)
+        _snapshot_if_missing(layout, manifest)  # a store made by `r2f extract` becomes generation 0
+        catalog = read_catalog(cfg.store)
+        failures = read_failures(layout)
+        plan = plan_changes(source, catalog, hashes, failures)
+        lap("plan")
+        on_stage("planned", {"plan": plan})
+        plan_counts = dict(added=len(plan.added_ids), changed=len(plan.changed_ids), moved=len(plan.moved),
+                           deleted=len(plan.deleted_ids), unchanged=plan.unchanged, failed=0,
+                           unreadable=len(plan.unreadable))
+        if plan.unreadable:
+            log.warning("reindex: %d source image(s) could not be read and are left as they are, e.g. %s",
+                        len(plan.unreadable), plan.unreadable[0])
+        new_shards, retired = [], []
+
+        if plan.empty:
+            current_ok = previous_version is not None and \
+                _covered_shards(index_dir, previous_version) == {int(s) for s in manifest["shards"]}
+            if current_ok:
+                msg = (f"nothing to do: {cfg.source} matches {cfg.store} ({plan.unchanged} images unchanged"
+                       + (f", {plan.skipped_failures} known-bad skipped" if plan.skipped_failures else "")
+                       + f") and {previous_version} indexes all of it")
+                log.info("reindex: %s", msg)
+                return ReindexResult(status="noop", message=msg, version=previous_version,
+                                     previous_version=previous_version, store_generation=store_generation(manifest),
+                                     unchanged=plan.unchanged, unreadable=len(plan.unreadable),
+                                     num_images=int(catalog.num_rows), stage_seconds=timings)
+            log.info("reindex: the store is up to date but %s does not index generation %d yet (an earlier "
+                     "run stopped before publishing); building the index", previous_version,
+                     store_generation(manifest))
+        else:
+            manifest, new_shards, retired, failed = _update_store(cfg, layout, manifest, plan, timings, lap,
+                                                                  on_stage, extract_dataset)
+            plan_counts["failed"] = failed
+
+    # ---- index: copy unchanged index shards, refill the affected ones, never touch CURRENT
+    store_gen = store_generation(manifest)
+    use_previous = previous_version
+    if use_previous is not None:
+        prev_infos = L.read_infos(index_dir, use_previous)
+        if prev_infos.get("num_shards", 0) >= cfg.max_index_shards:
+            log.info("reindex: %s has %d index shards (max %d): rebuilding every shard", use_previous,
+                     prev_infos["num_shards"], cfg.max_index_shards)
+            use_previous = None
+    icfg_keys = {**cfg.index, "store": cfg.store, "index_dir": index_dir, "make_current": False,
+                 "ray_address": cfg.ray_address}
+    built = build(from_dict(IndexConfig, icfg_keys), previous_version=use_previous)
+    version = built.version
+    lap("index")
+    on_stage("index_built", {"version": version, "previous_version": previous_version})
+
+    # ---- check, record, publish
+    expected = storage.read_global_table(cfg.store, ["image_id"]).column("image_id").to_numpy()
+    got = version_image_ids(index_dir, version)
+    if len(got) != len(expected) or not np.array_equal(got, np.sort(expected)):
+        raise ReindexError(f"index {index_dir}/{version} holds {len(got)} ids but store generation {store_gen} "
+                           f"has {len(expected)}; not publishing it")
+    storage.write_json(layout.version_record(version), dict(
+        version=version, store_generation=store_gen, store_manifest=layout.manifest_snapshot(store_gen),
+        previous_version=previous_version, changes=plan_counts, new_shards=new_shards, retired_shards=retired,
+        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())))
+    L.set_current(index_dir, version)  # the one write that switches searches to the new version
+    lap("publish")
+    on_stage("published", {"version": version})
+
+    pruned = L.prune_versions(index_dir, keep=cfg.keep_versions)
+    for v in pruned:
+        fs, path = storage.filesystem(layout.version_record(v))
+        if fs.exists(path):
+            fs.rm(path)
+    fs, path = storage.filesystem(layout.staging_dir)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)  # staging data now lives in the store
+    lap("prune")
+
+    shards_info = built.infos.get("shards", [])
+    msg = (f"published {version} (was {previous_version}): +{plan_counts['added']} new, "
+           f"{plan_counts['changed']} changed, {plan_counts['moved']} moved, -{plan_counts['deleted']} deleted, "
+           f"{plan_counts['failed']} failed; {len(got)} images in store generation {store_gen}")
+    log.info("reindex: %s; timings %s", msg, json.dumps(timings))
+    return ReindexResult(
+        status="published", message=msg, version=version, previous_version=previous_version,
+        store_generation=store_gen, num_images=int(len(got)), new_shards=new_shards, retired_shards=retired,
+        rebuilt_index_shards=[e["shard"] for e in shards_info if e.get("rebuilt")],
+        reused_index_shards=[e["shard"] for e in shards_info if not e.get("rebuilt")],
+        pruned_versions=pruned, stage_seconds=timings, **plan_counts)
+
+
+def _update_store(cfg, layout, manifest, plan: ReindexPlan, timings, lap, on_stage, extract_dataset):
+    """Extract the plan's images into staging, adopt them as new shards, replace affected shards,
+    and publish the next store generation. Returns (manifest, new shards, retired shards, failed)."""
+    import ray
+
+    shard_size = int(manifest["shard_size"])
+    used = _used_shard_numbers(cfg.store)
+    next_shard = max(used | {int(s) for s in manifest["shards"]} | {-1}) + 1
+
+    # 1. extract new and changed images into a staging store named by what it holds, so a rerun
+    #    after a crash finds (and resumes) the same one
+    failed_rows = FAILURES_SCHEMA.empty_table()
+    staged: list[tuple[int, int]] = []
+    staging = None
+    staging_rows = 0
+    if plan.to_extract.num_rows:
+        staging = layout.staging(_delta_digest(plan.to_extract, plan.source_hashes))
+        ecfg = _staging_config(cfg, manifest)
+        log.info("reindex: extracting %d new/changed image(s) into %s", plan.to_extract.num_rows, staging)
+        ext = extract_dataset(plan.to_extract, staging, ecfg, source=cfg.source)
+        smanifest = storage.read_manifest(staging)
+        for key in ("tokens", "global_dim", "image_size", "shard_size", "chunk_rows"):
+            if smanifest.get(key) is not None and manifest.get(key) is not None and smanifest[key] != manifest[key]:
+                raise ReindexError(f"new images came out with {key}={smanifest[key]!r}, the store {cfg.store} has "
+                                   f"{manifest[key]!r}; refusing to mix them")
+        old_hash = (manifest.get("model") or {}).get("checkpoint_hash")
+        new_hash = (smanifest.get("model") or {}).get("checkpoint_hash")
+        if old_hash and new_hash and old_hash != new_hash:
+            raise ReindexError(f"the checkpoint changed since {cfg.store} was extracted ({old_hash} -> {new_hash}); "
+                               "descriptors would not be comparable: extract into a new store")
+        staging_rows = int(smanifest["rows"])
+        staged = [(int(k), next_shard + i) for i, k in enumerate(smanifest["shards"])]
+        errs = storage.read_errors(staging)
+        failed_rows = pa.table({
+            "path": errs.column("path"),
+            "content_hash": pa.array([plan.source_hashes.get(p) for p in errs.column("path").to_pylist()], pa.string()),
+            "stage": errs.column("stage"), "reason": errs.column("reason")}, schema=FAILURES_SCHEMA)
+        if ext.num_failed:
+            log.warning("reindex: %d new/changed image(s) failed to extract; they are retried when their bytes "
+                        "change (see %s)", ext.num_failed, layout.failures)
+    lap("extract")
+    on_stage("extracted", {"staging": staging, "failed": failed_rows.num_rows})
+
+    # 2. adopt staging shards (tokens copied into fresh Zarr rows) and rewrite affected shards
+    adopted: list[int] = []
+    if staged:
+        last = max(new for _, new in staged)
+        needed = last * shard_size + min(shard_size, staging_rows - staged[-1][0] * shard_size)
+        tokens = storage.open_local_tokens(cfg.store, mode="r+")
+        if tokens.shape[0] < needed:
+            tokens.resize((needed, *tokens.shape[1:]))
+        task = ray.remote(num_cpus=1, max_retries=2)(_adopt_shard)
+        counts = ray.get([task.remote(staging, cfg.store, k, new, shard_size, staging_rows) for k, new in staged])
+        adopted = [new for (_, new), c in zip(staged, counts) if c > 0]
+    next_after = max([next_shard - 1, *[new for _, new in staged]]) + 1
+    drop = set(plan.deleted_ids.tolist()) | set(plan.changed_ids.tolist())
+    moved = {int(r["image_id"]): r for r in plan.moved.to_pylist()}
+    rewritten: list[int] = []
+    for i, old in enumerate(plan.affected_shards):
+        new = next_after + i
+        if _rewrite_shard(cfg.store, old, new, drop, moved) > 0:
+            rewritten.append(new)
+    lap("adopt")
+    on_stage("adopted", {"adopted": adopted, "rewritten": rewritten})
+
+    # 3. the next store generation
+    retired = list(plan.affected_shards)
+    shards = sorted(({int(s) for s in manifest["shards"]} - set(retired)) | set(adopted) | set(rewritten))
+    rows = storage.open_local_tokens(cfg.store).shape[0]
+    new_manifest = dict(manifest)
+    new_manifest.update(
+        generation=store_generation(manifest) + 1, previous_generation=store_generation(manifest),
+        dataset=cfg.source, shards=shards, rows=int(rows),
+        finished_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        reindex=dict(added=len(plan.added_ids), changed=len(plan.changed_ids), moved=len(plan.moved),
+                     deleted=len(plan.deleted_ids), new_shards=adopted + rewritten, retired_shards=retired))
+    new_manifest.pop("keys_digest", None)  # described the first extraction's key list only
+    n_rows = _count_rows(cfg.store, shards)
+    new_manifest["counts"] = dict(images=n_rows + failed_rows.num_rows, extracted=n_rows, failed=failed_rows.num_rows)
+    _publish_store_generation(layout, new_manifest)
+    previous_failures = read_failures(layout)
+    _write_failures(layout, pa.concat_tables([previous_failures, failed_rows]), plan.source_hashes,
+                    keep_paths=set(plan.source_hashes))
+    lap("store")
+    on_stage("store_published", {"generation": new_manifest["generation"]})
+    return new_manifest, adopted + rewritten, retired, failed_rows.num_rows
+
+
+def _write_failures(layout: ReindexLayout, rows: pa.Table, hashes: dict[str, str | None],
+                    keep_paths: set[str] | None = None) -> None:
+    """Known-bad images: the newest entry per path, only for paths still in the source with the
+    same bytes (a fixed file is tried again)."""
+    latest: dict[str, dict[str, Any]] = {}
+    for r in rows.to_pylist():
+        h = r.get("content_hash") or hashes.get(r["path"])
+        if h is None or hashes.get(r["path"]) != h:
+            continue
+        if keep_paths is not None and r["path"] not in keep_paths:
+            continue
+        latest[r["path"]] = dict(r, content_hash=h)
+    table = pa.Table.from_pylist(list(latest.values()), schema=FAILURES_SCHEMA)
+    if table.num_rows or storage.exists(layout.failures):
+        storage.write_parquet(layout.failures, table)
+
+
+# ---------------------------------------------------------------- CLI
+def register_cli(subparsers) -> None:
+    from .cli import add_config_arguments
+
+    p = subparsers.add_parser("reindex", help="bring a store and its index up to date with the image source; "
+                                               "roll back; list versions",
+                              description=__doc__.split("\n\n")[0])
+    add_config_arguments(p)
+    p.add_argument("--source", help="dataset description of the images as they are now")
+    p.add_argument("--store", help="extraction store (the catalog)")
+    p.add_argument("--index-dir", help="index folder (default <store>/index)")
+    p.add_argument("--keep", type=int, help="finished index versions to keep (default 3)")
+    p.add_argument("--rollback", metavar="VERSION", help="publish this kept version (and its store generation) again")
+    p.add_argument("--list", action="store_true", help="list kept versions with their store generations")
+    p.set_defaults(func=_cli)
+
+
+def _cli(args: argparse.Namespace) -> int:
+    from .config import load_config
+
+    overrides = list(args.overrides)
+    for name, key in (("source", "source"), ("store", "store"), ("index_dir", "index_dir"), ("keep", "keep_versions"),
+                      ("rollback", "rollback")):
+        value = getattr(args, name)
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    config = load_config(ReindexConfig, args.config, overrides)
+    if args.list:
+        for row in list_history(config):
+            print(json.dumps(row))
+        return 0
+    result = run(config)
+    print(result.message)
+    return 0

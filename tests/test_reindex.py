@@ -1,0 +1,166 @@
+"""Incremental reindexing on real Gardens Point images (efficientnet-lite0, local Ray): add, change and
+delete images, check the new version holds exactly the expected ids while searches keep answering
+from the old one until CURRENT flips; a second run is a no-op; an interrupted run leaves CURRENT
+alone and the next run finishes it; rollback restores the older version and its store generation."""
+import hashlib
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from pipeline import cli, reindex, storage
+from pipeline.datasets import DATASET_SCHEMA
+from pipeline.index import current_version, list_versions, search
+from pipeline.index.layout import IndexLayout
+
+SIZE = [128, 224]
+
+
+def _ids(*names):
+    return sorted(storage.image_id_for(n) for n in names)
+
+
+def _tree_digest(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture()
+def setup(gardens_point, tmp_path):
+    src = tmp_path / "images"
+    src.mkdir()
+    for i in range(6):
+        shutil.copy(gardens_point / "day_left" / f"Image{i:03d}.jpg", src / f"Image{i:03d}.jpg")
+    cfg = reindex.ReindexConfig(
+        source=str(src), store=str(tmp_path / "store"), keep_versions=3,
+        extract=dict(backbone="efficientnet-lite0", image_size=SIZE, batch_size=4, shard_size=4, chunk_rows=2,
+                     progress=False),
+        index=dict(held_back_queries=2, num_shards=2))  # one index shard per extraction shard
+    return src, cfg
+
+
+def test_add_change_delete_noop_interrupt_rollback(ray_session, gardens_point, setup):
+    src, cfg = setup
+    index_dir = cfg.resolved_index_dir
+    lay = IndexLayout(index_dir)
+
+    first = reindex.run(cfg)
+    assert first.status == "published" and first.version == "v0001" and first.previous_version is None
+    v1_ids = _ids(*[f"Image{i:03d}.jpg" for i in range(6)])
+    assert reindex.version_image_ids(index_dir, "v0001").tolist() == v1_ids
+    v1_files = _tree_digest(Path(lay.version_dir("v0001")))
+    old_tokens = storage.read_local_tokens(cfg.store, storage.read_global_table(cfg.store, ["row"])
+                                           .column("row").to_numpy())
+    old_table = storage.read_global_table(cfg.store)
+
+    # add two, change one (new bytes under the same name), delete one
+    for i in (6, 7):
+        shutil.copy(gardens_point / "day_left" / f"Image{i:03d}.jpg", src / f"Image{i:03d}.jpg")
+    shutil.copy(gardens_point / "night_right" / "Image001.jpg", src / "Image001.jpg")
+    (src / "Image002.jpg").unlink()
+
+    ids_v1, queries = storage.read_global_descriptors(cfg.store)
+    before = search(index_dir, queries, k=4)
+    seen = []
+
+    def during(stage, info):
+        # every step before the CURRENT write: searches answer from v0001, unchanged
+        if stage != "published":
+            assert current_version(index_dir) == "v0001"
+            got = search(index_dir, queries, k=4)
+            assert np.array_equal(got.ids, before.ids) and np.allclose(got.scores, before.scores)
+            assert set(got.ids.ravel().tolist()) <= set(v1_ids)
+        seen.append(stage)
+
+    second = reindex.run(cfg, on_stage=during)
+    assert seen == ["planned", "extracted", "adopted", "store_published", "index_built", "published"]
+    assert second.status == "published" and second.version == "v0002" and second.previous_version == "v0001"
+    assert (second.added, second.changed, second.deleted, second.moved) == (2, 1, 1, 0)
+    assert second.unchanged == 4
+    expected = _ids("Image000.jpg", "Image001.jpg", "Image003.jpg", "Image004.jpg", "Image005.jpg",
+                    "Image006.jpg", "Image007.jpg")
+    assert reindex.version_image_ids(index_dir, "v0002").tolist() == expected
+    assert current_version(index_dir) == "v0002"
+    assert _tree_digest(Path(lay.version_dir("v0001"))) == v1_files  # the old version was never touched
+    # extraction shard 0 lost rows (retired, its survivors rewritten as a new shard); shard 1 did not:
+    # its index shard is copied, and the new extraction shards form one new index shard
+    assert second.retired_shards == [0] and len(second.new_shards) == 2
+    assert second.reused_index_shards == [1] and second.rebuilt_index_shards == [2]
+
+    new_table = storage.read_global_table(cfg.store)
+    assert sorted(new_table.column("image_id").to_pylist()) == expected
+    by_id = {r["image_id"]: r for r in new_table.to_pylist()}
+    old_by_id = {r["image_id"]: r for r in old_table.to_pylist()}
+    changed = storage.image_id_for("Image001.jpg")
+    assert by_id[changed]["content_hash"] != old_by_id[changed]["content_hash"]
+    assert not np.allclose(by_id[changed]["global_descriptor"], old_by_id[changed]["global_descriptor"])
+    kept = storage.image_id_for("Image003.jpg")  # in a rewritten shard: same descriptor, same tokens
+    assert np.allclose(by_id[kept]["global_descriptor"], old_by_id[kept]["global_descriptor"])
+    old_rows = {r["image_id"]: k for k, r in enumerate(old_table.select(["image_id"]).to_pylist())}
+    assert np.array_equal(storage.read_local_tokens(cfg.store, np.array([by_id[kept]["row"]]))[0],
+                          old_tokens[old_rows[kept]])
+    # a new image's tokens were copied into the store's own Zarr rows
+    added = storage.image_id_for("Image007.jpg")
+    assert np.abs(storage.read_local_tokens(cfg.store, np.array([by_id[added]["row"]]))).sum() > 0
+    # a search for a new image now finds it
+    q = np.array([by_id[added]["global_descriptor"]], np.float32)
+    assert search(index_dir, q, k=1).ids[0, 0] == added
+
+    # nothing new: nothing happens, and it says so
+    third = reindex.run(cfg)
+    assert third.status == "noop" and "nothing to do" in third.message
+    assert third.version == "v0002" and list_versions(index_dir, finished_only=False) == ["v0001", "v0002"]
+
+    # an interrupted run (dies after building its version, before publishing) leaves CURRENT alone
+    shutil.copy(gardens_point / "day_left" / "Image008.jpg", src / "Image008.jpg")
+
+    def crash(stage, info):
+        if stage == "index_built":
+            raise KeyboardInterrupt("simulated crash before publishing")
+
+    with pytest.raises(KeyboardInterrupt):
+        reindex.run(cfg, on_stage=crash)
+    assert current_version(index_dir) == "v0002"
+    assert reindex.version_image_ids(index_dir).tolist() == expected
+    # ... and the next run finishes the job (the store generation is there; only the index is built)
+    fourth = reindex.run(cfg)
+    assert fourth.status == "published" and fourth.previous_version == "v0002"
+    assert reindex.version_image_ids(index_dir, fourth.version).tolist() == sorted(expected + _ids("Image008.jpg"))
+    assert reindex.run(cfg).status == "noop"
+
+    # rollback through the CLI: CURRENT and the store manifest go back to v0002's
+    assert cli.main(["reindex", "--store", cfg.store, "--rollback", "v0002"]) == 0
+    assert current_version(index_dir) == "v0002"
+    assert sorted(storage.read_global_table(cfg.store, ["image_id"]).column("image_id").to_pylist()) == expected
+    history = reindex.list_history(cfg)
+    assert [h["version"] for h in history if h["current"]] == ["v0002"]
+
+
+def _dataset(rows):
+    cols = {name: [r.get(name) for r in rows] for name in DATASET_SCHEMA.names}
+    return pa.Table.from_pydict(cols, schema=DATASET_SCHEMA)
+
+
+def test_plan_finds_moves_keeps_unreadable_and_skips_known_failures():
+    def row(key, east=None):
+        return dict(key=key, path=f"/d/{key}", image_id=storage.image_id_for(key), utm_east=east)
+
+    source = _dataset([row("a.jpg", 1.0), row("b.jpg", 5.0), row("c.jpg"), row("bad.jpg"), row("new.jpg")])
+    catalog = pa.table({
+        "image_id": [storage.image_id_for(k) for k in ("a.jpg", "b.jpg", "c.jpg", "gone.jpg")],
+        "path": ["/d/a.jpg", "/d/b.jpg", "/d/c.jpg", "/d/gone.jpg"],
+        "content_hash": ["ha", "hb", "hc", "hg"], "shard": [0, 0, 1, 2], "row": [0, 1, 4, 8],
+        "utm_east": [1.0, 2.0, None, None], "utm_north": [None] * 4, "heading": [None] * 4,
+        "timestamp": pa.array([None] * 4, pa.string()), "place_id": pa.array([None] * 4, pa.string())})
+    hashes = [("ha", None), ("hb", None), (None, "read: file not found"), ("hbad", None), ("hnew", None)]
+    failures = pa.table({"path": ["/d/bad.jpg"], "content_hash": ["hbad"], "stage": ["decode"], "reason": ["x"]},
+                        schema=reindex.FAILURES_SCHEMA)
+    plan = reindex.plan_changes(source, catalog, hashes, failures)
+    assert plan.to_extract.column("key").to_pylist() == ["new.jpg"]  # bad.jpg: same bytes as when it failed
+    assert plan.skipped_failures == 1
+    assert plan.moved.column("image_id").to_pylist() == [storage.image_id_for("b.jpg")]  # same bytes, new position
+    assert plan.deleted_ids.tolist() == [storage.image_id_for("gone.jpg")]
+    assert plan.unreadable == ["/d/c.jpg"] and plan.unchanged == 1  # c.jpg stays: unreadable is not deleted
+    assert plan.affected_shards == [0, 2]
