@@ -16,6 +16,7 @@ Checkpoint fidelity notes (see docs/model.md):
 """
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -95,10 +96,41 @@ def adapt_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int], h: int, w: i
     return torch.cat([pos_embed[:, :2], band], dim=1)
 
 
-def _build_deit(img_size: tuple[int, int], num_classes: int) -> nn.Module:
+def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
+    import socket
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _timm_weights_file() -> str:
+    """The ImageNet DeiT-S distilled weights file: the Hugging Face cache, else a download.
+
+    Probes the hub first: without network, hub clients retry for about a minute before failing.
+    """
     import timm
-    # Architecture only: weights come from a checkpoint (no download here).
-    return timm.create_model(TIMM_ARCH, pretrained=False, img_size=tuple(img_size), num_classes=num_classes)
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+    repo = timm.models.get_pretrained_cfg(TIMM_ARCH).hf_hub_id
+    cache_dir = os.environ.get("HF_HUB_CACHE") or None
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        cached = try_to_load_from_cache(repo, name, cache_dir=cache_dir)
+        if isinstance(cached, str):
+            return cached
+    if not _hub_reachable():
+        raise RuntimeError(f"the timm weights of {TIMM_ARCH} ({repo}) are not in the Hugging Face cache and "
+                           f"huggingface.co is unreachable; pass the path of a timm-layout weights file "
+                           f"(R2Former.from_timm_pretrained(path))")
+    return hf_hub_download(repo, "model.safetensors", cache_dir=cache_dir)
+
+
+def _build_deit(img_size: tuple[int, int], num_classes: int, init_weights: bool = True) -> nn.Module:
+    import timm
+    # Architecture only: weights come from a checkpoint (no download here). timm's ViT init costs
+    # seconds; loaders that overwrite every backbone weight skip it.
+    return timm.create_model(TIMM_ARCH, pretrained=False, img_size=tuple(img_size), num_classes=num_classes,
+                             **({} if init_weights else {"weight_init": "skip"}))
 
 
 class R2Former(nn.Module):
@@ -108,7 +140,7 @@ class R2Former(nn.Module):
     constructor gives randomly initialised weights (``has_trained_reranker`` False).
     """
 
-    def __init__(self, config: R2FormerConfig | None = None, **overrides: Any):
+    def __init__(self, config: R2FormerConfig | None = None, *, init_weights: bool = True, **overrides: Any):
         super().__init__()
         if config is None:
             config = R2FormerConfig(**overrides)
@@ -119,7 +151,7 @@ class R2Former(nn.Module):
         if H % PATCH or W % PATCH:
             raise ValueError(f"img_size must be multiples of {PATCH}, got {config.img_size}")
         self.grid = (H // PATCH, W // PATCH)
-        self.backbone = _build_deit(config.img_size, config.global_dim)
+        self.backbone = _build_deit(config.img_size, config.global_dim, init_weights)
         self.local_head = nn.Linear(self.backbone.embed_dim, config.local_dim)
         nn.init.normal_(self.local_head.weight, std=0.01)
         nn.init.zeros_(self.local_head.bias)
@@ -243,7 +275,7 @@ class R2Former(nn.Module):
     @classmethod
     def _from_official_state_dict(cls, official_sd, path: Path | None, **overrides: Any) -> "R2Former":
         sd, stage1 = ckpt.checkpoint_filter_fn(official_sd)
-        model = cls(R2FormerConfig(**overrides))
+        model = cls(R2FormerConfig(**overrides), init_weights=False)
         own = model.state_dict()
         source = str(path) if path else "state_dict"
         ckpt.check_keys(own.keys(), sd.keys(), source,
@@ -270,7 +302,7 @@ class R2Former(nn.Module):
         if obj.get("backbone") != "r2former":
             raise ckpt.CheckpointError(f"{path}: holds backbone {obj.get('backbone')!r}, not 'r2former'")
         config = R2FormerConfig.from_dict({**obj["config"], **overrides})
-        model = cls(config)
+        model = cls(config, init_weights=False)
         own = model.state_dict()
         ckpt.check_keys(own.keys(), obj["state_dict"].keys(), str(path))
         ckpt.check_shapes(own, obj["state_dict"], str(path))
@@ -298,32 +330,28 @@ class R2Former(nn.Module):
         """Start for training: ImageNet DeiT-S distilled weights in timm layout (a ``.pth``/``.bin``
         state_dict, optionally under ``model``/``state_dict``, or ``.safetensors``). Heads,
         local head and reranker stay at their initialisation; ``pos_embed`` is resampled from the
-        file's grid to ``img_size`` (bicubic, timm's way). Without ``path`` timm's hub download is
-        tried, which needs network access."""
-        model = cls(R2FormerConfig(**overrides))
+        file's grid to ``img_size`` (bicubic, timm's way). Without ``path``: the timm weights in the
+        Hugging Face cache, else a download (needs network; a clear error without)."""
         if path is None:
-            import timm
-            try:
-                ref = timm.create_model(TIMM_ARCH, pretrained=True)
-            except Exception as e:
-                raise RuntimeError(
-                    f"cannot download the timm weights of {TIMM_ARCH} ({type(e).__name__}: {e}); pass the path of "
-                    f"a timm-layout weights file instead (from_timm_pretrained(path))") from e
-            sd, source = ref.state_dict(), f"timm hub {TIMM_ARCH}"
+            path = _timm_weights_file()
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"timm weights file not found: {path}")
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file as load_safetensors
+            sd = load_safetensors(str(path))
         else:
-            path = Path(path)
-            source = str(path)
-            if path.suffix == ".safetensors":
-                from safetensors.torch import load_file as load_safetensors
-                sd = load_safetensors(str(path))
-            else:
-                sd = ckpt.load_file(path)
-                for wrapper in ("model", "state_dict"):
-                    if isinstance(sd, dict) and wrapper in sd and isinstance(sd[wrapper], dict):
-                        sd = sd[wrapper]
+            sd = ckpt.load_file(path)
+            for wrapper in ("model", "state_dict"):
+                if isinstance(sd, dict) and wrapper in sd and isinstance(sd[wrapper], dict):
+                    sd = sd[wrapper]
+        if not isinstance(sd, dict) or "pos_embed" not in sd:
+            raise ckpt.CheckpointError(f"{path}: not a timm DeiT state_dict (no 'pos_embed')")
+        model = cls(R2FormerConfig(**overrides), init_weights=False)
         model._load_timm_state_dict(sd, source)
         model.has_trained_reranker = False
-        return model._finish(Path(path) if path is not None else None, "timm-pretrained")
+        return model._finish(path, "timm-pretrained")
 
     def _load_timm_state_dict(self, sd: dict, source: str) -> None:
         from timm.layers import resample_abs_pos_embed
@@ -339,3 +367,6 @@ class R2Former(nn.Module):
                                                      num_prefix_tokens=2)
         ckpt.check_shapes(own, sd, source)
         bb.load_state_dict(sd, strict=False)
+        for head in (bb.head, bb.head_dist):     # new 256-d heads, timm's ViT head init
+            nn.init.trunc_normal_(head.weight, std=0.02)
+            nn.init.zeros_(head.bias)
