@@ -10,7 +10,7 @@ Submitted from the repository root::
 
     ray job submit --address http://HEAD:8265 --working-dir . \\
         --runtime-env-json '{"excludes": [".venv", ".git", "out", "data", "demo", "bench", "tests"]}' \\
-        -- python -m jobs.extract --config configs/jobs/extract.yaml --set source=s3://city/images
+        -- python -m jobs.extract --config configs/jobs/extract.yaml --set dataset=s3://city/images
 """
 from __future__ import annotations
 
