@@ -138,6 +138,27 @@ def checkpoint_hash(backbone: str, checkpoint: str | None) -> str | None:
     return "sha256:" + digest.hexdigest()
 
 
+def local_checkpoint(checkpoint: str | None) -> str | None:
+    """A local path for ``checkpoint``: remote (``s3://``) weights are copied once per node into
+    ``$R2F_CACHE_DIR`` (default: the temp folder), since the model loaders read local files."""
+    if not checkpoint or "://" not in checkpoint or checkpoint.startswith("file://"):
+        return checkpoint.removeprefix("file://") if checkpoint else checkpoint
+    import tempfile
+
+    cache = os.path.join(os.environ.get("R2F_CACHE_DIR") or tempfile.gettempdir(), "r2f-checkpoints",
+                         hashlib.sha256(checkpoint.encode()).hexdigest()[:16])
+    target = os.path.join(cache, checkpoint.rstrip("/").rsplit("/", 1)[-1])
+    if not os.path.exists(target):
+        os.makedirs(cache, exist_ok=True)
+        fs, path = storage.filesystem(checkpoint)
+        if not fs.exists(path):
+            raise FileNotFoundError(f"checkpoint {checkpoint!r} does not exist")
+        tmp = f"{target}.part-{os.getpid()}"
+        fs.get(path, tmp)
+        os.replace(tmp, target)  # concurrent actors on one node each finish with a whole file
+    return target
+
+
 # ---------------------------------------------------------------- stage 1: CPU tasks
 def _ipc(table: pa.Table) -> bytes:
     sink = io.BytesIO()
@@ -232,7 +253,7 @@ class ShardExtractor:
             set_cpu_threads(threads)
         # R²Former's positional-embedding grid follows the image size; other backbones are size-free.
         kwargs = {"img_size": tuple(image_size)} if backbone == "r2former" else {}
-        model = build_model(backbone, checkpoint, **kwargs)
+        model = build_model(backbone, local_checkpoint(checkpoint), **kwargs)
         self.model = (model.place(self.plan) if hasattr(model, "place") else model.to(self.plan.device)).eval()
         self.store, self.layout = store, storage.StoreLayout(store)
         self.image_size, self.batch_size = tuple(image_size), batch_size
@@ -273,7 +294,7 @@ class ShardExtractor:
         marker = dict(shard=shard, row_start=row_start, images=n, extracted=meta.num_rows,
                       failed=errors.num_rows, tokens=None if tokens is None else int(tokens.shape[1]),
                       global_dim=dim, node_id=self.node_id, pid=os.getpid(), model_info=self.model_info,
-                      seconds=round(time.perf_counter() - t0, 3))
+                      seconds=round(time.perf_counter() - t0, 3), finished_at=time.time())
         storage.write_json(self.layout.progress(shard), marker)
         return {k: marker[k] for k in ("shard", "images", "extracted", "failed", "node_id", "pid", "seconds")}
 
@@ -429,9 +450,9 @@ def extract_dataset(table: pa.Table, store: str, config: ExtractConfig | None = 
         ds = ray.data.from_arrow([_shard_rows(table, [s], config.shard_size) for s in pending])
         ds = ds.map_batches(decode_shard, batch_size=1, batch_format="pyarrow", zero_copy_batch=True,
                             fn_kwargs=dict(image_size=tuple(config.image_size)), num_cpus=1,
-                            # Reserve a decoded shard's bytes per task; distinct remote args also keep
+                            # Reserve a worker plus a decoded shard per task; distinct remote args also keep
                             # Ray Data from fusing decoding into the model actors.
-                            memory=2 * shard_bytes)
+                            memory=256 * 2**20 + 2 * shard_bytes)
         ds = ds.map_batches(
             ShardExtractor, batch_size=1, batch_format="pyarrow", zero_copy_batch=True,
             fn_constructor_kwargs=dict(backbone=config.backbone, checkpoint=config.checkpoint, store=store,

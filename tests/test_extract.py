@@ -99,42 +99,63 @@ def test_s3_store_with_bad_inputs_matches_direct_model(ray_session, s3_bucket, g
     assert storage.read_global_table(store).num_rows == 8
 
 
-def test_resume_after_driver_sigkill(ray_session, gardens_point, tmp_path):
+def _markers(progress: Path) -> list[dict]:
+    out = []
+    for p in sorted(progress.glob("shard-*.json")) if progress.exists() else []:
+        try:
+            out.append(json.loads(p.read_text()))
+        except ValueError:  # being replaced right now
+            pass
+    return out
+
+
+def _wait(cond, driver, what, timeout=240):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if cond():
+            return
+        assert driver.poll() is None, f"the driver ended before {what}"
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_resume_after_actor_kill_and_driver_sigkill(ray_session, gardens_point, tmp_path):
+    """A model actor is killed mid-run (Ray Data restarts it and retries its shard), then the driver
+    is SIGKILLed; the rerun skips the finished shards and ends with exactly one row per image."""
     paths = [gardens_point / "day_right" / f"Image{i:03d}.jpg" for i in range(12)]
     manifest = tmp_path / "m.csv"
     manifest.write_text("path\n" + "".join(f"{p}\n" for p in paths))
     store = tmp_path / "store"
-    cfg = dict(dataset=str(manifest), store=str(store), shard_size=2, batch_size=2)
-    code = ("import sys; from pipeline import extract; from pipeline.log import setup_logging; setup_logging(); "
+    progress = store / "progress"
+    cfg = dict(dataset=str(manifest), store=str(store), shard_size=1, chunk_rows=1, batch_size=1)
+    code = ("from pipeline import extract; from pipeline.log import setup_logging; setup_logging(); "
             f"extract.run(extract.ExtractConfig(**{_config(**cfg).__dict__!r}))")
-    env = dict(os.environ, RAY_ADDRESS=ray_session.get_runtime_context().gcs_address,
-               PYTHONPATH=str(ROOT))
+    env = dict(os.environ, RAY_ADDRESS=ray_session.get_runtime_context().gcs_address, PYTHONPATH=str(ROOT))
     driver = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=ROOT,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    progress = store / "progress"
     try:
-        deadline = time.time() + 240
-        while time.time() < deadline and not (progress.exists() and any(progress.iterdir())):
-            assert driver.poll() is None, "the driver ended before writing any shard"
-            time.sleep(0.2)
-        assert progress.exists() and any(progress.iterdir()), "no shard finished in time"
+        _wait(lambda: _markers(progress), driver, "the first shard")
+        first = _markers(progress)[0]
+        os.kill(first["pid"], signal.SIGKILL)  # the model actor process this run started
+        _wait(lambda: any(m["pid"] != first["pid"] for m in _markers(progress)), driver,
+              "a restarted actor wrote a shard")
     finally:
         driver.send_signal(signal.SIGKILL)
         driver.wait()
-    finished_before = sorted(progress.glob("shard-*.json"))
-    assert not (store / "manifest.json").exists() or len(finished_before) == 6
+    finished_before = _markers(progress)
+    assert len({m["pid"] for m in finished_before}) >= 2
+    assert not (store / "manifest.json").exists() or len(finished_before) == 12
 
     result = extract.run(_config(**cfg))
     assert result.num_extracted == 12 and result.num_failed == 0
-    assert len(result.skipped_shards) >= len(finished_before) >= 1
+    assert len(result.skipped_shards) >= len(finished_before) >= 2
     table = storage.read_global_table(str(store))
     ids = table.column("image_id").to_pylist()
     assert len(ids) == 12 and len(set(ids)) == 12  # exactly one row per image
     assert sorted(table.column("row").to_pylist()) == list(range(12))
     tokens = storage.read_local_tokens(str(store), np.arange(12))
     assert np.all(np.abs(tokens).sum(axis=(1, 2)) > 0)  # every Zarr row written
-    markers = [json.loads(p.read_text()) for p in sorted(progress.glob("shard-*.json"))]
-    assert [m["shard"] for m in markers] == list(range(6)) and all(m["node_id"] for m in markers)
+    assert [m["shard"] for m in _markers(progress)] == list(range(12))
 
     # A rerun with a different layout refuses to mix shards into this store.
     with pytest.raises(storage.StoreError, match="shard_size"):
