@@ -228,9 +228,11 @@ def forward(model, pixels: np.ndarray, batch_size: int, plan=None) -> tuple[np.n
     globals_, tokens = [], []
     with torch.inference_mode():
         for start in range(0, len(pixels), batch_size):
-            x = normalize_images(torch.from_numpy(np.ascontiguousarray(pixels[start:start + batch_size])))
+            # uint8 goes to the device and is normalised there: a quarter of the float32 transfer.
+            x = torch.from_numpy(np.array(pixels[start:start + batch_size], copy=True))
+            x = normalize_images(x.to(plan.device, non_blocking=True))
             with autocast(plan):
-                feats = model.extract(x.to(plan.device, non_blocking=True))
+                feats = model.extract(x)
             feats = feats.cpu_float()
             globals_.append(feats.global_descriptor.numpy())
             tokens.append(feats.local_tokens.numpy())
@@ -424,7 +426,7 @@ def extract_dataset(table: pa.Table, store: str, config: ExtractConfig | None = 
     plan = _plan(table, config, source, ckpt_hash)
     _check_or_write_plan(layout, plan)
 
-    num_shards = max(1, math.ceil(n / config.shard_size))
+    num_shards = math.ceil(n / config.shard_size)
     done = _read_markers(layout, list(range(num_shards)))
     pending = [s for s in range(num_shards) if s not in done]
     skipped = sorted(done)
