@@ -52,6 +52,11 @@ def test_official_round_trip_with_optimizer_state(tmp_path, source_model, offici
     assert m.has_trained_reranker and not m.training and m.info["layout"] == "official"
     assert m.info["checkpoint_sha256"] == ck.file_sha256(path)
     assert _same_weights(source_model.state_dict(), m.state_dict())
+    # img_size at load time is the extraction size; the stored 30 x 40 grid is kept and adapted
+    m = R2Former.load(path, img_size=(272, 480))
+    assert m.config.img_size == (480, 640) and m.info["image_size"] == [272, 480]
+    feats = m.extract(torch.zeros(1, 3, 272, 480))
+    assert feats.local_tokens.shape == (1, 500, 131) and torch.isfinite(feats.local_tokens).all()
 
 
 @pytest.mark.parametrize("drop,match", [("module.Reranker.pair_head.bias", "reranker.pair_head.bias"),

@@ -125,6 +125,19 @@ def _timm_weights_file() -> str:
     return hf_hub_download(repo, "model.safetensors", cache_dir=cache_dir)
 
 
+def _pos_grid_size(num_patches: int, input_size, source: str) -> tuple[int, int]:
+    """The training image size behind a stored ``pos_embed`` of ``num_patches`` patches.
+
+    The count alone does not fix the aspect, so the release's 480 x 640 is tried first, then
+    ``input_size``; the input size itself does not have to match (see ``adapt_pos_embed``)."""
+    for size in (R2FormerConfig.img_size, input_size):
+        if size is not None and (size[0] // PATCH) * (size[1] // PATCH) == num_patches:
+            return tuple(int(s) for s in size)
+    raise ckpt.CheckpointError(f"{source}: backbone.pos_embed holds {num_patches} patches, which is neither "
+                               f"480 x 640 nor the given img_size {input_size}; pass img_size=(H, W) of the "
+                               f"training resolution")
+
+
 def _build_deit(img_size: tuple[int, int], num_classes: int, init_weights: bool = True) -> nn.Module:
     import timm
     # Architecture only: weights come from a checkpoint (no download here). timm's ViT init costs
@@ -275,9 +288,14 @@ class R2Former(nn.Module):
     @classmethod
     def _from_official_state_dict(cls, official_sd, path: Path | None, **overrides: Any) -> "R2Former":
         sd, stage1 = ckpt.checkpoint_filter_fn(official_sd)
-        model = cls(R2FormerConfig(**overrides), init_weights=False)
-        own = model.state_dict()
         source = str(path) if path else "state_dict"
+        input_size = overrides.pop("img_size", None)
+        grid_size = R2FormerConfig.img_size
+        if "backbone.pos_embed" in sd:
+            grid_size = _pos_grid_size(sd["backbone.pos_embed"].shape[1] - 2, input_size, source)
+        model = cls(R2FormerConfig(img_size=grid_size, **overrides), init_weights=False)
+        model.info["image_size"] = list(input_size or grid_size)
+        own = model.state_dict()
         ckpt.check_keys(own.keys(), sd.keys(), source,
                         allowed_missing_prefixes=("local_head.", "reranker.") if stage1 else ())
         ckpt.check_shapes(own, sd, source)
@@ -291,7 +309,10 @@ class R2Former(nn.Module):
 
     @classmethod
     def load(cls, path: str | Path, **overrides: Any) -> "R2Former":
-        """An official release checkpoint or one in the project layout (``save_checkpoint``)."""
+        """An official release checkpoint or one in the project layout (``save_checkpoint``).
+
+        ``img_size`` here is the size images will be extracted at; the positional-embedding grid
+        stays the checkpoint's and is adapted per input (any multiple of 16 works)."""
         path = Path(path)
         obj = ckpt.load_file(path)
         if ckpt.is_official_layout(obj):
@@ -301,8 +322,10 @@ class R2Former(nn.Module):
                                        f"{ckpt.PROJECT_FORMAT!r}")
         if obj.get("backbone") != "r2former":
             raise ckpt.CheckpointError(f"{path}: holds backbone {obj.get('backbone')!r}, not 'r2former'")
+        input_size = overrides.pop("img_size", None)
         config = R2FormerConfig.from_dict({**obj["config"], **overrides})
         model = cls(config, init_weights=False)
+        model.info["image_size"] = list(input_size or config.img_size)
         own = model.state_dict()
         ckpt.check_keys(own.keys(), obj["state_dict"].keys(), str(path))
         ckpt.check_shapes(own, obj["state_dict"], str(path))
