@@ -231,3 +231,18 @@ def test_gpu_and_cpu_agree(tmp_path, ray_session):
     gpu = I.search(res.index_dir, q, k=10, use_gpu="yes")
     assert I.recall_at(gpu.ids, cpu.ids, 10) > 0.99
     np.testing.assert_allclose(gpu.scores, cpu.scores, atol=1e-4)
+
+
+def test_grouping_and_regrouping_plan():
+    from pipeline.index.build import _group_shards, _regroup
+
+    counts = {0: 100, 1: 100, 2: 100, 3: 100, 7: 400}
+    groups = _group_shards([0, 1, 2, 3, 7], counts, 2)
+    assert groups == {0: [0, 1, 2, 3], 1: [7]}  # contiguous, balanced by rows
+    assert _group_shards([0, 1], {0: 5, 1: 5}, 5) == {0: [0], 1: [1]}  # never an empty index shard
+    previous = {"shards": [{"shard": 0, "extraction_shards": [0, 1]}, {"shard": 1, "extraction_shards": [2, 3]},
+                           {"shard": 2, "extraction_shards": [4]}]}
+    # shard 3 left the store, 9 is new, 0 was re-extracted: refill index shards 0, 1 and a new 3
+    groups, rebuild = _regroup(previous, [0, 1, 2, 4, 9], {0})
+    assert groups == {0: [0, 1], 1: [2], 2: [4], 3: [9]}
+    assert rebuild == {0, 1, 3}
