@@ -190,6 +190,8 @@ def test_s3_round_trip_with_merged_file(s3_bucket, ray_session, tmp_path):
     _, i_ref = _exact(ids, x, q, 10)
     np.testing.assert_array_equal(I.search(res.index_dir, q, k=10, use_merged=False).ids, i_ref)
     np.testing.assert_array_equal(I.search(res.index_dir, q, k=10).ids, i_ref)
+    # Ray actors read their shards from S3 themselves (endpoint and credentials forwarded by ensure_ray)
+    np.testing.assert_array_equal(I.search(res.index_dir, q, k=10, use_actors=True).ids, i_ref)
 
     # CLI: `r2f search` from a .npy of queries to Parquet (query, rank, image_id, score)
     parser = argparse.ArgumentParser()
