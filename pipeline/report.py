@@ -59,6 +59,10 @@ def _thumbnail(src: str, dst_url: str, height: int = THUMB_HEIGHT) -> bool:
     return True
 
 
+def _recall_keys(d: dict) -> list[str]:
+    return sorted(d, key=lambda k: int(k.split("@")[1]))
+
+
 def recall_plot(metrics: dict) -> bytes:
     import matplotlib
     matplotlib.use("Agg")
@@ -66,7 +70,7 @@ def recall_plot(metrics: dict) -> bytes:
 
     fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=100)
     for kind, style in (("global", "o--"), ("reranked", "s-")):
-        keys = [k for k, v in metrics[kind].items() if v is not None]
+        keys = [k for k in _recall_keys(metrics[kind]) if metrics[kind][k] is not None]
         ns = [int(k.split("@")[1]) for k in keys]
         ax.plot(ns, [100 * metrics[kind][k] for k in keys], style, label=kind)
     ax.set_xscale("log")
@@ -83,9 +87,10 @@ def recall_plot(metrics: dict) -> bytes:
 
 
 def match_figure(query_path: str, cand_path: str, q_tokens: np.ndarray, c_tokens: np.ndarray,
-                 image_size: tuple[int, int], ransac_cfg=None, height: int = 240) -> tuple[bytes, int, int]:
+                 image_size: tuple[int, int], ransac_cfg=None, height: int = 270,
+                 max_lines: int = 40) -> tuple[bytes, int, int]:
     """Side-by-side PNG with lines between mutually-nearest token pairs (inliers green, others
-    faint red). Returns ``(png, matches, inliers)``."""
+    red); at most ``max_lines`` inliers are drawn. Returns ``(png, matches, inliers)``."""
     import cv2
 
     from .ransac import RansacConfig, match_tokens
@@ -108,13 +113,17 @@ def match_figure(query_path: str, cand_path: str, q_tokens: np.ndarray, c_tokens
         # Token x, y are normalised by max(H, W) of the (aspect-squashing) model input.
         return (int(x0 + xy[0] * scale / W * panel.shape[1]), int(xy[1] * scale / H * panel.shape[0]))
 
-    for keep, colour, thick in ((False, (215, 25, 28), 1), (True, (26, 150, 65), 2)):
-        for a, b, m in zip(q_xy, c_xy, mask):
-            if bool(m) == keep:
-                pa_, pb_ = to_px(a, panels[0], 0), to_px(b, panels[1], off)
-                cv2.line(canvas, pa_, pb_, colour, thick, cv2.LINE_AA)
-                cv2.circle(canvas, pa_, 2, colour, -1)
-                cv2.circle(canvas, pb_, 2, colour, -1)
+    # Hundreds of lines hide each other: draw an even subsample (the caption gives the counts).
+    idx_in, idx_out = np.flatnonzero(mask), np.flatnonzero(~mask)
+    idx_in = idx_in[np.linspace(0, len(idx_in) - 1, min(len(idx_in), max_lines)).astype(int)] if len(idx_in) else idx_in
+    idx_out = idx_out[np.linspace(0, len(idx_out) - 1, min(len(idx_out), max_lines // 3)).astype(int)] \
+        if len(idx_out) else idx_out
+    for sel, colour in ((idx_out, (215, 25, 28)), (idx_in, (26, 150, 65))):
+        for i in sel:
+            pa_, pb_ = to_px(q_xy[i], panels[0], 0), to_px(c_xy[i], panels[1], off)
+            cv2.line(canvas, pa_, pb_, colour, 1, cv2.LINE_AA)
+            cv2.circle(canvas, pa_, 3, colour, -1, cv2.LINE_AA)
+            cv2.circle(canvas, pb_, 3, colour, -1, cv2.LINE_AA)
     ok, png = cv2.imencode(".png", cv2.cvtColor(canvas, cv2.COLOR_RGB2BGR))
     return png.tobytes(), len(q_xy), int(inliers)
 
@@ -151,7 +160,7 @@ def write_report(out: str, metrics: dict, results: pa.Table, radius: float, imag
         fs.rm(apath, recursive=True)  # a rerun replaces the pictures, never mixes two runs
     _write_bytes(storage.join(assets, "recall.png"), recall_plot(metrics))
 
-    ns = list(metrics["global"].keys())
+    ns = _recall_keys(metrics["global"])
     rows = []
     for n in ns:
         cells = []
@@ -211,7 +220,8 @@ def write_report(out: str, metrics: dict, results: pa.Table, radius: float, imag
                 match_html.append(
                     f'<figure class="match"><img src="{rel}" alt="matched tokens"><figcaption>'
                     f'{html.escape(top.query_path.rsplit("/", 1)[-1])} ↔ {html.escape(top.candidate_path.rsplit("/", 1)[-1])}: '
-                    f'{matches} mutual nearest-neighbour token pairs, {inliers} homography inliers (green)'
+                    f'{matches} mutual nearest-neighbour token pairs, {inliers} homography inliers (green; '
+                    f'at most 40 drawn), outliers red'
                     f'</figcaption></figure>')
         except Exception as exc:  # the match drawing is an illustration; never lose the report for it
             log.warning("report: matched-token figure skipped: %s", exc)
@@ -227,7 +237,8 @@ def write_report(out: str, metrics: dict, results: pa.Table, radius: float, imag
 body {{ font-family: sans-serif; margin: 24px; color: #222; background: #fff; }}
 table {{ border-collapse: collapse; margin: 8px 0 16px; }}
 td, th {{ border: 1px solid #ccc; padding: 3px 10px; text-align: right; }}
-.sample {{ display: flex; gap: 14px; align-items: flex-start; margin: 10px 0; flex-wrap: wrap; }}
+.sample {{ display: grid; grid-template-columns: auto 1fr; gap: 4px 14px; margin: 14px 0; align-items: start; }}
+.sample > figure {{ grid-row: span 2; }}
 .group {{ display: flex; gap: 4px; align-items: flex-start; }}
 .glabel {{ writing-mode: vertical-rl; transform: rotate(180deg); font-size: 12px; color: #555; }}
 figure {{ margin: 0; border: 4px solid #888; font-size: 10px; max-width: 190px; }}

@@ -20,6 +20,7 @@ so nothing is ever appended twice.
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -148,7 +149,7 @@ def run(cfg: RunConfig) -> RunOutput:
                "num_queries_without_positive": m["num_queries_without_positive"], "settings": settings,
                "stage_seconds": {k: round(v, 3) for k, v in seconds.items()}}
     metrics_url = storage.join(cfg.out, "metrics.json")
-    storage.write_json(metrics_url, metrics)
+    write_metrics(metrics_url, metrics)
 
     t = time.perf_counter()
     report_url = report.write_report(cfg.out, metrics, results, cfg.positive_radius, tuple(cfg.image_size),
@@ -157,10 +158,20 @@ def run(cfg: RunConfig) -> RunOutput:
     seconds["report"] = time.perf_counter() - t
     seconds["total"] = time.perf_counter() - t_all
     metrics["stage_seconds"] = {k: round(v, 3) for k, v in seconds.items()}
-    storage.write_json(metrics_url, metrics)
+    write_metrics(metrics_url, metrics)
     log.info("run finished in %.1f s: global R@1 %s, reranked (%s) R@1 %s -> %s", seconds["total"],
              _pct(m["global"]["recall@1"]), rr.reranker, _pct(m["reranked"]["recall@1"]), cfg.out)
     return RunOutput(out=cfg.out, metrics=metrics, report=report_url, num_errors=int(errors.num_rows))
+
+
+def write_metrics(url: str, metrics: dict) -> None:
+    """metrics.json in the documented key order (recall@1, @5, ... as written, not sorted)."""
+    fs, path = storage.filesystem(url)
+    data = json.dumps(metrics, indent=2).encode()
+    tmp = f"{path}.tmp"
+    with fs.open(tmp, "wb") as f:
+        f.write(data)
+    fs.mv(tmp, path)
 
 
 def _pct(v: float | None) -> str:

@@ -1,0 +1,86 @@
+"""Reranking throughput: pairs/s of the Ray actor pool and queries/s end to end.
+
+    .venv/bin/python bench/bench_rerank.py [--candidates 20] [--image-size 272 480] [--out /tmp/r2f_bench_rerank]
+
+On the real Gardens Point images (day_right database, night_right queries, EfficientNet-Lite0):
+extracts and indexes the database once, then for each reranker (ransac, r2former) runs the
+reranking stage (query extraction + top-K search + pair scoring on Ray) and prints
+
+- pairs/s of the scoring step on the Ray actor pool,
+- pairs/s of the same scorer called directly in this process on one batch (no Ray),
+- queries/s end to end (query extraction + search + scoring + writing results).
+
+The r2former reranker runs the transformer over EfficientNet tokens (untrained weights: the
+timing is real, the ranking is not meaningful).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default=str(Path(os.environ.get("R2F_SHARED", ROOT.parent / "shared")) / "data" / "gardens_point"))
+    p.add_argument("--candidates", type=int, default=20)
+    p.add_argument("--image-size", nargs=2, type=int, default=[272, 480])
+    p.add_argument("--batch-pairs", type=int, default=400)
+    p.add_argument("--rerankers", default="ransac,r2former")
+    p.add_argument("--out", default="/tmp/r2f_bench_rerank")
+    args = p.parse_args()
+
+    import numpy as np
+
+    from pipeline import index, storage
+    from pipeline.cluster import ensure_ray
+    from pipeline.log import setup_logging
+    from pipeline.ransac import RansacConfig
+    from pipeline.rerank import PairScorer, RerankConfig, extract_into, run
+
+    setup_logging("WARNING")
+    out = Path(args.out)
+    shutil.rmtree(out, ignore_errors=True)
+    ensure_ray()
+    db_store, index_dir = str(out / "database_store"), str(out / "index")
+    t = time.perf_counter()
+    extract_into(f"sequence:{args.data}/day_right", db_store, "efficientnet-lite0", None, args.image_size,
+                 {"progress": False})
+    index.build(index.IndexConfig(store=db_store, index_dir=index_dir))
+    print(f"database: 200 images extracted and indexed in {time.perf_counter() - t:.1f} s")
+    print(f"{'reranker':>9} {'K':>4} {'pairs':>6} {'ray pairs/s':>12} {'direct pairs/s':>15} "
+          f"{'extract s':>10} {'search s':>9} {'rerank s':>9} {'queries/s e2e':>14}")
+    for reranker in args.rerankers.split(","):
+        q_store = str(out / f"query_store_{reranker}")
+        t = time.perf_counter()
+        res = run(RerankConfig(queries=f"sequence:{args.data}/night_right", query_store=q_store,
+                               database_store=db_store, index_dir=index_dir, results=str(out / f"{reranker}.parquet"),
+                               backbone="efficientnet-lite0", image_size=list(args.image_size), reranker=reranker,
+                               candidates=args.candidates, batch_pairs=args.batch_pairs,
+                               extract={"progress": False}))
+        e2e = time.perf_counter() - t
+        # The same scorer, in this process, on one batch: the cost without Ray's scheduling.
+        scorer = PairScorer(reranker, "efficientnet-lite0", None, q_store, db_store,
+                            RansacConfig(image_scale=float(max(args.image_size))), threads=1)
+        n = min(args.batch_pairs, res.num_pairs)
+        qrows = np.repeat(np.arange(n // args.candidates + 1), args.candidates)[:n]
+        crows = np.arange(n) % 200
+        t = time.perf_counter()
+        scorer({"pair": np.arange(n), "query_row": qrows, "candidate_row": crows})
+        direct = n / (time.perf_counter() - t)
+        s = res.stage_seconds
+        print(f"{reranker:>9} {res.candidates:>4} {res.num_pairs:>6} {res.pairs_per_second:>12.1f} {direct:>15.1f} "
+              f"{s['extract_queries']:>10.1f} {s['search']:>9.2f} {s['rerank']:>9.1f} {res.num_queries / e2e:>14.2f}")
+    print(f"(machine: {os.cpu_count()} CPUs; Ray actors: 1 CPU and 1 torch/OpenCV thread each)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
