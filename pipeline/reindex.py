@@ -147,26 +147,23 @@ class ReindexPlan:
 # ---------------------------------------------------------------- layout
 @dataclass(frozen=True)
 class ReindexLayout:
+    """Where a reindex keeps its state: store-side paths are ``pipeline.storage.StoreLayout``'s."""
     store: str
     index_dir: str
 
-    @property
-    def manifests_dir(self) -> str:
-        return storage.join(self.store, "manifests")
-
     def manifest_snapshot(self, generation: int) -> str:
-        return storage.join(self.manifests_dir, f"g{generation:04d}.json")
-
-    def staging(self, digest: str) -> str:
-        return storage.join(self.store, "reindex", "staging", digest)
+        return storage.StoreLayout(self.store).manifest_snapshot(generation)
 
     @property
     def staging_dir(self) -> str:
-        return storage.join(self.store, "reindex", "staging")
+        return storage.StoreLayout(self.store).reindex_staging_dir
+
+    def staging(self, digest: str) -> str:
+        return storage.join(self.staging_dir, digest)
 
     @property
     def failures(self) -> str:
-        return storage.join(self.store, "reindex", "failures.parquet")
+        return storage.StoreLayout(self.store).reindex_failures
 
     def version_record(self, version: str) -> str:
         return storage.join(self.index_dir, "reindex", f"{version}.json")
@@ -620,6 +617,7 @@ def _reindex(cfg: ReindexConfig, layout: ReindexLayout, on_stage: Hook) -> Reind
     store_lay = storage.StoreLayout(cfg.store)
     previous_version = _current_or_none(index_dir)
     first_run = not storage.exists(store_lay.manifest)
+    resumed = False
 
     source = load_dataset(cfg.source)
     ensure_ray(cfg.ray_address)
@@ -673,6 +671,12 @@ def _reindex(cfg: ReindexConfig, layout: ReindexLayout, on_stage: Hook) -> Reind
             log.info("reindex: the store is up to date but %s does not index generation %d yet (an earlier "
                      "run stopped before publishing); building the index", previous_version,
                      store_generation(manifest))
+            resumed = True
+            # the changes are those of the run that made this generation
+            made = manifest.get("reindex") or {}
+            for k in ("added", "changed", "moved", "deleted"):
+                plan_counts[k] = int(made.get(k, 0))
+            new_shards, retired = list(made.get("new_shards", [])), list(made.get("retired_shards", []))
         else:
             manifest, new_shards, retired, failed = _update_store(cfg, layout, manifest, plan, timings, lap,
                                                                   on_stage, extract_dataset)
@@ -719,7 +723,8 @@ def _reindex(cfg: ReindexConfig, layout: ReindexLayout, on_stage: Hook) -> Reind
     lap("prune")
 
     shards_info = built.infos.get("shards", [])
-    msg = (f"published {version} (was {previous_version}): +{plan_counts['added']} new, "
+    msg = (f"published {version} (was {previous_version}"
+           + (", finishing an interrupted run" if resumed else "") + f"): +{plan_counts['added']} new, "
            f"{plan_counts['changed']} changed, {plan_counts['moved']} moved, -{plan_counts['deleted']} deleted, "
            f"{plan_counts['failed']} failed; {len(got)} images in store generation {store_gen}")
     log.info("reindex: %s; timings %s", msg, json.dumps(timings))

@@ -8,6 +8,9 @@ A store is a folder or URL (local path or ``s3://``, through fsspec)::
     <store>/progress/shard-00012.json     shard 12 finished (written after its Parquet and Zarr)
     <store>/plan.json                     written first: what is being extracted (checked on resume)
     <store>/local_tokens.zarr             Zarr v3 array (rows, T, 131) float16
+    <store>/manifests/g0003.json          (reindex) snapshot of store generation 3's manifest
+    <store>/reindex/staging/<digest>/     (reindex) a store holding one run's new images, adopted after
+    <store>/reindex/failures.parquet      (reindex) known-bad images: path, content_hash, stage, reason
 
 Shard ``s`` owns Zarr rows ``[s * shard_size, (s + 1) * shard_size)``; the row chunk size divides
 ``shard_size``, so every writer owns whole chunks (concurrent partial writes to one chunk lose
@@ -117,6 +120,20 @@ class StoreLayout:
         """What an extraction in progress is extracting (dataset digest, model, sizes), written
         first, so that a resumed run refuses to mix shards of two different extractions."""
         return join(self.root, "plan.json")
+
+    # ---- written by pipeline.reindex: a store kept up to date goes through generations; each
+    # manifest.json is snapshotted, and shard numbers are never reused (a reindex replaces a shard
+    # by a filtered copy under a new number whose ``row`` values still point at the old Zarr rows)
+    def manifest_snapshot(self, generation: int) -> str:
+        return join(self.root, "manifests", f"g{generation:04d}.json")
+
+    @property
+    def reindex_staging_dir(self) -> str:
+        return join(self.root, "reindex", "staging")
+
+    @property
+    def reindex_failures(self) -> str:
+        return join(self.root, "reindex", "failures.parquet")
 
     def global_part(self, shard: int) -> str:
         return join(self.global_dir, f"part-{shard:05d}.parquet")

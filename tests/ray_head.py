@@ -97,7 +97,7 @@ class RayHead:
         if self.proc is None:
             return
         pgid = self.proc.pid  # leader of the session started above
-        for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
+        for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 10)):
             try:
                 os.killpg(pgid, sig)
             except ProcessLookupError:

@@ -41,7 +41,7 @@ def setup(gardens_point, tmp_path):
     return src, cfg
 
 
-def test_add_change_delete_noop_interrupt_rollback(ray_session, gardens_point, setup):
+def test_add_change_delete_interrupt_noop_rollback(ray_session, gardens_point, setup):
     src, cfg = setup
     index_dir = cfg.resolved_index_dir
     lay = IndexLayout(index_dir)
@@ -63,30 +63,44 @@ def test_add_change_delete_noop_interrupt_rollback(ray_session, gardens_point, s
 
     ids_v1, queries = storage.read_global_descriptors(cfg.store)
     before = search(index_dir, queries, k=4)
-    seen = []
+    seen, plans = [], []
 
     def during(stage, info):
         # every step before the CURRENT write: searches answer from v0001, unchanged
-        if stage != "published":
-            assert current_version(index_dir) == "v0001"
-            got = search(index_dir, queries, k=4)
-            assert np.array_equal(got.ids, before.ids) and np.allclose(got.scores, before.scores)
-            assert set(got.ids.ravel().tolist()) <= set(v1_ids)
+        assert current_version(index_dir) == "v0001"
+        got = search(index_dir, queries, k=4)
+        assert np.array_equal(got.ids, before.ids) and np.allclose(got.scores, before.scores)
+        assert set(got.ids.ravel().tolist()) <= set(v1_ids)
         seen.append(stage)
+        if stage == "planned":
+            plans.append(info["plan"])
+        if stage == "index_built":  # the run dies after building its version, before publishing it
+            raise KeyboardInterrupt("simulated crash before publishing")
 
-    second = reindex.run(cfg, on_stage=during)
-    assert seen == ["planned", "extracted", "adopted", "store_published", "index_built", "published"]
-    assert second.status == "published" and second.version == "v0002" and second.previous_version == "v0001"
-    assert (second.added, second.changed, second.deleted, second.moved) == (2, 1, 1, 0)
-    assert second.unchanged == 4
+    with pytest.raises(KeyboardInterrupt):
+        reindex.run(cfg, on_stage=during)
+    assert seen == ["planned", "extracted", "adopted", "store_published", "index_built"]
+    plan = plans[0]
+    assert (len(plan.added_ids), len(plan.changed_ids), len(plan.deleted_ids), len(plan.moved)) == (2, 1, 1, 0)
+    assert plan.unchanged == 4
+    assert current_version(index_dir) == "v0001"  # the interrupted run left the published version alone
+    assert reindex.version_image_ids(index_dir).tolist() == v1_ids
+    assert _tree_digest(Path(lay.version_dir("v0001"))) == v1_files
+
+    # the next run finishes the job: the new store generation is there, only the index is built
+    second = reindex.run(cfg)
+    assert second.status == "published" and second.previous_version == "v0001" and second.version == "v0003"
+    assert "finishing an interrupted run" in second.message
+    assert (second.added, second.changed, second.deleted) == (2, 1, 1)
     expected = _ids("Image000.jpg", "Image001.jpg", "Image003.jpg", "Image004.jpg", "Image005.jpg",
                     "Image006.jpg", "Image007.jpg")
-    assert reindex.version_image_ids(index_dir, "v0002").tolist() == expected
-    assert current_version(index_dir) == "v0002"
+    assert reindex.version_image_ids(index_dir, "v0003").tolist() == expected
+    assert current_version(index_dir) == "v0003"
     assert _tree_digest(Path(lay.version_dir("v0001"))) == v1_files  # the old version was never touched
-    # extraction shard 0 lost rows (retired, its survivors rewritten as a new shard); shard 1 did not:
+    # extraction shard 0 lost rows (retired; its survivors rewritten as a new shard), shard 1 did not:
     # its index shard is copied, and the new extraction shards form one new index shard
-    assert second.retired_shards == [0] and len(second.new_shards) == 2
+    record = storage.read_json(storage.join(index_dir, "reindex", "v0003.json"))
+    assert record["store_generation"] == 1
     assert second.reused_index_shards == [1] and second.rebuilt_index_shards == [2]
 
     new_table = storage.read_global_table(cfg.store)
@@ -97,45 +111,29 @@ def test_add_change_delete_noop_interrupt_rollback(ray_session, gardens_point, s
     assert by_id[changed]["content_hash"] != old_by_id[changed]["content_hash"]
     assert not np.allclose(by_id[changed]["global_descriptor"], old_by_id[changed]["global_descriptor"])
     kept = storage.image_id_for("Image003.jpg")  # in a rewritten shard: same descriptor, same tokens
+    assert by_id[kept]["shard"] != old_by_id[kept]["shard"] and by_id[kept]["row"] == old_by_id[kept]["row"]
     assert np.allclose(by_id[kept]["global_descriptor"], old_by_id[kept]["global_descriptor"])
     old_rows = {r["image_id"]: k for k, r in enumerate(old_table.select(["image_id"]).to_pylist())}
     assert np.array_equal(storage.read_local_tokens(cfg.store, np.array([by_id[kept]["row"]]))[0],
                           old_tokens[old_rows[kept]])
-    # a new image's tokens were copied into the store's own Zarr rows
+    # a new image's tokens were copied into the store's own Zarr rows, and searching for it finds it
     added = storage.image_id_for("Image007.jpg")
     assert np.abs(storage.read_local_tokens(cfg.store, np.array([by_id[added]["row"]]))).sum() > 0
-    # a search for a new image now finds it
     q = np.array([by_id[added]["global_descriptor"]], np.float32)
     assert search(index_dir, q, k=1).ids[0, 0] == added
 
     # nothing new: nothing happens, and it says so
     third = reindex.run(cfg)
     assert third.status == "noop" and "nothing to do" in third.message
-    assert third.version == "v0002" and list_versions(index_dir, finished_only=False) == ["v0001", "v0002"]
+    assert third.version == "v0003" and list_versions(index_dir, finished_only=False) == ["v0001", "v0002", "v0003"]
 
-    # an interrupted run (dies after building its version, before publishing) leaves CURRENT alone
-    shutil.copy(gardens_point / "day_left" / "Image008.jpg", src / "Image008.jpg")
-
-    def crash(stage, info):
-        if stage == "index_built":
-            raise KeyboardInterrupt("simulated crash before publishing")
-
-    with pytest.raises(KeyboardInterrupt):
-        reindex.run(cfg, on_stage=crash)
-    assert current_version(index_dir) == "v0002"
-    assert reindex.version_image_ids(index_dir).tolist() == expected
-    # ... and the next run finishes the job (the store generation is there; only the index is built)
-    fourth = reindex.run(cfg)
-    assert fourth.status == "published" and fourth.previous_version == "v0002"
-    assert reindex.version_image_ids(index_dir, fourth.version).tolist() == sorted(expected + _ids("Image008.jpg"))
-    assert reindex.run(cfg).status == "noop"
-
-    # rollback through the CLI: CURRENT and the store manifest go back to v0002's
-    assert cli.main(["reindex", "--store", cfg.store, "--rollback", "v0002"]) == 0
-    assert current_version(index_dir) == "v0002"
-    assert sorted(storage.read_global_table(cfg.store, ["image_id"]).column("image_id").to_pylist()) == expected
-    history = reindex.list_history(cfg)
-    assert [h["version"] for h in history if h["current"]] == ["v0002"]
+    # rollback through the CLI: CURRENT and the store manifest go back to v0001's
+    assert cli.main(["reindex", "--store", cfg.store, "--rollback", "v0001"]) == 0
+    assert current_version(index_dir) == "v0001"
+    assert sorted(storage.read_global_table(cfg.store, ["image_id"]).column("image_id").to_pylist()) == v1_ids
+    assert [h["version"] for h in reindex.list_history(cfg) if h["current"]] == ["v0001"]
+    with pytest.raises(reindex.ReindexError, match="not a finished version"):
+        reindex.rollback(cfg, "v0042")
 
 
 def _dataset(rows):
