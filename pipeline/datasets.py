@@ -193,7 +193,7 @@ def _manifest_rows(source: str) -> list[dict]:
         raise DatasetError(f"manifest {source!r} has no 'path' column (columns: {sorted(cols)})")
     n = table.num_rows
     data = {c: table.column(c).to_pylist() for c in cols}
-    base = source.rsplit("/", 1)[0] if "/" in source else "."
+    base = source.rsplit("/", 1)[0] if "://" in source else os.path.dirname(os.path.abspath(source))
     if "utm_east" in cols and "utm_north" in cols:
         east = [_float_or_none(v) for v in data["utm_east"]]
         north = [_float_or_none(v) for v in data["utm_north"]]
@@ -209,7 +209,12 @@ def _manifest_rows(source: str) -> list[dict]:
         raw = str(raw).strip()
         is_abs = "://" in raw or os.path.isabs(raw)
         full = raw if is_abs else f"{base.rstrip('/')}/{raw}"
-        key = raw.split("://", 1)[-1].lstrip("/") if is_abs else os.path.normpath(raw).replace(os.sep, "/")
+        if not is_abs:
+            key = os.path.normpath(raw).replace(os.sep, "/")
+        elif full.startswith(base.rstrip("/") + "/"):  # absolute but inside the manifest's folder
+            key = full[len(base.rstrip("/")) + 1:]
+        else:
+            key = raw.split("://", 1)[-1].lstrip("/")
         rows.append(dict(
             key=key, path=full, utm_east=east[i], utm_north=north[i],
             heading=_float_or_none(data["heading"][i]) if "heading" in cols else None,

@@ -448,6 +448,10 @@ def extract_dataset(table: pa.Table, store: str, config: ExtractConfig | None = 
         shard_bytes = min(config.shard_size, n) * config.image_size[0] * config.image_size[1] * 3
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False  # our own bar counts images; Ray's would count shards
+        # Start every model actor before the first shard is handed out: otherwise the actor that
+        # builds its model first takes the early shards while the others are still loading, and an
+        # unschedulable pool (more GPUs asked than the cluster has) fails with a clear timeout.
+        ctx.wait_for_min_actors_s = int(os.environ.get("R2F_ACTOR_START_TIMEOUT_S", "900"))
         # One block per shard, so decode tasks run side by side and each feeds one actor call.
         ds = ray.data.from_arrow([_shard_rows(table, [s], config.shard_size) for s in pending])
         ds = ds.map_batches(decode_shard, batch_size=1, batch_format="pyarrow", zero_copy_batch=True,
