@@ -128,6 +128,8 @@ def test_small_image_and_bad_input():
         model.extract(torch.randn(1, 3, 60, 96))
     with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
         model.extract(torch.randn(3, 64, 96))
+    with pytest.raises(ValueError, match="fit_global_pca"):
+        EfficientNetLite0VPR.pretrained(global_reduction="pca")
 
 
 def test_imagenet_key_mapping():

