@@ -1,0 +1,858 @@
+"""Training R²Former (and the EfficientNet-Lite0 variant) on Ray Train, in the paper's stages.
+
+``r2f train --stage retrieval|rerank|finetune --config configs/train_X.yaml`` and
+``pipeline.train.run(TrainConfig) -> TrainResult``.
+
+Stages
+------
+* ``retrieval`` (stage 1, global retrieval): triplet margin loss (margin 0.1) on the global
+  descriptors, Adam lr 1e-5, batches of 16 triplets with 2 negatives each, triplets from partial
+  mining (``pipeline.mine.PartialMiner``) refreshed every ``cache_queries`` queries; stops when
+  validation recall@5 has not improved for ``patience`` epochs.
+* ``rerank`` (stage 2, reranking): backbone frozen; the local projection and the reranker learn
+  from cross-entropy on (query, positive) = 1 and (query, negative) = 0 pairs, the negative drawn
+  at random from the query's top-``negatives_top`` (100) global hardest negatives (``r2f mine``).
+  AdamW with linear warmup then cosine decay. ``rerank_source: tokens`` is the fast path: with a
+  frozen backbone the local tokens never change, so they are read from extraction stores instead
+  of recomputed from images (the stored tokens are already projected, so this path trains the
+  reranker only). ``rerank_source: images`` recomputes tokens and trains the projection too.
+* ``finetune``: the last round, backbone unfrozen, triplets from partial mining, loss = triplet
+  loss + reranking cross-entropy on each triplet's (query, positive) and (query, first negative).
+
+Distributed layout
+------------------
+``TorchTrainer`` with DDP (gloo on CPU, NCCL on GPU) and ``ScalingConfig`` from the config. Every
+worker derives the same mining rounds and permutations from ``seed`` and the epoch, so workers agree
+on the data without exchanging it; descriptor caches for mining and validation are computed split
+across workers and all-gathered. The global batch is ``batch_size``; each of W workers takes
+``batch_size // W`` of it.
+
+Checkpoints (every epoch, to ``<output>/<name>/checkpoint_*`` through Ray Train's storage, local
+or ``s3://``) hold:
+
+    model.pt              the project's own layout (``model.save_checkpoint(..., layout="project")``)
+    model_official.pth    the official release layout, when ``official_layout: true`` (R²Former only)
+    train_state.pt        model + optimizer + LR schedule state for exact resumption
+    r2f_state.json        epoch, step, metrics history, best recall, epochs without improvement
+
+A rerun with the same ``output`` and ``name`` resumes from the newest checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+from . import storage
+from .config import ConfigError, from_dict, load_config, to_dict
+from .log import get_logger
+
+log = get_logger(__name__)
+
+STAGES = ("retrieval", "rerank", "finetune")
+STATE_FILE = "r2f_state.json"
+
+
+# ====================================================================== configuration
+@dataclass
+class DataConfig:
+    """Where the images, stored features and mined negatives of one split come from."""
+
+    queries: str = ""               # dataset spec (pipeline.datasets.load_dataset) of the queries
+    database: str = ""              # dataset spec of the database
+    queries_store: str = ""         # extraction store of the queries (rerank stage)
+    database_store: str = ""        # extraction store of the database (rerank stage)
+    hardest_negatives: str = ""     # `r2f mine` output for these queries against this database
+
+
+@dataclass
+class TrainConfig:
+    stage: Literal["retrieval", "rerank", "finetune"] = "retrieval"
+    name: str = "r2former"                  # run name: checkpoints live under <output>/<name>
+    output: str = "runs"                    # local folder or s3:// URL (Ray Train storage)
+    backbone: str = "r2former"              # r2former | efficientnet-lite0
+    checkpoint: str | None = None           # start weights (project or official layout)
+    init: Literal["checkpoint", "pretrained", "random"] = "checkpoint"
+    model: dict = field(default_factory=dict)   # extra constructor arguments (e.g. a tiny test config)
+    train: DataConfig = field(default_factory=DataConfig)
+    val: DataConfig = field(default_factory=DataConfig)
+    image_size: list[int] = field(default_factory=lambda: [480, 640])   # H, W
+
+    # schedule
+    epochs: int = 50
+    batch_size: int = 16                    # triplets (retrieval/finetune) or queries (rerank), global
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    warmup_epochs: float = 1.0              # rerank: linear warmup, then cosine decay to zero
+    patience: int = 3                       # early stop: epochs without a better val recall@5
+    max_steps_per_epoch: int = 0            # 0 = no cap (a cap keeps tests and smoke runs short)
+
+    # mining (radii in the datasets' position units: metres, or frames for sequences)
+    positive_radius: float = 10.0
+    negative_radius: float = 25.0
+    val_radius: float = 25.0
+    queries_per_epoch: int = 5000
+    cache_queries: int = 1000               # queries per partial-mining refresh
+    database_subset: int = 1000             # random database images per refresh (negative pool)
+    cache_passes: int = 1                   # passes over each refresh's triplets (1 = VG benchmark)
+    num_negatives: int = 2
+    margin: float = 0.1
+    negatives_top: int = 100                # rerank: negatives drawn from this many hardest
+    rerank_source: Literal["tokens", "images"] = "tokens"
+    token_adapter: bool = True              # rerank on stored tokens: learn the local projection as a
+                                            # linear map on the stored features, folded in when saving
+    rerank_weight: float = 1.0              # finetune: weight of the reranking loss
+    val_candidates: int = 20                # rerank validation: candidates reranked per query
+
+    # distribution
+    num_workers: int = 2
+    use_gpu: Literal["auto", "true", "false"] = "auto"
+    cpus_per_worker: float = 1.0
+    threads_per_worker: int = 1
+    address: str | None = None
+    seed: int = 0
+    official_layout: bool = False
+    keep_checkpoints: int = 2
+    max_failures: int = 0
+
+
+@dataclass
+class TrainResult:
+    checkpoint: str                         # folder or URL of the newest checkpoint
+    model_path: str                         # <checkpoint>/model.pt
+    metrics: dict[str, Any]
+    epochs_run: int
+    seconds: float
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Clear errors for configs that cannot train, before any worker starts."""
+    if cfg.stage not in STAGES:
+        raise ConfigError(f"stage must be one of {STAGES}, got {cfg.stage!r}")
+    if len(cfg.image_size) != 2 or any(s % 16 for s in cfg.image_size):
+        raise ConfigError(f"image_size must be [H, W], multiples of 16, got {cfg.image_size}")
+    if cfg.batch_size < cfg.num_workers:
+        raise ConfigError(f"batch_size ({cfg.batch_size}) must be at least num_workers ({cfg.num_workers})")
+    if cfg.init == "checkpoint" and not cfg.checkpoint and cfg.backbone == "r2former":
+        raise ConfigError("backbone r2former with init=checkpoint needs `checkpoint`; "
+                          "use init=pretrained (timm DeiT-S) or init=random")
+    if cfg.stage == "rerank":
+        need = ["queries_store", "database_store", "hardest_negatives"]
+        if cfg.rerank_source == "images":
+            need += ["queries", "database"]
+        missing = [f"train.{n}" for n in need if not getattr(cfg.train, n)]
+        if missing:
+            raise ConfigError(f"stage rerank needs {', '.join(missing)} (extraction stores and `r2f mine` output)")
+    else:
+        missing = [f"train.{n}" for n in ("queries", "database") if not getattr(cfg.train, n)]
+        if missing:
+            raise ConfigError(f"stage {cfg.stage} needs {', '.join(missing)} (dataset specs)")
+
+
+# ====================================================================== model helpers
+def build_training_model(cfg: TrainConfig):
+    """The start model on CPU (float32)."""
+    from .model import build_model
+
+    if cfg.backbone == "r2former":
+        from .model import R2Former
+        if cfg.init == "pretrained":
+            return R2Former.from_timm_pretrained(**cfg.model)
+        if cfg.init == "random":
+            return R2Former(**cfg.model)
+        return build_model("r2former", cfg.checkpoint, **cfg.model)
+    if cfg.backbone == "efficientnet-lite0":
+        return build_model("efficientnet-lite0", cfg.checkpoint if cfg.init == "checkpoint" else None, **cfg.model)
+    raise ConfigError(f"unknown backbone {cfg.backbone!r}")
+
+
+def local_projection(model):
+    """The module turning backbone features into the 128-d local token features."""
+    for name in ("local_head", "local_proj"):
+        mod = getattr(model, name, None)
+        if mod is not None:
+            return mod
+    raise AttributeError(f"{type(model).__name__} has no local projection (local_head / local_proj)")
+
+
+# Reranker parameters the logits never read (kept for checkpoint fidelity): DDP must not wait for them.
+_UNUSED_RERANKER_PARAMS = ("decoder_pos_embed", "ratio")
+
+
+def set_trainable(model, stage: str, rerank_source: str = "images") -> list[str]:
+    """Freeze what the stage does not train; returns the names of trainable parameters.
+    (On the stored-token path the local projection is already applied, so only the reranker learns.)"""
+    import torch
+
+    for p in model.parameters():
+        p.requires_grad_(stage != "rerank")
+    if stage == "rerank":
+        for p in local_projection(model).parameters():
+            p.requires_grad_(rerank_source == "images")
+        for p in model.reranker.parameters():
+            p.requires_grad_(True)
+    if stage == "retrieval":
+        # Stage 1 trains global retrieval only; the local branch gets no gradient from the loss.
+        for p in local_projection(model).parameters():
+            p.requires_grad_(False)
+        for p in model.reranker.parameters():
+            p.requires_grad_(False)
+    for n in _UNUSED_RERANKER_PARAMS:
+        p = getattr(model.reranker, n, None)
+        if isinstance(p, torch.nn.Parameter):
+            p.requires_grad_(False)
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def describe(model, images):
+    """Differentiable features of normalised images: ``Features(global_descriptor, local_tokens)``."""
+    from .model import Features
+
+    fn = getattr(model, "forward_features", None)
+    out = fn(images) if fn is not None else model(images)
+    if isinstance(out, dict):
+        return Features(out["global_descriptor"], out["local_tokens"])
+    return out
+
+
+def save_model_files(model, folder: str, official: bool, stage: str) -> None:
+    if stage in ("rerank", "finetune") and hasattr(model, "has_trained_reranker"):
+        model.has_trained_reranker = True
+    model.save_checkpoint(os.path.join(folder, "model.pt"), layout="project")
+    if official:
+        if type(model).__name__ != "R2Former":
+            raise ConfigError("official_layout is only defined for backbone r2former")
+        model.save_checkpoint(os.path.join(folder, "model_official.pth"), layout="official")
+
+
+def token_adapter(model):
+    """Identity-initialised Linear on the stored 128-d token features (the stored-token path's
+    stand-in for the local projection, see ``fold_adapter``)."""
+    import torch
+
+    proj = local_projection(model)
+    dim = proj.out_features
+    adapter = torch.nn.Linear(dim, dim)
+    with torch.no_grad():
+        adapter.weight.copy_(torch.eye(dim))
+        adapter.bias.zero_()
+    return adapter
+
+
+def fold_adapter(model, adapter):
+    """A copy of ``model`` whose local projection is ``adapter ∘ projection``: both are linear, so
+    the stored-token path trained exactly this projection (W' = A W, b' = A b + c)."""
+    import copy
+
+    import torch
+
+    if adapter is None:
+        return model
+    out = copy.deepcopy(model)
+    proj = local_projection(out)
+    with torch.no_grad():
+        A, c = adapter.weight.detach().cpu(), adapter.bias.detach().cpu()
+        W, b = proj.weight.detach().cpu().clone(), proj.bias.detach().cpu().clone()
+        proj.weight.copy_(A @ W)
+        proj.bias.copy_(A @ b + c)
+    return out
+
+
+# ====================================================================== data helpers (run on workers)
+class ImageSource:
+    """Decoded, resized images of a dataset table by row, with a small in-memory cache (the
+    same images come back at every mining refresh)."""
+
+    def __init__(self, table, image_size: list[int], cache_limit: int = 4096):
+        self.paths = table.column("path").to_pylist()
+        self.size = (int(image_size[0]), int(image_size[1]))
+        self.cache: dict[int, np.ndarray] = {}
+        self.cache_limit = cache_limit
+
+    def batch(self, rows) -> "Any":
+        import torch
+
+        from .images import load_image
+        from .model import normalize_images
+
+        pix = []
+        for r in np.asarray(rows).reshape(-1):
+            r = int(r)
+            img = self.cache.get(r)
+            if img is None:
+                img = load_image(self.paths[r], self.size).pixels
+                if len(self.cache) < self.cache_limit:
+                    self.cache[r] = img
+            pix.append(img)
+        return normalize_images(torch.from_numpy(np.stack(pix)))
+
+
+def dataset_positions(table) -> np.ndarray:
+    from .mine import positions_of
+
+    return positions_of(table, "dataset")
+
+
+def _allgather_rows(local: dict[int, np.ndarray], world: int) -> dict[int, np.ndarray]:
+    import torch.distributed as dist
+
+    if world == 1 or not dist.is_initialized():
+        return local
+    parts: list[Any] = [None] * world
+    dist.all_gather_object(parts, local)
+    merged: dict[int, np.ndarray] = {}
+    for p in parts:
+        merged.update(p)
+    return merged
+
+
+def describe_rows(model, source: ImageSource, rows: np.ndarray, rank: int, world: int, device, batch: int = 16,
+                  ) -> np.ndarray:
+    """Global descriptors of ``rows`` (in that order), computed split across workers, in eval mode."""
+    import torch
+
+    rows = np.asarray(rows, np.int64)
+    uniq = np.unique(rows)
+    mine = uniq[rank::world]
+    was_training = model.training
+    model.eval()
+    local: dict[int, np.ndarray] = {}
+    with torch.no_grad():
+        for s in range(0, len(mine), batch):
+            chunk = mine[s:s + batch]
+            g = describe(model, source.batch(chunk).to(device)).global_descriptor.float().cpu().numpy()
+            local.update({int(r): g[i] for i, r in enumerate(chunk)})
+    model.train(was_training)
+    merged = _allgather_rows(local, world)
+    return np.stack([merged[int(r)] for r in rows]) if len(rows) else np.zeros((0, 1), np.float32)
+
+
+def recall_at(query_desc: np.ndarray, db_desc: np.ndarray, query_pos: np.ndarray, db_pos: np.ndarray,
+              radius: float, ks=(1, 5, 10)) -> dict[str, float]:
+    """Recall@k in percent: a query is found at k when one of its k nearest descriptors lies within
+    ``radius`` of it."""
+    d = ((query_desc[:, None, :] - db_desc[None, :, :]) ** 2).sum(-1)
+    order = np.argsort(d, axis=1, kind="stable")
+    geo = np.sqrt(((query_pos[:, None, :] - db_pos[None, :, :]) ** 2).sum(-1))
+    hit = np.take_along_axis(geo, order, axis=1) <= radius
+    return {f"recall@{k}": float(100.0 * hit[:, :k].any(1).mean()) for k in ks}
+
+
+# ====================================================================== stage steps (run on workers)
+class _Step:
+    """Wraps the model so that each training step is ONE ``forward`` through DDP (DDP expects one
+    forward per backward, and syncs the gradients of what that forward used)."""
+
+    @staticmethod
+    def module(model, adapter=None):
+        import torch
+
+        class StepModule(torch.nn.Module):
+            def __init__(self, m, adapter):
+                super().__init__()
+                self.model = m
+                self.adapter = adapter
+
+            def _adapt(self, t):
+                if self.adapter is None:
+                    return t
+                return torch.cat([t[..., :3], self.adapter(t[..., 3:])], dim=-1)
+
+            def forward(self, mode: str, a, b=None, n_queries: int = 0, n_neg: int = 0):
+                if mode == "global":          # images -> global descriptors
+                    return describe(self.model, a).global_descriptor
+                if mode == "rerank_tokens":   # (query tokens, candidate tokens) -> logits
+                    return self.model.reranker(self._adapt(a), self._adapt(b))
+                f = describe(self.model, a)
+                B = n_queries
+                tok = f.local_tokens
+                if mode == "rerank_images":   # images [q, pos, neg] -> logits of (q,pos), (q,neg)
+                    return self.model.reranker(torch.cat([tok[:B], tok[:B]]), tok[B:])
+                if mode == "finetune":        # images [q, pos, negs] -> (global, logits of (q,pos), (q,neg0))
+                    first_neg = 2 * B + torch.arange(B, device=tok.device) * n_neg
+                    logits = self.model.reranker(torch.cat([tok[:B], tok[:B]]),
+                                                 torch.cat([tok[B:2 * B], tok[first_neg]]))
+                    return f.global_descriptor, logits
+                raise ValueError(f"unknown step mode {mode!r}")
+
+        return StepModule(model, adapter)
+
+
+def _triplet_loss(q, p, n, margin: float):
+    """Mean over triplets and negatives of max(0, |q-p| - |q-n| + margin) (VG benchmark loss)."""
+    import torch.nn.functional as F
+
+    B, K, D = n.shape
+    return F.triplet_margin_loss(q.unsqueeze(1).expand(-1, K, -1).reshape(-1, D),
+                                 p.unsqueeze(1).expand(-1, K, -1).reshape(-1, D), n.reshape(-1, D), margin=margin)
+
+
+def _cosine_lr(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / max(1, warmup)
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _train_loop(loop_config: dict) -> None:
+    """The per-worker training function handed to TorchTrainer."""
+    import torch
+    import torch.distributed as dist
+    import ray.train
+    import ray.train.torch
+
+    from .device import set_cpu_threads
+    from .log import setup_logging
+
+    setup_logging()
+    cfg = from_dict(TrainConfig, loop_config["config"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    set_cpu_threads(cfg.threads_per_worker)
+    torch.manual_seed(cfg.seed)
+    device = ray.train.torch.get_device()
+
+    model = build_training_model(cfg)
+    trainable = set_trainable(model, cfg.stage, cfg.rerank_source)
+    adapter = token_adapter(model) if (cfg.stage == "rerank" and cfg.rerank_source == "tokens"
+                                       and cfg.token_adapter) else None
+    params = [p for p in model.parameters() if p.requires_grad]
+    if adapter is not None:
+        params += list(adapter.parameters())
+    if cfg.stage == "rerank":
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    else:
+        optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    state = {"epoch": 0, "step": 0, "history": [], "best_recall@5": -1.0, "not_improved": 0, "stopped": False}
+    # Ray hands back the newest checkpoint of this run after a worker failure; a new driver resumes
+    # from the one ``run`` found in storage (V2 dropped ``resume_from_checkpoint``).
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None and loop_config.get("resume"):
+        path, fs = _ray_storage(loop_config["resume"])
+        ckpt = ray.train.Checkpoint(path, filesystem=fs)
+    sched_state = None
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            saved = torch.load(os.path.join(d, "train_state.pt"), map_location="cpu", weights_only=True)
+            with open(os.path.join(d, STATE_FILE)) as f:
+                state = json.load(f)
+            state.pop("files", None)
+        model.load_state_dict(saved["model"])
+        if adapter is not None and saved.get("adapter") is not None:
+            adapter.load_state_dict(saved["adapter"])
+        optimizer.load_state_dict(saved["optimizer"])
+        sched_state = saved.get("scheduler")
+        log.info("rank %d resumed from epoch %d (step %d)", rank, state["epoch"], state["step"])
+
+    model.to(device)
+    if adapter is not None:
+        adapter.to(device)
+    step_module = _Step.module(model, adapter)
+    ddp = ray.train.torch.prepare_model(step_module, move_to_device=False) if world > 1 else step_module
+    stage_runner = _StageRunner(cfg, model, ddp, optimizer, rank, world, device)
+    stage_runner.step_module = step_module
+    if sched_state is not None and stage_runner.scheduler is not None:
+        stage_runner.scheduler.load_state_dict(sched_state)
+    log.info("rank %d/%d stage %s: %d trainable tensors, start epoch %d", rank, world, cfg.stage, len(trainable),
+             state["epoch"])
+
+    while state["epoch"] < cfg.epochs and not state["stopped"]:
+        epoch = state["epoch"]
+        t0 = time.perf_counter()
+        losses = stage_runner.epoch(epoch)
+        val = stage_runner.validate()
+        state["step"] += len(losses)
+        state["epoch"] = epoch + 1
+        metrics: dict[str, Any] = {"epoch": epoch + 1, "step": state["step"], "stage": cfg.stage,
+                                   "loss": float(np.mean(losses)) if losses else float("nan"),
+                                   "step_losses": [float(x) for x in losses],
+                                   "epoch_seconds": time.perf_counter() - t0}
+        metrics.update({f"val_{k}": v for k, v in val.items()})
+        if "recall@5" in val:
+            if val["recall@5"] > state["best_recall@5"]:
+                state["best_recall@5"], state["not_improved"] = val["recall@5"], 0
+            else:
+                state["not_improved"] += 1
+            state["stopped"] = state["not_improved"] >= cfg.patience
+        metrics["best_recall@5"] = state["best_recall@5"]
+        metrics["stopped_early"] = state["stopped"]
+        state["history"].append({k: v for k, v in metrics.items() if k != "step_losses"} | {"step_losses": metrics["step_losses"]})
+        if rank == 0:
+            with tempfile.TemporaryDirectory() as d:
+                save_model_files(fold_adapter(model, adapter), d, cfg.official_layout, cfg.stage)
+                torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                            "adapter": adapter.state_dict() if adapter is not None else None,
+                            "scheduler": stage_runner.scheduler.state_dict() if stage_runner.scheduler else None},
+                           os.path.join(d, "train_state.pt"))
+                # File sizes let a reader tell a fully uploaded checkpoint from one cut off mid-copy.
+                files = {n: os.path.getsize(os.path.join(d, n)) for n in sorted(os.listdir(d))}
+                with open(os.path.join(d, STATE_FILE), "w") as f:
+                    json.dump({**state, "files": files}, f)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+        else:
+            ray.train.report(metrics, checkpoint=None)
+        log.info("epoch %d: loss %.4f %s", epoch + 1, metrics["loss"], {k: round(v, 2) for k, v in val.items()})
+    if dist.is_initialized():
+        dist.barrier()
+
+
+class _StageRunner:
+    """The data and steps of one stage on one worker."""
+
+    def __init__(self, cfg: TrainConfig, model, ddp, optimizer, rank: int, world: int, device):
+        import torch
+
+        self.cfg, self.model, self.ddp, self.optimizer = cfg, model, ddp, optimizer
+        self.rank, self.world, self.device = rank, world, device
+        self.local_batch = cfg.batch_size // world
+        self.scheduler = None
+        if cfg.stage == "rerank":
+            self._init_rerank()
+            steps = self.steps_per_epoch
+            total, warmup = steps * cfg.epochs, int(round(cfg.warmup_epochs * steps))
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _cosine_lr(s, total, warmup))
+        else:
+            self._init_triplets()
+        self._init_val()
+
+    # ------------------------------------------------------------------ stage 1 / finetune
+    def _init_triplets(self) -> None:
+        from .datasets import load_dataset
+        from .mine import PartialMiner
+
+        cfg = self.cfg
+        q, db = load_dataset(cfg.train.queries), load_dataset(cfg.train.database)
+        self.q_src, self.db_src = ImageSource(q, cfg.image_size), ImageSource(db, cfg.image_size)
+        self.miner = PartialMiner(dataset_positions(q), dataset_positions(db), positive_radius=cfg.positive_radius,
+                                  negative_radius=cfg.negative_radius, cache_queries=cfg.cache_queries,
+                                  database_subset=cfg.database_subset, num_negatives=cfg.num_negatives, seed=cfg.seed)
+
+    def _triplet_epoch(self, epoch: int) -> list[float]:
+        import torch
+
+        cfg = self.cfg
+        losses: list[float] = []
+        refreshes = max(1, math.ceil(min(cfg.queries_per_epoch, len(self.miner.trainable_queries)) / cfg.cache_queries))
+        for r in range(refreshes):
+            round_ = self.miner.sample(epoch * 1000 + r)
+            qd = describe_rows(self.model, self.q_src, round_.queries, self.rank, self.world, self.device)
+            dd = describe_rows(self.model, self.db_src, round_.database, self.rank, self.world, self.device)
+            trip = self.miner.triplets(round_, qd, dd)
+            order = np.random.default_rng([cfg.seed, epoch, r]).permutation(len(trip.queries))
+            steps = len(order) // cfg.batch_size
+            self._set_train_mode()
+            for s in [s for _ in range(cfg.cache_passes) for s in range(steps)]:
+                if cfg.max_steps_per_epoch and len(losses) >= cfg.max_steps_per_epoch:
+                    break
+                idx = order[s * cfg.batch_size:(s + 1) * cfg.batch_size][self.rank::self.world]
+                qi, pi, ni = trip.queries[idx], trip.positives[idx], trip.negatives[idx]
+                B, K = len(idx), ni.shape[1]
+                images = torch.cat([self.q_src.batch(qi), self.db_src.batch(pi), self.db_src.batch(ni)]).to(self.device)
+                if cfg.stage == "finetune":
+                    g, logits = self.ddp("finetune", images, n_queries=B, n_neg=K)
+                    labels = torch.cat([torch.ones(B), torch.zeros(B)]).long().to(g.device)
+                    rerank_loss = torch.nn.functional.cross_entropy(logits, labels)
+                else:
+                    g, rerank_loss = self.ddp("global", images), 0.0
+                loss = _triplet_loss(g[:B], g[B:2 * B], g[2 * B:].view(B, K, -1), cfg.margin)
+                loss = loss + cfg.rerank_weight * rerank_loss
+                losses.append(self._step(loss))
+            if cfg.max_steps_per_epoch and len(losses) >= cfg.max_steps_per_epoch:
+                break
+        return losses
+
+    # ------------------------------------------------------------------ stage 2
+    def _init_rerank(self) -> None:
+        from .mine import read_hardest_negatives, within_radius
+
+        cfg = self.cfg
+        cols = ["image_id", "row", "utm_east", "utm_north", "global_descriptor"]
+        q = storage.read_global_table(cfg.train.queries_store, cols)
+        db = storage.read_global_table(cfg.train.database_store, cols)
+        self.q_rows = q.column("row").to_numpy().astype(np.int64)
+        self.db_rows = db.column("row").to_numpy().astype(np.int64)
+        q_ids, db_ids = q.column("image_id").to_numpy(), db.column("image_id").to_numpy()
+        db_index = {int(i): r for r, i in enumerate(db_ids)}
+        q_desc, db_desc = storage.descriptors_of(q), storage.descriptors_of(db)
+        hard = within_radius(dataset_positions(q), dataset_positions(db), cfg.positive_radius)
+        negatives = read_hardest_negatives(cfg.train.hardest_negatives)
+        self.items: list[tuple[int, int, np.ndarray]] = []   # (query, best positive, negative pool)
+        for qi, qid in enumerate(q_ids):
+            negs = negatives.get(int(qid))
+            if not len(hard[qi]) or negs is None:
+                continue
+            pool = np.array([db_index[int(n)] for n in negs[:cfg.negatives_top] if int(n) in db_index], np.int64)
+            if not len(pool):
+                continue
+            d = ((db_desc[hard[qi]] - q_desc[qi]) ** 2).sum(-1)
+            self.items.append((qi, int(hard[qi][np.argmin(d)]), pool))
+        if not self.items:
+            raise ValueError("rerank training found no query with both a positive and hardest negatives; "
+                             "check positive_radius and the `r2f mine` output")
+        self.steps_per_epoch = max(1, len(self.items) // cfg.batch_size)
+        if cfg.max_steps_per_epoch:
+            self.steps_per_epoch = min(self.steps_per_epoch, cfg.max_steps_per_epoch)
+        if cfg.rerank_source == "tokens":
+            self.q_tokens = _TokenSource(cfg.train.queries_store, self.q_rows)
+            self.db_tokens = _TokenSource(cfg.train.database_store, self.db_rows)
+        else:
+            from .datasets import load_dataset
+            qt, dbt = load_dataset(cfg.train.queries), load_dataset(cfg.train.database)
+            self.q_src = ImageSource(_align(qt, q_ids, cfg.train.queries), cfg.image_size)
+            self.db_src = ImageSource(_align(dbt, db_ids, cfg.train.database), cfg.image_size)
+
+    def _rerank_epoch(self, epoch: int) -> list[float]:
+        import torch
+
+        cfg = self.cfg
+        rng = np.random.default_rng([cfg.seed, epoch])
+        order = rng.permutation(len(self.items))
+        neg_pick = rng.integers(0, 1 << 30, len(self.items))
+        self._set_train_mode()
+        losses = []
+        for s in range(self.steps_per_epoch):
+            idx = order[s * cfg.batch_size:(s + 1) * cfg.batch_size][self.rank::self.world]
+            qi = np.array([self.items[i][0] for i in idx])
+            pi = np.array([self.items[i][1] for i in idx])
+            ni = np.array([self.items[i][2][neg_pick[i] % len(self.items[i][2])] for i in idx])
+            B = len(idx)
+            if cfg.rerank_source == "tokens":
+                q_tok = torch.from_numpy(self.q_tokens.get(qi)).to(self.device)
+                c_tok = torch.from_numpy(self.db_tokens.get(np.concatenate([pi, ni]))).to(self.device)
+                logits = self.ddp("rerank_tokens", torch.cat([q_tok, q_tok]), c_tok)
+            else:
+                images = torch.cat([self.q_src.batch(qi), self.db_src.batch(pi), self.db_src.batch(ni)])
+                logits = self.ddp("rerank_images", images.to(self.device), n_queries=B)
+            labels = torch.cat([torch.ones(B), torch.zeros(B)]).long().to(logits.device)
+            losses.append(self._step(torch.nn.functional.cross_entropy(logits, labels)))
+        return losses
+
+    # ------------------------------------------------------------------ shared
+    def _set_train_mode(self) -> None:
+        self.model.train()
+        if self.cfg.stage == "rerank":
+            # Frozen backbone: keep its normalisation statistics fixed too.
+            self.model.eval()
+            local_projection(self.model).train()
+            self.model.reranker.train()
+
+    def _step(self, loss) -> float:
+        import torch
+        import torch.distributed as dist
+
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        value = loss.detach().float().cpu()
+        if self.world > 1 and dist.is_initialized():
+            dist.all_reduce(value)
+            value /= self.world
+        return float(value)
+
+    def epoch(self, epoch: int) -> list[float]:
+        return self._rerank_epoch(epoch) if self.cfg.stage == "rerank" else self._triplet_epoch(epoch)
+
+    def _init_val(self) -> None:
+        self.val = None
+        v = self.cfg.val
+        if self.cfg.stage == "rerank":
+            if v.queries_store and v.database_store:
+                self.val = "tokens"
+        elif v.queries and v.database:
+            from .datasets import load_dataset
+            q, db = load_dataset(v.queries), load_dataset(v.database)
+            self.val_q, self.val_db = ImageSource(q, self.cfg.image_size), ImageSource(db, self.cfg.image_size)
+            self.val_q_pos, self.val_db_pos = dataset_positions(q), dataset_positions(db)
+            self.val = "images"
+
+    def validate(self) -> dict[str, float]:
+        if self.val == "images":
+            qd = describe_rows(self.model, self.val_q, np.arange(len(self.val_q.paths)), self.rank, self.world, self.device)
+            dd = describe_rows(self.model, self.val_db, np.arange(len(self.val_db.paths)), self.rank, self.world,
+                               self.device)
+            return recall_at(qd, dd, self.val_q_pos, self.val_db_pos, self.cfg.val_radius)
+        if self.val == "tokens":
+            return self._validate_rerank()
+        return {}
+
+    def _validate_rerank(self) -> dict[str, float]:
+        """Recall@k after reranking the global top ``val_candidates`` with the current reranker."""
+        import torch
+
+        cfg = self.cfg
+        cols = ["row", "utm_east", "utm_north", "global_descriptor"]
+        q = storage.read_global_table(cfg.val.queries_store, cols)
+        db = storage.read_global_table(cfg.val.database_store, cols)
+        qd, dd = storage.descriptors_of(q), storage.descriptors_of(db)
+        q_pos, db_pos = dataset_positions(q), dataset_positions(db)
+        k = min(cfg.val_candidates, len(dd))
+        cand = np.argsort(((qd[:, None] - dd[None]) ** 2).sum(-1), axis=1, kind="stable")[:, :k]
+        q_tok = _TokenSource(cfg.val.queries_store, q.column("row").to_numpy())
+        db_tok = _TokenSource(cfg.val.database_store, db.column("row").to_numpy())
+        mine = np.arange(len(qd))[self.rank::self.world]
+        local: dict[int, np.ndarray] = {}
+        self.model.eval()
+        self.step_module.eval()
+        with torch.no_grad():
+            for qi in mine:
+                qt = torch.from_numpy(q_tok.get(np.array([qi]))).expand(k, -1, -1).to(self.device)
+                ct = torch.from_numpy(db_tok.get(cand[qi])).to(self.device)
+                score = self.step_module("rerank_tokens", qt, ct).float().softmax(1)[:, 1].cpu().numpy()
+                local[int(qi)] = cand[qi][np.argsort(-score, kind="stable")]
+        reranked = _allgather_rows(local, self.world)
+        geo = np.sqrt(((q_pos[:, None] - db_pos[None]) ** 2).sum(-1))
+        hits = np.stack([geo[i, reranked[i]] <= cfg.val_radius for i in range(len(qd))])
+        return {f"recall@{n}": float(100.0 * hits[:, :n].any(1).mean()) for n in (1, 5, 10) if n <= k}
+
+
+class _TokenSource:
+    """Local tokens of a store by table row; small stores are read once, big ones per batch."""
+
+    def __init__(self, store: str, zarr_rows: np.ndarray, preload_limit: int = 20000):
+        self.store, self.zarr_rows = store, np.asarray(zarr_rows, np.int64)
+        self.array = storage.open_local_tokens(store)
+        self.all = storage.read_local_tokens(store, self.zarr_rows, self.array) if len(self.zarr_rows) <= preload_limit \
+            else None
+
+    def get(self, rows: np.ndarray) -> np.ndarray:
+        rows = np.asarray(rows, np.int64)
+        if self.all is not None:
+            return self.all[rows]
+        return storage.read_local_tokens(self.store, self.zarr_rows[rows], self.array)
+
+
+def _align(dataset_table, image_ids: np.ndarray, spec: str):
+    """Dataset rows in the order of a store's ``image_ids`` (stores may be sorted differently)."""
+    ids = dataset_table.column("image_id").to_numpy()
+    where = {int(i): r for r, i in enumerate(ids)}
+    missing = [int(i) for i in image_ids if int(i) not in where]
+    if missing:
+        raise ValueError(f"dataset {spec} lacks {len(missing)} image(s) of the extraction store (first id {missing[0]})")
+    return dataset_table.take(np.array([where[int(i)] for i in image_ids]))
+
+
+# ====================================================================== driver
+def _ray_storage(output: str):
+    """``(storage_path, pyarrow filesystem or None)`` for Ray Train from a local path or s3:// URL."""
+    if output.startswith("s3://"):
+        import pyarrow.fs as pafs
+
+        endpoint = storage.storage_options(output).get("endpoint_url")
+        kwargs: dict[str, Any] = {}
+        if endpoint:
+            kwargs["endpoint_override"] = endpoint
+            kwargs["scheme"] = "https" if endpoint.startswith("https") else "http"
+        region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
+        if region:
+            kwargs["region"] = region
+        return output[len("s3://"):], pafs.S3FileSystem(**kwargs)
+    path = os.path.abspath(output)
+    return path, None
+
+
+def latest_checkpoint(output: str, name: str) -> tuple[str | None, dict | None]:
+    """``(folder or URL, r2f_state)`` of the newest finished checkpoint of run ``name``, or Nones."""
+    run_dir = storage.join(output if output.startswith("s3://") else os.path.abspath(output), name)
+    fs, path = storage.filesystem(run_dir)
+    if not fs.exists(path):
+        return None, None
+    best: tuple[int, str, dict] | None = None
+    for entry in fs.ls(path, detail=False):
+        base = entry.rstrip("/").rsplit("/", 1)[-1]
+        if not base.startswith("checkpoint_") or not fs.exists(entry.rstrip("/") + "/" + STATE_FILE):
+            continue
+        folder = entry.rstrip("/")
+        try:
+            with fs.open(folder + "/" + STATE_FILE, "rb") as f:
+                state = json.loads(f.read())
+            complete = all(fs.size(f"{folder}/{n}") == size for n, size in state.get("files", {}).items())
+        except (ValueError, FileNotFoundError, OSError):
+            complete = False
+        if not complete:
+            log.warning("ignoring incomplete checkpoint %s (cut off while being written)", folder)
+            continue
+        if best is None or state["epoch"] > best[0]:
+            url = f"s3://{entry}" if run_dir.startswith("s3://") and not entry.startswith("s3://") else entry
+            best = (state["epoch"], url, state)
+    return (best[1], best[2]) if best else (None, None)
+
+
+def run(config: TrainConfig) -> TrainResult:
+    """Train one stage (see the module docstring). Resumes from ``<output>/<name>`` when it holds a
+    checkpoint."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from .cluster import cluster_gpus, ensure_ray
+
+    validate(config)
+    ensure_ray(config.address)
+    use_gpu = cluster_gpus() > 0 if config.use_gpu == "auto" else config.use_gpu == "true"
+    storage_path, fs = _ray_storage(config.output)
+    if fs is None:
+        os.makedirs(storage_path, exist_ok=True)
+    resume_url, resume_state = latest_checkpoint(config.output, config.name)
+    if resume_url:
+        log.info("resuming %s from %s (epoch %d)", config.name, resume_url, resume_state["epoch"])
+        if resume_state.get("stopped") or resume_state["epoch"] >= config.epochs:
+            log.info("run %s already finished (epoch %d)", config.name, resume_state["epoch"])
+    resources = {"CPU": config.cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = 1
+    t0 = time.perf_counter()
+    trainer = TorchTrainer(
+        _train_loop,
+        train_loop_config={"config": to_dict(config), "resume": resume_url},
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(num_workers=config.num_workers, use_gpu=use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=config.name, storage_path=storage_path, storage_filesystem=fs,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.keep_checkpoints),
+            failure_config=ray.train.FailureConfig(max_failures=config.max_failures)),
+    )
+    result = trainer.fit()
+    seconds = time.perf_counter() - t0
+    url, state = latest_checkpoint(config.output, config.name)
+    if url is None:
+        raise RuntimeError(f"training {config.name} finished without a checkpoint under {config.output}")
+    metrics = dict(result.metrics or {}) or (state["history"][-1] if state and state["history"] else {})
+    return TrainResult(checkpoint=url, model_path=storage.join(url, "model.pt"), metrics=metrics,
+                       epochs_run=int(state["epoch"]), seconds=seconds)
+
+
+def read_state(checkpoint: str) -> dict:
+    """The ``r2f_state.json`` of a checkpoint folder (history of per-epoch metrics and step losses)."""
+    return storage.read_json(storage.join(checkpoint, STATE_FILE))
+
+
+# ====================================================================== CLI
+def register_cli(subparsers: argparse._SubParsersAction) -> None:
+    from .cli import add_config_arguments
+
+    p = subparsers.add_parser("train", help="train a stage (retrieval, rerank, finetune) on Ray Train")
+    add_config_arguments(p)
+    p.add_argument("--stage", choices=STAGES, help="overrides the config's stage")
+    p.set_defaults(func=_cli)
+
+
+def _cli(args: argparse.Namespace) -> int:
+    overrides = list(args.overrides)
+    if args.stage:
+        overrides.append(f"stage={args.stage}")
+    cfg = load_config(TrainConfig, args.config, overrides)
+    result = run(cfg)
+    print(json.dumps({"checkpoint": result.checkpoint, "model": result.model_path, "epochs": result.epochs_run,
+                      "seconds": round(result.seconds, 1),
+                      "metrics": {k: v for k, v in result.metrics.items() if k != "step_losses"}}, default=str))
+    return 0
