@@ -2,7 +2,8 @@
 
 One run (``r2f reindex``, ``jobs/reindex.py``, ``run(ReindexConfig)``)::
 
-    scan     hash every image of the source (Ray tasks; ``pipeline.images.content_hash``)
+    scan     hash every new or touched image of the source (Ray tasks; ``pipeline.images.content_hash``;
+             a file whose size and mtime/ETag match the last scan keeps its hash without being read)
     plan     compare with the catalog (the store's Parquet: image_id, path, content_hash, positions):
              added, changed (new bytes), moved (same bytes, new path or position), deleted
     extract  only added + changed images, into a staging store <store>/reindex/staging/<digest>
@@ -36,6 +37,7 @@ Layout added to a store (beside ``pipeline.storage``'s files)::
     <store>/manifests/g0003.json               snapshot of each store generation's manifest
     <store>/reindex/staging/<digest>/           extraction store of one run's new images
     <store>/reindex/failures.parquet            path, content_hash, stage, reason of known bad images
+    <store>/reindex/scan_cache.parquet          path, size+mtime/ETag, content_hash: unchanged files are not reread
 
 and to an index folder (beside ``pipeline.index.layout``'s files)::
 
@@ -90,6 +92,7 @@ class ReindexConfig:
     index: dict[str, Any] = field(default_factory=dict)    # IndexConfig keys for full builds
     max_index_shards: int = 64            # more index shards than this: rebuild all (compaction)
     hash_chunk: int = 256                 # images hashed per Ray task
+    trust_file_stamps: bool = True        # skip reading files whose size and mtime/ETag did not change
     lock_stale_hours: float = 12.0        # a lock older than this (or of a dead local pid) is taken over
     ray_address: str | None = None
 
@@ -165,6 +168,10 @@ class ReindexLayout:
     def failures(self) -> str:
         return storage.StoreLayout(self.store).reindex_failures
 
+    @property
+    def scan_cache(self) -> str:
+        return storage.StoreLayout(self.store).reindex_scan_cache
+
     def version_record(self, version: str) -> str:
         return storage.join(self.index_dir, "reindex", f"{version}.json")
 
@@ -239,32 +246,73 @@ def _is_local(fs) -> bool:
 
 
 # ---------------------------------------------------------------- scan and plan
-def _hash_paths(paths: list[str]) -> list[tuple[str | None, str | None]]:
-    """``(content_hash, None)`` or ``(None, reason)`` per path."""
+def file_stamp(fs, path: str) -> str | None:
+    """Size plus modification stamp (mtime locally, ETag on S3): when it is unchanged the bytes are
+    taken as unchanged, so a nightly run reads only new or touched files."""
+    try:
+        info = fs.info(path)
+    except Exception:
+        return None
+    mark = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") \
+        or info.get("last_modified")
+    return None if mark is None else f"{info.get('size')}:{mark}"
+
+
+def _hash_paths(paths: list[str], cache: dict[str, tuple[str, str]] | None = None
+                ) -> list[tuple[str | None, str | None, str | None]]:
+    """``(content_hash, None, stamp)`` or ``(None, reason, None)`` per path. A path whose stamp
+    equals the cached one keeps its cached hash without being read."""
     from .images import ImageReadError, content_hash, read_bytes
 
     out = []
     for p in paths:
+        stamp = None
+        if cache is not None:
+            fs, fp = storage.filesystem(p)
+            stamp = file_stamp(fs, fp)
+            hit = cache.get(p)
+            if stamp is not None and hit is not None and hit[0] == stamp:
+                out.append((hit[1], None, stamp))
+                continue
         try:
-            out.append((content_hash(read_bytes(p)), None))
+            out.append((content_hash(read_bytes(p)), None, stamp))
         except ImageReadError as exc:
-            out.append((None, f"{exc.stage}: {exc.reason}"))
+            out.append((None, f"{exc.stage}: {exc.reason}", None))
     return out
 
 
-def scan_hashes(paths: list[str], chunk: int = 256) -> list[tuple[str | None, str | None]]:
-    """Content hashes of ``paths``, read in Ray tasks of ``chunk`` paths (in-process when one
-    chunk is all there is: a task would cost more than it saves)."""
+def scan_hashes(paths: list[str], chunk: int = 256, cache: dict[str, tuple[str, str]] | None = None
+                ) -> list[tuple[str | None, str | None, str | None]]:
+    """Content hashes of ``paths``, in Ray tasks of ``chunk`` paths (in-process when one chunk is
+    all there is: a task would cost more than it saves). With ``cache`` (path -> (stamp, hash)),
+    files whose size and mtime/ETag are unchanged are not read."""
     if len(paths) <= chunk:
-        return _hash_paths(paths)
+        return _hash_paths(paths, cache)
     import ray
 
     task = ray.remote(num_cpus=1, max_retries=2)(_hash_paths)
-    refs = [task.remote(paths[i:i + chunk]) for i in range(0, len(paths), chunk)]
-    out: list[tuple[str | None, str | None]] = []
+    refs = [task.remote(paths[i:i + chunk], None if cache is None else {p: cache[p] for p in paths[i:i + chunk]
+                                                                         if p in cache})
+            for i in range(0, len(paths), chunk)]
+    out: list[tuple[str | None, str | None, str | None]] = []
     for part in ray.get(refs):
         out.extend(part)
     return out
+
+
+def read_scan_cache(layout: "ReindexLayout") -> dict[str, tuple[str, str]]:
+    if not storage.exists(layout.scan_cache):
+        return {}
+    t = storage.read_parquet(layout.scan_cache)
+    return {p: (st, h) for p, st, h in zip(t.column("path").to_pylist(), t.column("stamp").to_pylist(),
+                                          t.column("content_hash").to_pylist())}
+
+
+def write_scan_cache(layout: "ReindexLayout", paths: list[str], scanned) -> None:
+    rows = [(p, st, h) for p, (h, _, st) in zip(paths, scanned) if h is not None and st is not None]
+    storage.write_parquet(layout.scan_cache, pa.table({
+        "path": pa.array([r[0] for r in rows], pa.string()), "stamp": pa.array([r[1] for r in rows], pa.string()),
+        "content_hash": pa.array([r[2] for r in rows], pa.string())}))
 
 
 def read_catalog(store: str) -> pa.Table:
@@ -621,7 +669,9 @@ def _reindex(cfg: ReindexConfig, layout: ReindexLayout, on_stage: Hook) -> Reind
 
     source = load_dataset(cfg.source)
     ensure_ray(cfg.ray_address)
-    hashes = scan_hashes(source.column("path").to_pylist(), cfg.hash_chunk)
+    paths = source.column("path").to_pylist()
+    scanned = scan_hashes(paths, cfg.hash_chunk, read_scan_cache(layout) if cfg.trust_file_stamps else None)
+    hashes = [(h, why) for h, why, _ in scanned]
     lap("scan")
 
     if first_run:
@@ -664,6 +714,8 @@ def _reindex(cfg: ReindexConfig, layout: ReindexLayout, on_stage: Hook) -> Reind
                        + (f", {plan.skipped_failures} known-bad skipped" if plan.skipped_failures else "")
                        + f") and {previous_version} indexes all of it")
                 log.info("reindex: %s", msg)
+                if cfg.trust_file_stamps:
+                    write_scan_cache(layout, paths, scanned)
                 return ReindexResult(status="noop", message=msg, version=previous_version,
                                      previous_version=previous_version, store_generation=store_generation(manifest),
                                      unchanged=plan.unchanged, unreadable=len(plan.unreadable),
@@ -712,6 +764,8 @@ def _reindex(cfg: ReindexConfig, layout: ReindexLayout, on_stage: Hook) -> Reind
     lap("publish")
     on_stage("published", {"version": version})
 
+    if cfg.trust_file_stamps:
+        write_scan_cache(layout, paths, scanned)  # only once the hashes it holds are in a published state
     pruned = L.prune_versions(index_dir, keep=cfg.keep_versions)
     for v in pruned:
         fs, path = storage.filesystem(layout.version_record(v))

@@ -11,6 +11,7 @@ A store is a folder or URL (local path or ``s3://``, through fsspec)::
     <store>/manifests/g0003.json          (reindex) snapshot of store generation 3's manifest
     <store>/reindex/staging/<digest>/     (reindex) a store holding one run's new images, adopted after
     <store>/reindex/failures.parquet      (reindex) known-bad images: path, content_hash, stage, reason
+    <store>/reindex/scan_cache.parquet    (reindex) path, size+mtime/ETag stamp, content_hash of the last scan
 
 Shard ``s`` owns Zarr rows ``[s * shard_size, (s + 1) * shard_size)``; the row chunk size divides
 ``shard_size``, so every writer owns whole chunks (concurrent partial writes to one chunk lose
@@ -134,6 +135,11 @@ class StoreLayout:
     @property
     def reindex_failures(self) -> str:
         return join(self.root, "reindex", "failures.parquet")
+
+    @property
+    def reindex_scan_cache(self) -> str:
+        """path, stamp (size + mtime/ETag), content_hash of the last scan: unchanged files are not reread."""
+        return join(self.root, "reindex", "scan_cache.parquet")
 
     def global_part(self, shard: int) -> str:
         return join(self.global_dir, f"part-{shard:05d}.parquet")

@@ -132,6 +132,7 @@ def test_add_change_delete_interrupt_noop_rollback(ray_session, gardens_point, s
     assert current_version(index_dir) == "v0001"
     assert sorted(storage.read_global_table(cfg.store, ["image_id"]).column("image_id").to_pylist()) == v1_ids
     assert [h["version"] for h in reindex.list_history(cfg) if h["current"]] == ["v0001"]
+    assert cli.main(["reindex", "--store", cfg.store, "--list"]) == 0
     with pytest.raises(reindex.ReindexError, match="not a finished version"):
         reindex.rollback(cfg, "v0042")
 
@@ -162,3 +163,20 @@ def test_plan_finds_moves_keeps_unreadable_and_skips_known_failures():
     assert plan.deleted_ids.tolist() == [storage.image_id_for("gone.jpg")]
     assert plan.unreadable == ["/d/c.jpg"] and plan.unchanged == 1  # c.jpg stays: unreadable is not deleted
     assert plan.affected_shards == [0, 2]
+
+
+def test_scan_reads_only_files_whose_stamp_changed(tmp_path, gardens_point):
+    from pipeline.images import content_hash
+
+    p = tmp_path / "a.jpg"
+    shutil.copy(gardens_point / "day_left" / "Image000.jpg", p)
+    (real, _, stamp), = reindex.scan_hashes([str(p)], cache={})
+    assert real == content_hash(p.read_bytes()) and stamp
+    # same size and mtime: the cached hash is trusted (a deliberately wrong one proves no read happened)
+    (cached, _, _), = reindex.scan_hashes([str(p)], cache={str(p): (stamp, "blake2b:cached")})
+    assert cached == "blake2b:cached"
+    shutil.copy(gardens_point / "night_right" / "Image000.jpg", p)  # new bytes, new stamp
+    (fresh, _, _), = reindex.scan_hashes([str(p)], cache={str(p): (stamp, "blake2b:cached")})
+    assert fresh == content_hash(p.read_bytes()) != real
+    (none, why, _), = reindex.scan_hashes([str(tmp_path / "missing.jpg")], cache={})
+    assert none is None and "not found" in why
