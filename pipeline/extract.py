@@ -447,6 +447,7 @@ def extract_dataset(table: pa.Table, store: str, config: ExtractConfig | None = 
                  len(pending), num_actors, "GPU" if gpus else f"CPU ({threads} threads)")
         shard_bytes = min(config.shard_size, n) * config.image_size[0] * config.image_size[1] * 3
         ctx = ray.data.DataContext.get_current()
+        saved = ctx.enable_progress_bars, ctx.wait_for_min_actors_s  # restored after the run
         ctx.enable_progress_bars = False  # our own bar counts images; Ray's would count shards
         # Start every model actor before the first shard is handed out: otherwise the actor that
         # builds its model first takes the early shards while the others are still loading, and an
@@ -480,6 +481,7 @@ def extract_dataset(table: pa.Table, store: str, config: ExtractConfig | None = 
         finally:
             if bar is not None:
                 bar.close()
+            ctx.enable_progress_bars, ctx.wait_for_min_actors_s = saved
         flow_seconds = time.perf_counter() - t_flow
         # Markers from the files, not the stream: they are what a later resume will trust.
         markers.update(_read_markers(layout, pending))
