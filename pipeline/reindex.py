@@ -680,6 +680,9 @@ def _reindex(cfg: ReindexConfig, layout: ReindexLayout, on_stage: Hook) -> Reind
                  source.num_rows, cfg.source)
         ecfg = from_dict(ExtractConfig, {"dataset": cfg.source, "ray_address": cfg.ray_address, **cfg.extract})
         ext = extract_dataset(source, cfg.store, ecfg, source=cfg.source)
+        if ext.too_many_failures:
+            raise ReindexError(f"{ext.num_failed} of {ext.num_images} images of {cfg.source} failed to extract, "
+                               f"more than extract.max_failures={ecfg.max_failures} allows; nothing was published")
         lap("extract")
         manifest = dict(storage.read_manifest(cfg.store), generation=0)
         _publish_store_generation(layout, manifest)
@@ -720,10 +723,13 @@ def _reindex(cfg: ReindexConfig, layout: ReindexLayout, on_stage: Hook) -> Reind
                                      previous_version=previous_version, store_generation=store_generation(manifest),
                                      unchanged=plan.unchanged, unreadable=len(plan.unreadable),
                                      num_images=int(catalog.num_rows), stage_seconds=timings)
-            log.info("reindex: the store is up to date but %s does not index generation %d yet (an earlier "
-                     "run stopped before publishing); building the index", previous_version,
-                     store_generation(manifest))
-            resumed = True
+            if previous_version is None:
+                log.info("reindex: %s has no index yet; building it", layout.index_dir)
+            else:
+                log.info("reindex: the store is up to date but %s does not index generation %d yet (an earlier "
+                         "run stopped before publishing); building the index", previous_version,
+                         store_generation(manifest))
+                resumed = True
             # the changes are those of the run that made this generation
             made = manifest.get("reindex") or {}
             for k in ("added", "changed", "moved", "deleted"):
@@ -810,6 +816,10 @@ def _update_store(cfg, layout, manifest, plan: ReindexPlan, timings, lap, on_sta
         ecfg = _staging_config(cfg, manifest)
         log.info("reindex: extracting %d new/changed image(s) into %s", plan.to_extract.num_rows, staging)
         ext = extract_dataset(plan.to_extract, staging, ecfg, source=cfg.source)
+        if ext.too_many_failures:
+            raise ReindexError(f"{ext.num_failed} of {ext.num_images} new/changed images of {cfg.source} failed to "
+                               f"extract, more than extract.max_failures={ecfg.max_failures} allows (errors in "
+                               f"{storage.StoreLayout(staging).errors_dir}); nothing was published")
         smanifest = storage.read_manifest(staging)
         for key in ("tokens", "global_dim", "image_size", "shard_size", "chunk_rows"):
             if smanifest.get(key) is not None and manifest.get(key) is not None and smanifest[key] != manifest[key]:

@@ -180,3 +180,62 @@ def test_scan_reads_only_files_whose_stamp_changed(tmp_path, gardens_point):
     assert fresh == content_hash(p.read_bytes()) != real
     (none, why, _), = reindex.scan_hashes([str(tmp_path / "missing.jpg")], cache={})
     assert none is None and "not found" in why
+
+
+def test_reindex_on_s3_drops_deleted_and_moves_without_extraction(ray_session, s3_bucket, gardens_point):
+    """Everything on a real S3 endpoint: the source manifest, the store, the index, CURRENT and the
+    lock. Only deletions and a move, so no model runs: the store is written here as extraction would."""
+    import fsspec
+
+    from pipeline.datasets import load_dataset
+    from pipeline.images import content_hash
+
+    fs = fsspec.filesystem("s3", **storage.storage_options(s3_bucket))
+    for i in range(6):
+        fs.put(str(gardens_point / "day_left" / f"Image{i:03d}.jpg"), f"{s3_bucket}/data/imgs/Image{i:03d}.jpg")
+    source, store = f"{s3_bucket}/data/manifest.csv", f"{s3_bucket}/store"
+
+    def write_manifest(rows):
+        fs.pipe(source, ("path,utm_east,utm_north\n" + "".join(f"imgs/Image{i:03d}.jpg,{e},0.0\n" for i, e in rows))
+                .encode())
+
+    write_manifest([(i, float(i)) for i in range(6)])
+    table = load_dataset(source)
+    lay = storage.StoreLayout(store)
+    rng = np.random.default_rng(0)
+    tokens = storage.create_local_tokens(store, 8, 4, 2)
+    for s in (0, 1):
+        part = table.slice(3 * s, 3)
+        n = part.num_rows
+        desc = rng.standard_normal((n, 256)).astype(np.float32)
+        hashes = [content_hash(fs.cat(p)) for p in part.column("path").to_pylist()]
+        rows = list(range(4 * s, 4 * s + n))
+        storage.write_parquet(lay.global_part(s), pa.table({
+            **{c: part.column(c) for c in ("image_id", "path", "utm_east", "utm_north", "heading", "timestamp",
+                                           "place_id")},
+            "width": pa.array([64] * n, pa.int32()), "height": pa.array([48] * n, pa.int32()),
+            "global_descriptor": pa.FixedSizeListArray.from_arrays(pa.array(desc.ravel(), pa.float32()), 256),
+            "shard": pa.array([s] * n, pa.int32()), "row": pa.array(rows, pa.int64()),
+            "content_hash": pa.array(hashes, pa.string())}, schema=storage.global_schema(256)))
+        tokens[4 * s:4 * s + n] = rng.standard_normal((n, 4, storage.TOKEN_DIM)).astype(np.float16)
+    storage.write_json(lay.manifest, dict(
+        layout_version=storage.LAYOUT_VERSION, shards=[0, 1], shard_size=4, chunk_rows=2, image_size=[128, 224],
+        model=dict(backbone="efficientnet-lite0", checkpoint=None), tokens=4, global_dim=256, rows=8))
+
+    cfg = reindex.ReindexConfig(source=source, store=store, index=dict(held_back_queries=0, num_shards=2))
+    first = reindex.run(cfg)  # the store is current; only the index is missing
+    assert first.status == "published" and first.version == "v0001" and first.num_images == 6
+
+    write_manifest([(i, 10.0 if i == 1 else float(i)) for i in range(6) if i != 4])  # move 1, delete 4
+    second = reindex.run(cfg)
+    assert second.status == "published" and second.version == "v0002"
+    assert (second.added, second.changed, second.moved, second.deleted) == (0, 0, 1, 1)
+    assert second.retired_shards == [0, 1] and sorted(second.new_shards) == [2, 3]
+    assert reindex.version_image_ids(cfg.resolved_index_dir, "v0002").tolist() == \
+        _ids(*[f"imgs/Image{i:03d}.jpg" for i in (0, 1, 2, 3, 5)])
+    rows = {r["image_id"]: r for r in storage.read_global_table(store).to_pylist()}
+    moved = rows[storage.image_id_for("imgs/Image001.jpg")]
+    assert moved["utm_east"] == 10.0 and moved["row"] == 1  # new position, same Zarr row
+    assert current_version(cfg.resolved_index_dir) == "v0002" and "v0001" in list_versions(cfg.resolved_index_dir)
+    assert not fs.exists(f"{cfg.resolved_index_dir}/reindex.lock")
+    assert reindex.run(cfg).status == "noop"
