@@ -184,11 +184,14 @@ def read_keys_tsv(path: str | Path) -> list[dict]:
     return rows
 
 
-def formula_state_dict(keys_tsv: str | Path, seed: int = 0, verify: bool = True) -> dict[str, torch.Tensor]:
+def formula_state_dict(keys_tsv: str | Path, seed: int = 0, verify: bool = True,
+                       prefix: str = "") -> dict[str, torch.Tensor]:
     """Regenerate the parity fixture's weights (official names, no ``module.``) in keys.tsv order,
-    checking each against its recorded sum and first three values."""
+    checking each against its recorded sum and first three values; only keys under ``prefix``."""
     out = {}
     for row in read_keys_tsv(keys_tsv):
+        if not row["key"].startswith(prefix):
+            continue
         v = formula_value(row["key"], row["shape"], seed)
         if verify:
             s = float(v.astype(np.float64).sum())
