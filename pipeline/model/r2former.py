@@ -215,11 +215,12 @@ class R2Former(nn.Module):
         seq_index = order + 2 if self.config.corrected_gather else order   # see module docstring
         src = block_input if self.config.local_grad_to_backbone else block_input.detach()
         picked = torch.gather(src, 1, seq_index.unsqueeze(2).expand(-1, -1, src.shape[2]))
-        feats = self.local_head(picked)
+        # float32 whatever the autocast: x, y and attention in bf16 would lose their resolution
+        feats = self.local_head(picked).float()
         side = float(max(H, W))
-        xy = torch.stack([((order % w) * PATCH + PATCH // 2).to(feats.dtype) / side,
-                          ((order // w) * PATCH + PATCH // 2).to(feats.dtype) / side], dim=2)
-        att = (att / att.max(dim=1, keepdim=True).values).unsqueeze(2).to(feats.dtype)
+        xy = torch.stack([((order % w) * PATCH + PATCH // 2).float() / side,
+                          ((order // w) * PATCH + PATCH // 2).float() / side], dim=2)
+        att = (att / att.max(dim=1, keepdim=True).values).unsqueeze(2)
         local_tokens = torch.cat([xy, att, feats], dim=2)
         return {"global_descriptor": global_descriptor, "local_tokens": local_tokens, "attn_map": attn_map,
                 "order": order, "block_input": block_input}
@@ -233,9 +234,11 @@ class R2Former(nn.Module):
         y = blk.norm1(x)
         qkv = attn.qkv(y).reshape(B, N, 3, attn.num_heads, C // attn.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
-        with torch.no_grad():   # the official map is detached
-            rows = ((q[:, :, :2] @ k.transpose(-2, -1)) * attn.scale).softmax(dim=-1)
-            attn_map = rows[:, :, :, 2:].sum(dim=1).sum(dim=1).float()
+        # The official map is detached; it ranks patches, so it is computed in float32 even under
+        # autocast (bf16 scores would reorder near-ties).
+        with torch.no_grad(), torch.autocast(device_type=x.device.type, enabled=False):
+            rows = ((q[:, :, :2].float() @ k.float().transpose(-2, -1)) * attn.scale).softmax(dim=-1)
+            attn_map = rows[:, :, :, 2:].sum(dim=1).sum(dim=1)
         o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C)
         x = x + blk.ls1(attn.proj(attn.norm(o)))
         x = x + blk.ls2(blk.mlp(blk.norm2(x)))
