@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 
 from . import storage
 from .log import get_logger
@@ -28,6 +29,7 @@ log = get_logger(__name__)
 ASSETS = "report_assets"
 THUMB_HEIGHT = 96
 GREEN, RED = "#1a9641", "#d7191c"
+MAX_REPORT_ROWS = 200_000
 
 
 def _write_bytes(url: str, data: bytes) -> None:
@@ -187,6 +189,10 @@ def write_report(out: str, metrics: dict, results: pa.Table, radius: float, imag
         return thumbs[key]
 
     sample_html = []
+    if results.num_rows > MAX_REPORT_ROWS:
+        # City-scale runs: pick the samples among the first queries; the recalls cover all of them.
+        first = results.column("query_id").unique()[: max(1, MAX_REPORT_ROWS // 100)]
+        results = results.filter(pa.compute.is_in(results.column("query_id"), value_set=first))
     picked = _pick_queries(results, radius, samples) if results.num_rows else []
     df = results.to_pandas()
     df["ok"] = np.nan_to_num(np.hypot(df["candidate_utm_east"] - df["query_utm_east"],

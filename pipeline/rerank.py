@@ -220,6 +220,11 @@ def run(config: RerankConfig) -> RerankResult:
     if k < config.candidates:
         log.info("candidates capped at the database size: %d", k)
 
+    if qt.num_rows == 0:
+        log.warning("no query could be extracted (%d failed; see %s errors)", failed, config.query_store)
+        storage.write_parquet(config.results, RESULTS_SCHEMA.empty_table(), metadata={"reranker": reranker})
+        return RerankResult(config.results, reranker, 0, 0, k, int(failed), seconds, 0.0)
+
     t = time.perf_counter()
     found = index.search(config.index_dir, storage.descriptors_of(qt), k)
     seconds["search"] = time.perf_counter() - t

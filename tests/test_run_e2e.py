@@ -35,7 +35,7 @@ def pca_checkpoint(gardens_point, tmp_path_factory):
     return str(model.save_checkpoint(tmp_path_factory.mktemp("ckpt") / "effnet_pca.pt"))
 
 
-def test_gardens_point_day_right_to_night_right(gardens_point, pca_checkpoint, tmp_path, ray_session):
+def test_gardens_point_day_right_to_night_right(gardens_point, pca_checkpoint, tmp_path, ray_session, capsys):
     out = tmp_path / "run"
     res = run(RunConfig(database=f"sequence:{gardens_point}/day_right", queries=f"sequence:{gardens_point}/night_right",
                         out=str(out), backbone="efficientnet-lite0", checkpoint=pca_checkpoint, reranker="auto",
@@ -65,6 +65,17 @@ def test_gardens_point_day_right_to_night_right(gardens_point, pca_checkpoint, t
     assert infos, "index has no infos.json"
     for store in ("database_store", "query_store"):
         assert (out / store / "manifest.json").exists()
+    # The paper's candidate-count study, read back from this run (K = 20 is above the run's 10).
+    from pipeline.cli import build_parser
+    args = build_parser().parse_args(["evaluate", "--out", str(out), "--positive-radius", "2",
+                                      "--sweep-candidates", "1,5,10,20"])
+    assert args.func(args) == 0  # (not cli.main: its log handler would outlive capsys's stream)
+    table = capsys.readouterr().out
+    print(table)
+    rows = {line.split()[0]: line.split()[1:] for line in table.splitlines() if line.strip()[:1].isdigit()}
+    assert set(rows) == {"1", "5", "10", "20(10)"}
+    assert float(rows["1"][0]) == pytest.approx(100 * g["recall@1"], abs=0.05)   # top-1 reranked = global
+    assert float(rows["10"][0]) == pytest.approx(100 * r["recall@1"], abs=0.05)  # the run itself
     seen = check_report_in_chromium(out / "report.html", metrics)
     assert seen["images"] >= 1 + 6 * 11 + 1  # plot, 6 sampled queries with 2 x top-5, a token-match figure
 
