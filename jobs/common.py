@@ -41,7 +41,12 @@ RUNTIME_ENV_EXCLUDES = [".venv", ".git", "out", "data", "demo", "bench", "tests"
 INPUT_FIELDS = ("source", "dataset", "database", "queries", "store", "index_dir", "checkpoint",
                 "database_store", "query_store", "negatives", "results")
 
-EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_STOPPED = 0, 1, 2, 143
+
+
+class JobStopped(BaseException):
+    """SIGTERM (``ray job stop``, a pod eviction): unwinds the stage like Ctrl-C, so locks are
+    released and the summary says "stopped" before the process exits."""
 
 
 @dataclass(frozen=True)
@@ -93,6 +98,7 @@ def run_job(spec: JobSpec, config_path: str | None, overrides: list[str] | None 
     from pipeline.cluster import ensure_ray
     from pipeline.config import ConfigError, load_config
 
+    _stop_on_sigterm()
     started = time.time()
     record: dict[str, Any] = {
         "job": spec.name, "stage": f"{spec.module}.{spec.function}", "status": "running",
@@ -137,6 +143,12 @@ def run_job(spec: JobSpec, config_path: str | None, overrides: list[str] | None 
             record["error"] = {"type": "StageReportedFailure", "message": str(message),
                                "inputs": _describe_inputs(cfg)}
             log.error("job %s: the stage reported failure on input %s: %s", spec.name, _describe_inputs(cfg), message)
+    except JobStopped as exc:
+        code = EXIT_STOPPED
+        record["status"] = "stopped"
+        record["error"] = {"type": "JobStopped", "message": str(exc),
+                           "inputs": _describe_inputs(cfg) if cfg is not None else config_path}
+        log.error("job %s stopped (%s); resubmit it to resume", spec.name, exc)
     except ConfigError as exc:
         code = EXIT_CONFIG
         record["status"] = "failed"
@@ -169,6 +181,19 @@ def run_job(spec: JobSpec, config_path: str | None, overrides: list[str] | None 
             log.warning("job %s: could not write summary %s: %s", spec.name, where, exc)
             code = code or EXIT_FAILED
     return code
+
+
+def _stop_on_sigterm() -> None:
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def stop(signum, frame):
+        raise JobStopped(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, stop)
 
 
 def submission_id() -> str | None:
@@ -227,6 +252,8 @@ def _describe_inputs(cfg: Any) -> str:
 def _ray_info() -> dict[str, Any]:
     import ray
 
+    if not ray.is_initialized():  # never let a status query start or join a cluster
+        return {}
     try:
         ctx = ray.get_runtime_context()
         res = ray.cluster_resources()

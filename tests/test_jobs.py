@@ -103,3 +103,31 @@ def test_summary_goes_next_to_the_outputs():
     Out = make_dataclass("Out", [("output", str)])
     assert common.summary_path("extract", Store("s3://b/store")) == "s3://b/store/job-extract.json"
     assert common.summary_path("mine", Out("/x/negatives.parquet")) == "/x/negatives.parquet.job-mine.json"
+
+
+STOP_SCRIPT = """
+import dataclasses, os, signal, sys, time, types
+import pipeline.cluster
+from jobs import common
+pipeline.cluster.ensure_ray = lambda address=None: None   # this check is about signals, not Ray
+stage = types.ModuleType("slow_stage")
+@dataclasses.dataclass
+class SlowConfig:
+    out: str = ""
+def run(cfg):
+    os.kill(os.getpid(), signal.SIGTERM)   # what `ray job stop` sends the entrypoint
+    time.sleep(30)
+stage.SlowConfig, stage.run = SlowConfig, run
+sys.modules["slow_stage"] = stage
+sys.exit(common.run_job(common.JobSpec("slow", "slow_stage", "SlowConfig"), None, ["out=" + sys.argv[1]]))
+"""
+
+
+def test_stopped_job_writes_its_summary_and_exits_143(tmp_path):
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "-c", STOP_SCRIPT, str(tmp_path)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == common.EXIT_STOPPED, proc.stderr[-2000:]
+    summary = json.loads((tmp_path / "job-slow.json").read_text())
+    assert summary["status"] == "stopped" and "resubmit" in proc.stderr
