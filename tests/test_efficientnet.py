@@ -252,3 +252,20 @@ def test_checkpoint_strict(gardens, tmp_path):
 
 class _Unsafe:
     pass
+
+
+def test_build_model_default_is_plain_gem():
+    """Without a checkpoint build_model gives the plain 1280-d GeM descriptor (the README's reference)."""
+    from pipeline.model import build_model
+    model = build_model("efficientnet-lite0")
+    assert model.config.global_reduction == "gem"
+    x = torch.randn(2, 3, 128, 160)
+    pooled = []
+    hook = model.backbone.bn2.register_forward_hook(lambda m, i, o: pooled.append(gem(o, 3.0)))
+    feats = model.extract(x)
+    hook.remove()
+    assert feats.global_descriptor.shape == (2, 1280)
+    torch.testing.assert_close(feats.global_descriptor, torch.nn.functional.normalize(pooled[0], dim=1),
+                               atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="global_dim must be 1280"):
+        EfficientNetLite0VPR(global_reduction="gem", global_dim=256)

