@@ -89,7 +89,7 @@ def main() -> int:
     ap.add_argument("--work", default="/tmp/r2f_gp_train")
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--lr", type=float, default=3e-4)
-    ap.add_argument("--candidates", default="10,20,50")
+    ap.add_argument("--candidates", default="5,10,20")
     ap.add_argument("--positive-radius", type=float, default=1.0)
     args = ap.parse_args()
     setup_logging("WARNING")
@@ -115,7 +115,7 @@ def main() -> int:
                           hardest_negatives=str(work / "mined"))
     cfg = TrainConfig(stage="rerank", name="gp_rerank", output=str(work / "runs"), backbone="efficientnet-lite0",
                       checkpoint=str(start), train=data_cfg, image_size=list(SIZE), epochs=args.epochs,
-                      batch_size=16, lr=args.lr, weight_decay=0.05, warmup_epochs=2,
+                      batch_size=16, lr=args.lr, weight_decay=0.05, warmup_epochs=1,
                       positive_radius=args.positive_radius, negatives_top=100, num_workers=2, seed=0)
     t0 = time.perf_counter()
     result = train(cfg)

@@ -217,7 +217,11 @@ def _plan_query_blocks(queries_store: str, block_size: int) -> list[_QueryBlock]
 
 def _fingerprint(cfg: MineConfig, database: str) -> dict[str, Any]:
     def manifest_hash(store: str) -> str:
-        text = json.dumps(storage.read_manifest(store), sort_keys=True, default=str)
+        # What identifies the stored descriptors; times and run statistics change on a mere re-run.
+        manifest = storage.read_manifest(store)
+        ident = {k: manifest.get(k) for k in ("layout_version", "shards", "rows", "keys_digest", "model",
+                                                "image_size", "global_dim", "preprocessing")}
+        text = json.dumps(ident, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     return {

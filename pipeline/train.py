@@ -109,6 +109,7 @@ class TrainConfig:
     token_adapter: bool = True              # rerank on stored tokens: learn the local projection as a
                                             # linear map on the stored features, folded in when saving
     rerank_weight: float = 1.0              # finetune: weight of the reranking loss
+    freeze_batchnorm: bool = True           # BatchNorm layers keep their statistics (tiny per-worker batches)
     val_candidates: int = 20                # rerank validation: candidates reranked per query
 
     # distribution
@@ -637,7 +638,14 @@ class _StageRunner:
 
     # ------------------------------------------------------------------ shared
     def _set_train_mode(self) -> None:
+        import torch
+
         self.model.train()
+        if self.cfg.freeze_batchnorm:
+            # A few images per worker give useless batch statistics; keep the pretrained ones.
+            for m in self.model.modules():
+                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                    m.eval()
         if self.cfg.stage == "rerank":
             # Frozen backbone: keep its normalisation statistics fixed too.
             self.model.eval()

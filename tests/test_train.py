@@ -106,7 +106,7 @@ def test_rerank_stage_learns_and_checkpoints_load_back(gp):
 
 
 def test_training_killed_after_first_epoch_resumes_from_checkpoint(gp, ray_session):
-    cfg = rerank_config(gp, "killed", epochs=3)
+    cfg = rerank_config(gp, "killed", epochs=2)
     cfg.val = DataConfig()
     cfg.official_layout = False
     address = ray_session.get_runtime_context().gcs_address
@@ -126,36 +126,41 @@ def test_training_killed_after_first_epoch_resumes_from_checkpoint(gp, ray_sessi
     proc.wait()
     assert url is not None, "the first epoch's checkpoint never appeared"
     first_state = read_state(url)
-    assert first_state["epoch"] < 3, "the kill must land before the run finished"
+    assert first_state["epoch"] < 2, "the kill must land before the run finished"
     time.sleep(2)  # let Ray reap the dead driver's train workers
 
     result = run(cfg)
     state = read_state(result.checkpoint)
-    assert result.epochs_run == 3 and state["epoch"] == 3
+    assert result.epochs_run == 2 and state["epoch"] == 2
     # The resumed run continued the killed one: its history starts with the checkpointed epochs.
     assert state["history"][:first_state["epoch"]] == first_state["history"]
-    assert result.metrics["epoch"] == 3
-    assert [h["epoch"] for h in state["history"]] == [1, 2, 3]
+    assert result.metrics["epoch"] == 2
+    assert [h["epoch"] for h in state["history"]] == [1, 2]
+
 
 
 @pytest.mark.parametrize("stage", ["retrieval", "finetune"])
 def test_triplet_stages_learn_with_partial_mining(gp, stage):
-    from pipeline.model import R2Former
+    """EfficientNet-Lite0 (ImageNet start) keeps these image-level stages affordable on 2 busy
+    cores; the R2Former path and its official layout are covered by the rerank test."""
+    from pipeline.model import EfficientNetLite0VPR
 
-    # Small batches keep DeiT-S forward/backward affordable on 2 busy cores.
-    cfg = TrainConfig(stage=stage, name=stage, output=str(gp["root"] / "runs"), backbone="r2former",
-                      checkpoint=gp["start"], train=DataConfig(queries=gp["q"], database=gp["db"]),
-                      image_size=list(SIZE), epochs=1, batch_size=2, lr=1e-4, margin=0.1,
+    cfg = TrainConfig(stage=stage, name=stage, output=str(gp["root"] / "runs"), backbone="efficientnet-lite0",
+                      checkpoint=None, train=DataConfig(queries=gp["q"], database=gp["db"]),
+                      val=DataConfig(queries=gp["q"], database=gp["db"]), val_radius=2.0,
+                      image_size=list(SIZE), epochs=1, batch_size=4, lr=1e-4, margin=0.1,
                       positive_radius=1.0, negative_radius=2.0, cache_queries=8, database_subset=PLACES,
-                      queries_per_epoch=8, num_negatives=1, max_steps_per_epoch=12, cache_passes=3, num_workers=2, seed=0,
-                      official_layout=(stage == "finetune"))
+                      queries_per_epoch=8, num_negatives=2, cache_passes=3, num_workers=2, seed=0)
     result = run(cfg)
-    first, last = loss_went_down(read_state(result.checkpoint)["history"], n=3)
+    first, last = loss_went_down(read_state(result.checkpoint)["history"], n=2)
     assert last < first, f"{stage} loss did not go down: first steps {first:.4f}, last steps {last:.4f}"
-    model = R2Former.load(result.model_path)
-    start = R2Former.load(gp["start"])
-    moved = not torch.equal(model.state_dict()["backbone.blocks.3.attn.qkv.weight"],
-                            start.state_dict()["backbone.blocks.3.attn.qkv.weight"])
+    assert "val_recall@5" in result.metrics
+    model = EfficientNetLite0VPR.load(result.model_path)
+    torch.manual_seed(cfg.seed)  # the workers' start model: same seed, same initialisation
+    start = EfficientNetLite0VPR.pretrained()
+    moved = [k for k, v in start.state_dict().items()
+             if k.startswith("backbone.") and v.is_floating_point() and not torch.equal(model.state_dict()[k], v)]
     assert moved, "the backbone must train in this stage"
-    if stage == "finetune":
-        R2Former.from_official_checkpoint(os.path.join(result.checkpoint, "model_official.pth"), img_size=SIZE)
+    reranker_moved = not torch.equal(model.state_dict()["reranker.decoder_pred.weight"],
+                                     start.state_dict()["reranker.decoder_pred.weight"])
+    assert reranker_moved == (stage == "finetune")
