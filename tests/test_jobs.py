@@ -55,7 +55,7 @@ def test_extract_job_submitted_to_a_ray_head(ray_head, gardens_point, tmp_path):
     assert sorted(table.column("image_id").to_pylist()) == sorted(
         storage.image_id_for(f"Image{i:03d}.jpg") for i in range(6))
     desc = storage.descriptors_of(table)
-    assert desc.shape == (6, 256) and np.isfinite(desc).all()
+    assert desc.shape == (6, storage.read_manifest(str(store))["global_dim"]) and np.isfinite(desc).all()
     assert np.allclose(np.linalg.norm(desc, axis=1), 1.0, atol=1e-3)
     assert sorted(set(table.column("shard").to_pylist())) == [0, 1]
 

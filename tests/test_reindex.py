@@ -222,7 +222,7 @@ def test_reindex_on_s3_drops_deleted_and_moves_without_extraction(ray_session, s
         layout_version=storage.LAYOUT_VERSION, shards=[0, 1], shard_size=4, chunk_rows=2, image_size=[128, 224],
         model=dict(backbone="efficientnet-lite0", checkpoint=None), tokens=4, global_dim=256, rows=8))
 
-    cfg = reindex.ReindexConfig(source=source, store=store, index=dict(held_back_queries=0, num_shards=2))
+    cfg = reindex.ReindexConfig(source=source, store=store, index=dict(held_back_queries=2, num_shards=2))
     first = reindex.run(cfg)  # the store is current; only the index is missing
     assert first.status == "published" and first.version == "v0001" and first.num_images == 6
 
