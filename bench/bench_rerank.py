@@ -27,6 +27,17 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
+def real_pairs(results: str, q_store: str, db_store: str, n: int):
+    """Zarr rows of the first ``n`` (query, candidate) pairs the run scored, in its order."""
+    import pandas as pd
+
+    from pipeline import storage
+    r = storage.read_parquet(results, ["query_id", "image_id"]).slice(0, n).to_pandas()
+    q = storage.read_global_table(q_store, ["image_id", "row"]).to_pandas().set_index("image_id")["row"]
+    d = storage.read_global_table(db_store, ["image_id", "row"]).to_pandas().set_index("image_id")["row"]
+    return (pd.Series(r["query_id"]).map(q).to_numpy("int64"), pd.Series(r["image_id"]).map(d).to_numpy("int64"))
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=str(Path(os.environ.get("R2F_SHARED", ROOT.parent / "shared")) / "data" / "gardens_point"))
@@ -69,9 +80,8 @@ def main() -> int:
         # The same scorer, in this process, on one batch: the cost without Ray's scheduling.
         scorer = PairScorer(reranker, "efficientnet-lite0", None, q_store, db_store,
                             RansacConfig(image_scale=float(max(args.image_size))), threads=1)
-        n = min(args.batch_pairs, res.num_pairs)
-        qrows = np.repeat(np.arange(n // args.candidates + 1), args.candidates)[:n]
-        crows = np.arange(n) % 200
+        qrows, crows = real_pairs(res.results, q_store, db_store, args.batch_pairs)
+        n = len(qrows)
         t = time.perf_counter()
         scorer({"pair": np.arange(n), "query_row": qrows, "candidate_row": crows})
         direct = n / (time.perf_counter() - t)
