@@ -136,6 +136,10 @@ def official_style_logits(rr, x_rerank: torch.Tensor, y_rerank: torch.Tensor) ->
 def _memory_child(pairs: int, threads: int, style: str) -> None:
     torch.set_num_threads(threads)
     rr = load_reranker()
+    if style == "official":
+        # timm 0.5.4 (the release's) attention: explicit softmax(q k^T) matrices, no fused kernel
+        for blk in [*rr.blocks, *rr.blocks_2]:
+            blk.attn.fused_attn = False
     q, c = candidate_tokens(pairs)
     with torch.no_grad():       # warm-up on 2 pairs so one-time allocations are not counted
         (official_style_logits(rr, q[:2], c[:2]) if style == "official" else rr(q[:2], c[:2]))
