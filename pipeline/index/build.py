@@ -236,8 +236,9 @@ def build(config: IndexConfig, previous_version: str | None = None,
     storage.write_json(lay.infos(version), infos)  # last: the version now exists for readers
     if config.make_current:
         L.set_current(index_dir, version)
-    log.info("index %s/%s: %s, %d vectors, recall@%d %.4f (%s), %.1fs", index_dir, version, choice.factory,
-             infos["num_vectors"], recall["k"], recall["recall_at_k"], search_params, infos["build_seconds"])
+    measured = "n/a (no held-back queries)" if recall["recall_at_k"] is None else f"{recall['recall_at_k']:.4f}"
+    log.info("index %s/%s: %s, %d vectors, recall@%d %s (%s), %.1fs", index_dir, version, choice.factory,
+             infos["num_vectors"], recall["k"], measured, search_params, infos["build_seconds"])
     infos["version"] = version
     return IndexBuildResult(version=version, index_dir=index_dir, infos=infos)
 
