@@ -29,6 +29,21 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
                         help="override a config key (dotted for nested keys); repeatable")
 
 
+def config_from_args(cls, args: argparse.Namespace, options) -> object:
+    """The stage config from ``--config`` and ``--set``, then the stage's own options: each of
+    ``options`` is an attribute of ``args`` (or an ``(attribute, config key)`` pair) applied when
+    given on the command line. Command-line options win over the file and ``--set``."""
+    from .config import load_config
+
+    values = {}
+    for opt in options:
+        attr, key = opt if isinstance(opt, tuple) else (opt, opt)
+        value = getattr(args, attr, None)
+        if value is not None:
+            values[key] = value
+    return load_config(cls, getattr(args, "config", None), getattr(args, "overrides", None), values)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="r2f", description="City-scale visual place recognition with R2Former")
     parser.add_argument("--log-level", default=None)

@@ -116,8 +116,11 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
 
 
 def load_config(cls: type[T], path: str | Path | None = None,
-                overrides: Mapping[str, Any] | list[str] | None = None) -> T:
-    """Build ``cls`` from a YAML file (optional) plus overrides (``{"a.b": 1}`` or ``["a.b=1"]``)."""
+                overrides: Mapping[str, Any] | list[str] | None = None,
+                values: Mapping[str, Any] | None = None) -> T:
+    """Build ``cls`` from a YAML file (optional), then overrides (``{"a.b": 1}`` or ``["a.b=1"]``,
+    string values read as YAML), then ``values`` (already typed, e.g. parsed command-line options:
+    taken as they are, so a path is never re-read as YAML). Later sources win."""
     data: dict[str, Any] = {}
     if path:
         p = Path(path)
@@ -139,6 +142,8 @@ def load_config(cls: type[T], path: str | Path | None = None,
                 except yaml.YAMLError:
                     pass
             _set_dotted(data, k, v)
+    for k, v in (values or {}).items():
+        _set_dotted(data, k, v)
     return from_dict(cls, data)
 
 

@@ -564,17 +564,13 @@ def register_cli(subparsers) -> None:
 
 
 def _cli(args: argparse.Namespace) -> int:
-    from .config import load_config
+    from .cli import config_from_args
 
-    overrides = list(args.overrides)
-    for name in ("dataset", "store", "backbone", "checkpoint", "image_size", "batch_size", "shard_size",
-                 "num_actors", "max_failures", "ray_address"):
-        value = getattr(args, name)
-        if value is not None:
-            overrides.append(f"{name}={value}")
     if args.no_progress:
-        overrides.append("progress=false")
-    config = load_config(ExtractConfig, args.config, overrides)
+        args.progress = False
+    config = config_from_args(ExtractConfig, args, ("dataset", "store", "backbone", "checkpoint", "image_size",
+                                                    "batch_size", "shard_size", "num_actors", "max_failures",
+                                                    "ray_address", "progress"))
     if not config.dataset:
         raise ValueError("--dataset is required (or `dataset:` in --config)")
     result = run(config)

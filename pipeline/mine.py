@@ -39,7 +39,7 @@ import numpy as np
 import pyarrow as pa
 
 from . import storage
-from .config import load_config, to_dict
+from .config import to_dict
 from .log import get_logger
 
 log = get_logger(__name__)
@@ -406,12 +406,9 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _cli(args: argparse.Namespace) -> int:
-    overrides = list(args.overrides)
-    for name in ("queries", "database", "output", "top_k", "soft_positive_radius"):
-        value = getattr(args, name)
-        if value is not None:
-            overrides.append(f"{name}={value}")
-    cfg = load_config(MineConfig, args.config, overrides)
+    from .cli import config_from_args
+
+    cfg = config_from_args(MineConfig, args, ("queries", "database", "output", "top_k", "soft_positive_radius"))
     log.info("mine config: %s", to_dict(cfg))
     result = run(cfg)
     print(json.dumps({"output": result.output, "queries": result.queries, "blocks_total": result.blocks_total,

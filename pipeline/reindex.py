@@ -923,15 +923,10 @@ def register_cli(subparsers) -> None:
 
 
 def _cli(args: argparse.Namespace) -> int:
-    from .config import load_config
+    from .cli import config_from_args
 
-    overrides = list(args.overrides)
-    for name, key in (("source", "source"), ("store", "store"), ("index_dir", "index_dir"), ("keep", "keep_versions"),
-                      ("rollback", "rollback")):
-        value = getattr(args, name)
-        if value is not None:
-            overrides.append(f"{key}={value}")
-    config = load_config(ReindexConfig, args.config, overrides)
+    config = config_from_args(ReindexConfig, args, ("source", "store", "index_dir", ("keep", "keep_versions"),
+                                                    "rollback"))
     if args.list:
         for row in list_history(config):
             print(json.dumps(row))

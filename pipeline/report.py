@@ -15,7 +15,6 @@ from __future__ import annotations
 import html
 import io
 import json
-from typing import Any
 
 import numpy as np
 import pyarrow as pa

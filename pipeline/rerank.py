@@ -305,16 +305,10 @@ def register_cli(subparsers) -> None:
 
 
 def _cli(args: argparse.Namespace) -> int:
-    from .config import load_config
+    from .cli import config_from_args
 
-    cfg = load_config(RerankConfig, args.config, args.overrides)
-    for name in ("queries", "query_store", "database_store", "index_dir", "results", "backbone", "checkpoint",
-                 "reranker", "candidates"):
-        v = getattr(args, name)
-        if v is not None:
-            setattr(cfg, name, v)
-    if args.image_size:
-        cfg.image_size = list(args.image_size)
+    cfg = config_from_args(RerankConfig, args, ("queries", "query_store", "database_store", "index_dir", "results",
+                                                "backbone", "checkpoint", "reranker", "candidates", "image_size"))
     res = run(cfg)
     print(f"{res.num_queries} queries x {res.candidates} candidates reranked with {res.reranker}: "
           f"{res.num_pairs} pairs, {res.pairs_per_second:.0f} pairs/s -> {res.results}")

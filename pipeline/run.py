@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
@@ -196,17 +196,10 @@ def register_cli(subparsers) -> None:
 
 
 def _cli(args: argparse.Namespace) -> int:
-    from .config import load_config
+    from .cli import config_from_args
 
-    cfg = load_config(RunConfig, args.config, args.overrides)
-    # Command-line options win over the YAML file; set as typed values (no YAML re-parsing of paths).
-    for name in ("database", "queries", "out", "backbone", "checkpoint", "reranker", "candidates",
-                 "positive_radius"):
-        v = getattr(args, name)
-        if v is not None:
-            setattr(cfg, name, v)
-    if args.image_size:
-        cfg.image_size = list(args.image_size)
+    cfg = config_from_args(RunConfig, args, ("database", "queries", "out", "backbone", "checkpoint", "reranker",
+                                             "candidates", "positive_radius", "image_size"))
     res = run(cfg)
     m = res.metrics
     print(f"{m['num_queries']} queries ({m['num_queries_without_positive']} without a positive)")

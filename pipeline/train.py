@@ -653,7 +653,6 @@ class _StageRunner:
             self.model.reranker.train()
 
     def _step(self, loss) -> float:
-        import torch
         import torch.distributed as dist
 
         self.optimizer.zero_grad(set_to_none=True)

@@ -51,3 +51,10 @@ def test_parse_size():
     assert parse_size(1024) == 1024
     with pytest.raises(ConfigError):
         parse_size("lots")
+
+
+def test_typed_values_win_and_are_not_reparsed():
+    # A command-line path such as "on" or "1e5" stays a string; values win over --set overrides.
+    cfg = load_config(Outer, None, ["store=from-set", "inner.k=3"], {"store": "1e5", "inner.k": 9,
+                                                                    "image_size": [128, 160]})
+    assert cfg.store == "1e5" and cfg.inner.k == 9 and cfg.image_size == (128, 160)

@@ -1,0 +1,34 @@
+import pytest
+
+from pipeline.cli import build_parser, config_from_args
+from pipeline.config import ConfigError
+
+
+def test_every_stage_registers_its_commands():
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    assert {"extract", "index", "search", "rerank", "evaluate", "run", "mine", "train", "reindex"} <= set(sub.choices)
+
+
+def test_options_win_over_config_file_and_set(tmp_path):
+    from pipeline.run import RunConfig
+
+    cfg_file = tmp_path / "run.yaml"
+    cfg_file.write_text("database: from-file\ncandidates: 7\nreranker: none\n")
+    args = build_parser().parse_args(["run", "--config", str(cfg_file), "--database", "sequence:db",
+                                      "--queries", "q.csv", "--image-size", "272", "480",
+                                      "--set", "candidates=5", "--set", "reranker=ransac"])
+    cfg = config_from_args(RunConfig, args, ("database", "queries", "image_size", "candidates", "reranker"))
+    assert cfg.database == "sequence:db" and cfg.queries == "q.csv"
+    assert list(cfg.image_size) == [272, 480]
+    assert cfg.candidates == 5 and cfg.reranker == "ransac"
+
+
+def test_renamed_option_and_bad_override(tmp_path):
+    from pipeline.reindex import ReindexConfig
+
+    args = build_parser().parse_args(["reindex", "--source", "imgs", "--store", "st", "--keep", "4"])
+    cfg = config_from_args(ReindexConfig, args, ("source", "store", ("keep", "keep_versions")))
+    assert cfg.keep_versions == 4 and cfg.source == "imgs"
+    args = build_parser().parse_args(["reindex", "--set", "no_such_key=1"])
+    with pytest.raises(ConfigError, match="no_such_key"):
+        config_from_args(ReindexConfig, args, ())
