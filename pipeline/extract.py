@@ -62,6 +62,9 @@ class ExtractConfig:
     ray_address: str | None = None
     progress: bool = True
     device: str = "auto"                         # auto | cpu | cuda (pipeline.device decides)
+    # Extra Ray resources each model actor needs, e.g. {"vpr_node": 1} with `ray start --resources
+    # '{"vpr_node": 1}'` to place exactly one actor per node (SPREAD alone is best effort).
+    actor_resources: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -264,6 +267,7 @@ class ShardExtractor:
         self.file_metadata = {**file_metadata, "model": {**file_metadata.get("model", {}), **self.model_info}}
         self.node_id = ray.get_runtime_context().get_node_id()
         self.tokens_array = None
+        self.global_dim = int(getattr(getattr(model, "config", None), "global_dim", storage.GLOBAL_DIM))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return pa.Table.from_pylist([self._extract_shard(batch.slice(i, 1)) for i in range(batch.num_rows)])
@@ -281,7 +285,8 @@ class ShardExtractor:
             block = np.zeros((n, tokens.shape[1], storage.TOKEN_DIM), np.float16)
             block[meta.column("row").to_numpy() - row_start] = tokens.astype(np.float16)
             self._tokens(tokens.shape[1])[row_start:row_start + n] = block
-        dim = desc.shape[1] if desc is not None else storage.GLOBAL_DIM
+        # A shard whose images all failed still gets the model's width, so parts concatenate.
+        dim = desc.shape[1] if desc is not None else self.global_dim
         gd = desc if desc is not None else np.zeros((0, dim), np.float32)
         table = meta.select(["image_id", "path", "utm_east", "utm_north", "heading", "timestamp", "place_id",
                              "width", "height"])
@@ -468,7 +473,7 @@ def extract_dataset(table: pa.Table, store: str, config: ExtractConfig | None = 
                                        device=config.device, file_metadata=file_metadata),
             compute=ray.data.ActorPoolStrategy(size=num_actors, max_tasks_in_flight_per_actor=2),
             # Ray Data restarts a dead actor and retries its shard (the rewrite is idempotent).
-            num_cpus=1, num_gpus=gpus)
+            num_cpus=1, num_gpus=gpus, **({"resources": dict(config.actor_resources)} if config.actor_resources else {}))
         bar = _progress_bar(config.progress, total=n - sum(d["images"] for d in done.values()))
         t_flow = time.perf_counter()
         try:

@@ -243,6 +243,8 @@ def read_global_table(store: str, columns: Iterable[str] | None = None) -> pa.Ta
     """All rows of a finished store (sorted by shard, then position), as one Arrow table."""
     manifest = read_manifest(store)
     tables = [read_parquet(u, columns) for u in global_part_urls(store, manifest)]
+    # Parts with no rows (every image of the shard failed) may carry a default descriptor width.
+    tables = [t for t in tables if t.num_rows] or tables[:1]
     if not tables:
         return global_schema(manifest.get("global_dim", GLOBAL_DIM)).empty_table().select(list(columns) if columns else None) \
             if columns else global_schema(manifest.get("global_dim", GLOBAL_DIM)).empty_table()

@@ -51,7 +51,9 @@ def _free_range(width: int, taken: set[int]) -> tuple[int, int]:
 def _node_args(taken: set[int]) -> list[str]:
     manager, objects, agent, agent_grpc, metrics, runtime_env = _free_ports(6, taken)
     lo, hi = _free_range(40, taken)
-    return ["--node-ip-address", "127.0.0.1", "--num-cpus", "2", "--object-store-memory", str(150 * 1024 * 1024),
+    # One "extract_slot" per node and one per model actor: exactly one actor lands on each node.
+    return ["--node-ip-address", "127.0.0.1", "--num-cpus", "2", "--resources", '{"extract_slot": 1}',
+            "--object-store-memory", str(150 * 1024 * 1024),
             "--node-manager-port", str(manager), "--object-manager-port", str(objects),
             "--dashboard-agent-listen-port", str(agent), "--dashboard-agent-grpc-port", str(agent_grpc),
             "--metrics-export-port", str(metrics), "--runtime-env-agent-port", str(runtime_env),
@@ -116,7 +118,7 @@ def test_two_node_extraction_uses_both_nodes(two_node_cluster, gardens_point, tm
         "import json, ray; from pipeline import extract; from pipeline.log import setup_logging; setup_logging()\n"
         f"r = extract.run(extract.ExtractConfig(dataset={str(manifest)!r}, store={str(store)!r}, "
         "backbone='efficientnet-lite0', image_size=(128, 224), batch_size=1, shard_size=1, chunk_rows=1, "
-        "num_actors=2, threads_per_actor=1, progress=False))\n"
+        "num_actors=2, threads_per_actor=1, progress=False, actor_resources={'extract_slot': 1}))\n"
         "print('RESULT', json.dumps({'nodes': sorted(n['NodeID'] for n in ray.nodes() if n['Alive']), "
         "'actor_nodes': r.node_ids, 'extracted': r.num_extracted}))\n")
     out = subprocess.run([sys.executable, "-c", code], env=dict(env, RAY_ADDRESS=address), cwd=ROOT,
