@@ -268,6 +268,9 @@ class ShardExtractor:
         self.node_id = ray.get_runtime_context().get_node_id()
         self.tokens_array = None
         self.global_dim = int(getattr(getattr(model, "config", None), "global_dim", storage.GLOBAL_DIM))
+        storage.write_json(self.layout.actor_record(self.node_id, os.getpid()),
+                           dict(node_id=self.node_id, pid=os.getpid(), started_at=time.time(),
+                                device=str(self.plan.device), threads=threads))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return pa.Table.from_pylist([self._extract_shard(batch.slice(i, 1)) for i in range(batch.num_rows)])

@@ -147,6 +147,10 @@ class StoreLayout:
     def errors_part(self, shard: int) -> str:
         return join(self.errors_dir, f"part-{shard:05d}.parquet")
 
+    def actor_record(self, node_id: str, pid: int) -> str:
+        """Written by each model actor when it starts: where the extraction ran (node, process)."""
+        return join(self.root, "actors", f"{node_id[:16]}-{pid}.json")
+
     def progress(self, shard: int) -> str:
         return join(self.progress_dir, f"shard-{shard:05d}.json")
 

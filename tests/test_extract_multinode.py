@@ -116,6 +116,7 @@ def test_two_node_extraction_uses_both_nodes(two_node_cluster, gardens_point, tm
     store = tmp_path / "store"
     code = (
         "import json, ray; from pipeline import extract; from pipeline.log import setup_logging; setup_logging()\n"
+
         f"r = extract.run(extract.ExtractConfig(dataset={str(manifest)!r}, store={str(store)!r}, "
         "backbone='efficientnet-lite0', image_size=(128, 224), batch_size=1, shard_size=1, chunk_rows=1, "
         "num_actors=2, threads_per_actor=1, progress=False, actor_resources={'extract_slot': 1}))\n"
@@ -129,7 +130,11 @@ def test_two_node_extraction_uses_both_nodes(two_node_cluster, gardens_point, tm
     assert len(got["nodes"]) == 2
     markers = [json.loads(p.read_text()) for p in sorted((store / "progress").glob("shard-*.json"))]
     assert [m["shard"] for m in markers] == list(range(8))
-    assert {m["node_id"] for m in markers} == set(got["nodes"]) == set(got["actor_nodes"])
+    # Model actors ran on both nodes (one per node: each needs the node's one "extract_slot");
+    # which actor wrote which shard is Ray Data's choice, so shards are only checked against actors.
+    actors = [json.loads(p.read_text()) for p in sorted((store / "actors").glob("*.json"))]
+    assert {a["node_id"] for a in actors} == set(got["nodes"]), (actors, got)
+    assert {m["node_id"] for m in markers} == set(got["actor_nodes"]) <= set(got["nodes"])
     table = storage.read_global_table(str(store))
     assert got["extracted"] == 8 and table.num_rows == 8 and len(set(table.column("image_id").to_pylist())) == 8
     assert storage.read_manifest(str(store))["counts"] == {"images": 8, "extracted": 8, "failed": 0}
