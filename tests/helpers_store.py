@@ -48,3 +48,15 @@ def clustered(n: int, dim: int, n_places: int, noise: float, seed: int) -> np.nd
     centres = np.random.default_rng(12345).standard_normal((n_places, dim)).astype(np.float32)
     x = centres[rng.integers(0, n_places, n)] + noise * rng.standard_normal((n, dim)).astype(np.float32)
     return x.astype(np.float32)
+
+
+def write_frame_manifest(path, folder, frames) -> str:
+    """A manifest CSV of Gardens Point frames ``folder/ImageNNN.jpg``, the frame index as ``utm_east``."""
+    import csv
+
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "utm_east", "utm_north"])
+        for i in frames:
+            w.writerow([str(folder / f"Image{i:03d}.jpg"), i, 0])
+    return str(path)

@@ -1,7 +1,6 @@
 """Reranking on real tokens: RANSAC geometry, permutation of the candidates, one Zarr read per row."""
 from __future__ import annotations
 
-import csv
 
 import cv2
 import numpy as np
@@ -10,6 +9,7 @@ import torch
 
 from pipeline import storage
 from pipeline.ransac import RansacConfig, match_tokens, mutual_nearest_neighbours, ransac_scores
+from helpers_store import write_frame_manifest
 
 SIZE = (160, 288)  # H, W: small so the test stays fast; T = 10 x 18 tokens
 
@@ -56,21 +56,14 @@ def test_ransac_prefers_a_warped_copy_over_an_unrelated_image(effnet, gardens_po
     assert ransac_scores(t[:1, :3], t[1:2, :3], cfg)[0] == 0
 
 
-def _manifest(path, folder, frames):
-    with open(path, "w", newline="") as f:
-        wr = csv.writer(f)
-        wr.writerow(["path", "utm_east", "utm_north"])
-        for i in frames:
-            wr.writerow([str(folder / f"Image{i:03d}.jpg"), i, 0])
-    return str(path)
 
 
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory, gardens_point, ray_session):
     from pipeline.run import RunConfig, run
     tmp = tmp_path_factory.mktemp("rerank")
-    db = _manifest(tmp / "db.csv", gardens_point / "day_right", range(0, 200, 10))      # 20 places
-    q = _manifest(tmp / "q.csv", gardens_point / "night_right", range(5, 200, 25))      # 8 queries
+    db = write_frame_manifest(tmp / "db.csv", gardens_point / "day_right", range(0, 200, 10))      # 20 places
+    q = write_frame_manifest(tmp / "q.csv", gardens_point / "night_right", range(5, 200, 25))      # 8 queries
     cfg = RunConfig(database=db, queries=q, out=str(tmp / "out"), backbone="efficientnet-lite0",
                     reranker="ransac", candidates=8, positive_radius=6, image_size=list(SIZE), batch_pairs=24)
     res = run(cfg)

@@ -3,7 +3,6 @@ each stage's loss goes down, checkpoints load back (the official layout through
 ``from_official_checkpoint``), and a run SIGKILLed after its first epoch resumes from it."""
 from __future__ import annotations
 
-import csv
 import json
 import os
 import signal
@@ -16,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers_store import write_frame_manifest
 from pipeline.train import (DataConfig, TrainConfig, fold_adapter, latest_checkpoint, read_state, run,
                             token_adapter)
 
@@ -24,13 +24,6 @@ PLACES = 24
 SIZE = (128, 160)
 
 
-def write_manifest(path: Path, folder: Path, places: range) -> str:
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["path", "utm_east", "utm_north"])
-        for i in places:
-            w.writerow([str(folder / f"Image{i:03d}.jpg"), i, 0])
-    return str(path)
 
 
 def loss_went_down(history: list[dict], n: int = 3) -> tuple[float, float]:
@@ -53,8 +46,8 @@ def gp(tmp_path_factory, ray_session, gardens_point):
     start = root / "start.pt"
     # Positional grid of the small test images (extraction builds R2Former with img_size = image size).
     R2Former(img_size=SIZE).save_checkpoint(start)
-    q = write_manifest(root / "q.csv", gardens_point / "day_right", range(PLACES))
-    db = write_manifest(root / "db.csv", gardens_point / "day_left", range(PLACES))
+    q = write_frame_manifest(root / "q.csv", gardens_point / "day_right", range(PLACES))
+    db = write_frame_manifest(root / "db.csv", gardens_point / "day_left", range(PLACES))
     ecfg = ExtractConfig(backbone="r2former", checkpoint=str(start), image_size=SIZE, batch_size=8, shard_size=16,
                          chunk_rows=8, progress=False, num_actors=1, threads_per_actor=2)
     extract_dataset(load_dataset(q), str(root / "q_store"), ecfg)
