@@ -243,9 +243,11 @@ def global_part_urls(store: str, manifest: dict[str, Any] | None = None) -> list
     return [layout.global_part(s) for s in manifest["shards"]]
 
 
-def read_global_table(store: str, columns: Iterable[str] | None = None) -> pa.Table:
-    """All rows of a finished store (sorted by shard, then position), as one Arrow table."""
-    manifest = read_manifest(store)
+def read_global_table(store: str, columns: Iterable[str] | None = None,
+                      manifest: dict[str, Any] | None = None) -> pa.Table:
+    """All rows of a finished store (sorted by shard, then position), as one Arrow table; with
+    ``manifest`` (a pinned store generation, ``pipeline.published``) the rows of that generation."""
+    manifest = manifest or read_manifest(store)
     tables = [read_parquet(u, columns) for u in global_part_urls(store, manifest)]
     # Parts with no rows (every image of the shard failed) may carry a default descriptor width.
     tables = [t for t in tables if t.num_rows] or tables[:1]
