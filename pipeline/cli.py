@@ -29,6 +29,26 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
                         help="override a config key (dotted for nested keys); repeatable")
 
 
+class _ImageSize(argparse.Action):
+    """``--image-size H W`` or ``--image-size H,W`` (also ``HxW``): one form for every subcommand."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        text = " ".join(values).replace(",", " ").replace("x", " ").split()
+        try:
+            size = [int(v) for v in text]
+        except ValueError:
+            size = []
+        if len(size) != 2 or min(size) < 1:
+            parser.error(f"{option_string} takes a height and a width (e.g. 480 640 or 480,640), got {' '.join(values)!r}")
+        setattr(namespace, self.dest, size)
+
+
+def add_image_size_argument(parser: argparse.ArgumentParser, default: str = "480 640") -> None:
+    """The one ``--image-size`` option (input height and width) of every subcommand."""
+    parser.add_argument("--image-size", nargs="+", action=_ImageSize, metavar="H W",
+                        help=f"input height and width, as 'H W' or 'H,W' (default {default})")
+
+
 def config_from_args(cls, args: argparse.Namespace, options) -> object:
     """The stage config from ``--config`` and ``--set``, then the stage's own options: each of
     ``options`` is an attribute of ``args`` (or an ``(attribute, config key)`` pair) applied when

@@ -239,6 +239,8 @@ def _int_list(text: str) -> list[int]:
 
 
 def register_cli(subparsers) -> None:
+    from .cli import add_image_size_argument
+
     p = subparsers.add_parser("evaluate", help="Recall@N of a run; --sweep-candidates prints the top-K study")
     p.add_argument("--out", help="a folder written by `r2f run`")
     p.add_argument("--results", help="results Parquet (instead of --out)")
@@ -248,7 +250,7 @@ def register_cli(subparsers) -> None:
     p.add_argument("--backbone", default="r2former")
     p.add_argument("--checkpoint")
     p.add_argument("--reranker", default="auto")
-    p.add_argument("--image-size", nargs=2, type=int, metavar=("H", "W"))
+    add_image_size_argument(p)
     p.add_argument("--positive-radius", type=float, default=25.0)
     p.add_argument("--sweep-candidates", type=_int_list, default=[], metavar="K1,K2,...")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")

@@ -551,7 +551,7 @@ def _progress_bar(enabled: bool, total: int):
 
 # ---------------------------------------------------------------- CLI
 def register_cli(subparsers) -> None:
-    from .cli import add_config_arguments
+    from .cli import add_config_arguments, add_image_size_argument
 
     p = subparsers.add_parser("extract", help="extract global descriptors and local tokens into a store",
                               description=__doc__.split("\n\n")[0])
@@ -560,7 +560,7 @@ def register_cli(subparsers) -> None:
     p.add_argument("--store", help="output folder or s3:// URL")
     p.add_argument("--backbone", choices=("r2former", "efficientnet-lite0"))
     p.add_argument("--checkpoint")
-    p.add_argument("--image-size", help="H,W (default 480,640)")
+    add_image_size_argument(p)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--shard-size", type=int)
     p.add_argument("--num-actors", type=int)

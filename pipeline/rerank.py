@@ -287,7 +287,7 @@ def run(config: RerankConfig) -> RerankResult:
 
 
 def register_cli(subparsers) -> None:
-    from .cli import add_config_arguments
+    from .cli import add_config_arguments, add_image_size_argument
 
     p = subparsers.add_parser("rerank", help="retrieve top-K candidates per query and rerank them")
     add_config_arguments(p)
@@ -300,7 +300,7 @@ def register_cli(subparsers) -> None:
     p.add_argument("--checkpoint")
     p.add_argument("--reranker", choices=RERANKERS)
     p.add_argument("--candidates", type=int)
-    p.add_argument("--image-size", nargs=2, type=int, metavar=("H", "W"))
+    add_image_size_argument(p)
     p.set_defaults(func=_cli)
 
 

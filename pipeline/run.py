@@ -179,7 +179,7 @@ def _pct(v: float | None) -> str:
 
 
 def register_cli(subparsers) -> None:
-    from .cli import add_config_arguments
+    from .cli import add_config_arguments, add_image_size_argument
 
     p = subparsers.add_parser("run", help="extraction, index, reranking, evaluation and report in one go")
     add_config_arguments(p)
@@ -191,7 +191,7 @@ def register_cli(subparsers) -> None:
     p.add_argument("--reranker", choices=("auto", "r2former", "ransac", "none"))
     p.add_argument("--candidates", type=int, help="top-K global candidates reranked per query (default 100)")
     p.add_argument("--positive-radius", type=float, help="in the units of the position columns (default 25)")
-    p.add_argument("--image-size", nargs=2, type=int, metavar=("H", "W"), help="default 480 640")
+    add_image_size_argument(p)
     p.set_defaults(func=_cli)
 
 
