@@ -8,7 +8,7 @@ DATA ?= demo/gardens_point_sample
 OUT ?= out/demo
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo test test-tools bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,7 +30,29 @@ demo: venv
 	    --backbone efficientnet-lite0 --positive-radius 2 --image-size 272 480 --out $(OUT)
 	@echo "report: $(OUT)/report.html"
 
-test: venv
+# What the tests need beyond Python: Debian's Chromium (the report tests render report.html in it).
+# Installed through apt-get when this user can (root, or sudo without a password); otherwise this
+# stops before pytest and prints the command to run.
+CHROMIUM_CMD := $(shell command -v chromium || command -v chromium-browser || command -v google-chrome)
+APT_INSTALL := apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
+test-tools:
+ifeq ($(CHROMIUM_CMD),)
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing Debian's chromium for the report tests"; \
+	    ( $(APT_INSTALL) ) >/dev/null || { echo "could not install chromium; run: $(APT_INSTALL)"; exit 1; }; \
+	elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing Debian's chromium for the report tests (sudo)"; \
+	    ( sudo sh -c '$(APT_INSTALL)' ) >/dev/null || { echo "could not install chromium; run: sudo sh -c '$(APT_INSTALL)'"; exit 1; }; \
+	else \
+	    echo "the report tests need Chromium, which this user cannot install; run:"; \
+	    echo "    sudo sh -c '$(APT_INSTALL)'"; \
+	    echo "then make test again"; exit 1; \
+	fi
+else
+	@true
+endif
+
+test: venv test-tools
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench: venv
