@@ -84,3 +84,50 @@ def ray_session(s3_endpoint):
     ensure_ray(num_cpus=2, object_store_memory=256 * 1024 * 1024)
     yield ray
     ray.shutdown()
+
+
+# ---------------------------------------------------------------- Ray hygiene
+# Tests that start Ray heads or nodes give them their own --temp-dir, so the machine's
+# /tmp/ray/ray_current_cluster (which a later plain ``ray.init()`` joins) and any Ray the user runs
+# are left exactly as they were. The session fails if the file changed anyway (and puts it back).
+RAY_ADDRESS_FILE = Path("/tmp/ray/ray_current_cluster")
+
+
+def _read_address_file() -> str | None:
+    try:
+        return RAY_ADDRESS_FILE.read_text()
+    except FileNotFoundError:
+        return None
+
+
+def pytest_sessionstart(session):
+    session.config._ray_address_file = _read_address_file()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    before = getattr(session.config, "_ray_address_file", None)
+    after = _read_address_file()
+    if after == before:
+        return
+    if before is None:
+        RAY_ADDRESS_FILE.unlink(missing_ok=True)
+    else:
+        RAY_ADDRESS_FILE.write_text(before)
+    print(f"\nERROR: the test session changed {RAY_ADDRESS_FILE} ({before!r} -> {after!r}); restored it. "
+          "A test started a Ray head without its own --temp-dir.")
+    session.exitstatus = 1
+
+
+@pytest.fixture()
+def planted_ray_address_file():
+    """A ``/tmp/ray/ray_current_cluster`` naming a dead head (as a user's old ``ray start`` leaves
+    it), or the user's own one if present; yields its content, and the test checks it afterwards.
+    The planted file is removed again."""
+    existing = _read_address_file()
+    content = existing if existing is not None else "127.0.0.1:9"  # port 9 (discard): nothing answers
+    if existing is None:
+        RAY_ADDRESS_FILE.parent.mkdir(parents=True, exist_ok=True)
+        RAY_ADDRESS_FILE.write_text(content)
+    yield content
+    if existing is None:
+        RAY_ADDRESS_FILE.unlink(missing_ok=True)

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -61,9 +62,12 @@ def _node_args(taken: set[int]) -> list[str]:
 
 
 @pytest.fixture()
-def two_node_cluster(tmp_path):
+def two_node_cluster(tmp_path, tmp_path_factory):
     """``(address, env)`` of a head plus one worker node; only the two ``ray start --block`` processes
-    started here are stopped (SIGINT makes each tear down its own Ray daemons)."""
+    started here are stopped (SIGINT makes each tear down its own Ray daemons). The session lives in
+    its own ``--temp-dir`` under pytest's base temp (short: Ray's socket paths are length-limited),
+    so ``/tmp/ray/ray_current_cluster`` and any Ray of the user's are left as they were."""
+    temp_dir = tempfile.mkdtemp(prefix="rn", dir=tmp_path_factory.getbasetemp())
     taken: set[int] = set()
     gcs, client = _free_ports(2, taken)
     env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16), RAY_USAGE_STATS_ENABLED="0",
@@ -75,10 +79,10 @@ def two_node_cluster(tmp_path):
     try:
         procs.append(subprocess.Popen(
             [RAY, "start", "--head", "--port", str(gcs), "--ray-client-server-port", str(client),
-             "--include-dashboard", "false", *_node_args(taken)],
+             "--include-dashboard", "false", "--temp-dir", temp_dir, *_node_args(taken)],
             env=env, stdout=logs[0], stderr=subprocess.STDOUT, cwd=ROOT))
         _wait_nodes(address, env, 1)
-        procs.append(subprocess.Popen([RAY, "start", "--address", address, *_node_args(taken)],
+        procs.append(subprocess.Popen([RAY, "start", "--address", address, "--temp-dir", temp_dir, *_node_args(taken)],
                                       env=env, stdout=logs[1], stderr=subprocess.STDOUT, cwd=ROOT))
         _wait_nodes(address, env, 2)
         yield address, env
@@ -108,7 +112,7 @@ def _wait_nodes(address: str, env: dict, n: int, timeout: float = 180) -> None:
     raise AssertionError(f"Ray cluster at {address} did not reach {n} node(s): {out.stderr[-2000:]}")
 
 
-def test_two_node_extraction_uses_both_nodes(two_node_cluster, gardens_point, tmp_path):
+def test_two_node_extraction_uses_both_nodes(planted_ray_address_file, two_node_cluster, gardens_point, tmp_path):
     address, env = two_node_cluster
     paths = [gardens_point / "night_right" / f"Image{i:03d}.jpg" for i in range(8)]
     manifest = tmp_path / "m.csv"
@@ -130,11 +134,15 @@ def test_two_node_extraction_uses_both_nodes(two_node_cluster, gardens_point, tm
     assert len(got["nodes"]) == 2
     markers = [json.loads(p.read_text()) for p in sorted((store / "progress").glob("shard-*.json"))]
     assert [m["shard"] for m in markers] == list(range(8))
-    # Model actors ran on both nodes (one per node: each needs the node's one "extract_slot");
-    # which actor wrote which shard is Ray Data's choice, so shards are only checked against actors.
+    # Model actors ran on both nodes (one per node: each needs the node's one "extract_slot"), and
+    # shards were computed on both: each progress marker names the node of the actor that wrote it.
     actors = [json.loads(p.read_text()) for p in sorted((store / "actors").glob("*.json"))]
     assert {a["node_id"] for a in actors} == set(got["nodes"]), (actors, got)
-    assert {m["node_id"] for m in markers} == set(got["actor_nodes"]) <= set(got["nodes"])
+    shard_nodes = [m["node_id"] for m in markers]
+    assert set(shard_nodes) == set(got["nodes"]) == set(got["actor_nodes"]), (shard_nodes, got)
     table = storage.read_global_table(str(store))
     assert got["extracted"] == 8 and table.num_rows == 8 and len(set(table.column("image_id").to_pylist())) == 8
     assert storage.read_manifest(str(store))["counts"] == {"images": 8, "extracted": 8, "failed": 0}
+    # Starting and joining the nodes left the machine's Ray address file as it was.
+    from conftest import RAY_ADDRESS_FILE
+    assert RAY_ADDRESS_FILE.read_text() == planted_ray_address_file
