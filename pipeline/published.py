@@ -6,13 +6,21 @@ at start, read everything through the returned ``PublishedState`` for the whole 
 ``state.metadata()`` into their outputs; later stages reopen the same state with
 ``from_metadata`` instead of resolving again::
 
-    <index_dir>/CURRENT                 {"version": "v0004", ...}: the one pointer readers resolve
-    <index_dir>/reindex/v0004.json      (reindex) the store generation v0004 was built from
+    <index_dir>/CURRENT                 {"version": "v0004", "store_generation": 3, ...}: the one
+                                        pointer readers resolve (pipeline.index.layout.read_pointer)
+    <index_dir>/reindex/v0004.json      (reindex) v0004's record; older pointers name no generation
+                                        and the record supplies it
     <store>/manifests/g0003.json        (reindex) that generation's manifest snapshot
     <store>/manifest.json               plain extraction store: the catalog (informational once reindexed)
 
 A store without an index (or an index built by ``r2f index`` without a reindex record) resolves
-to its ``manifest.json`` as before. Memory: O(shards) (the manifest), independent of images.
+to its ``manifest.json`` as before. ``resolve(store)`` without ``index_dir`` still follows
+``<store>/index/CURRENT`` when that pointer names a store generation (a reindexed store's
+``manifest.json`` is only informational). A job that reads for a while holds a lease on the state
+(``pipeline.leases.hold_lease``) so garbage collection keeps its files; a reader whose files were
+collected anyway fails naming the file: ``read_local_tokens`` checks after reading that the state is
+still kept, so it never hands out the fill values of a collected Zarr chunk. Memory: O(shards) (the
+manifest), independent of images.
 """
 from __future__ import annotations
 
@@ -42,6 +50,25 @@ class PublishedState:
 
     def read_global_table(self, columns: Iterable[str] | None = None) -> pa.Table:
         return storage.read_global_table(self.store, columns, manifest=self.manifest)
+
+    def snapshot_url(self) -> str | None:
+        return None if self.store_generation is None else \
+            storage.StoreLayout(self.store).manifest_snapshot(self.store_generation)
+
+    def check_kept(self) -> None:
+        """Raise ``StoreError`` naming the snapshot when garbage collection has collected this state.
+        GC deletes a state's snapshot before any of its data, so data read before a successful
+        check is that state's own."""
+        url = self.snapshot_url()
+        if url is not None and not storage.exists(url):
+            raise storage.StoreError(f"{self.describe()} was garbage-collected: {url} is gone (hold a lease, "
+                                     f"pipeline.leases, while reading a state)")
+
+    def read_local_tokens(self, rows, array=None):
+        """``storage.read_local_tokens`` of this state's Zarr rows, then ``check_kept``."""
+        out = storage.read_local_tokens(self.store, rows, array=array)
+        self.check_kept()
+        return out
 
     def describe(self) -> str:
         gen = "" if self.store_generation is None else f" generation {self.store_generation}"
@@ -79,13 +106,19 @@ def open_state(store: str, index_dir: str | None, version: str | None, generatio
 
 
 def resolve(store: str, index_dir: str | None = None) -> PublishedState:
-    """Resolve the published state once: the ``CURRENT`` pointer of ``index_dir`` (when there is
-    one) and the store generation its version was built from; otherwise the store's manifest."""
+    """Resolve the published state once: the ``CURRENT`` pointer of ``index_dir`` (read once: the
+    version and the store generation it names) and that generation's manifest snapshot; without a
+    pointer, the store's ``manifest.json``."""
     from .index import layout as L
 
+    if not index_dir:
+        default = storage.join(store, "index")
+        if storage.exists(L.IndexLayout(default).current) and \
+                L.read_pointer(default).get("store_generation") is not None:
+            index_dir = default
     if index_dir and storage.exists(L.IndexLayout(index_dir).current):
-        version = L.current_version(index_dir)
-        pointer = storage.read_json(L.IndexLayout(index_dir).current)
+        pointer = L.read_pointer(index_dir)
+        version = pointer["version"]
         return open_state(store, index_dir, version, _generation_of(index_dir, version, pointer))
     return open_state(store, index_dir, None, None)
 

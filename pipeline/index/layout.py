@@ -2,7 +2,7 @@
 
 An index folder or URL (local path or ``s3://``) holds::
 
-    <index_dir>/CURRENT                          {"version": "v0003"}: the version searches use
+    <index_dir>/CURRENT                          the pointer: {"version": "v0003", "store_generation": 2, ...}
     <index_dir>/versions/v0003/infos.json        written last: makes the version visible (the manifest)
     <index_dir>/versions/v0003/trained.faiss     the empty trained index every shard was filled from
     <index_dir>/versions/v0003/shard-00000.faiss one FAISS index per index shard (ids = image ids)
@@ -12,13 +12,21 @@ An index folder or URL (local path or ``s3://``) holds::
 A version is immutable once its ``infos.json`` exists; a new build writes a new version folder and
 then replaces ``CURRENT`` atomically, so a reader that resolved the old version keeps reading
 complete, unchanged files. Versions without ``infos.json`` are unfinished and never searched.
+
+``CURRENT`` is the published state of a store and its index together (``pipeline.published``
+resolves it): the index version, the store generation that version was built from (``None`` for a
+plain ``r2f index`` build, whose readers use the store's ``manifest.json``), when it was
+published, and the states it replaced (``history``, newest first), so garbage collection can keep
+whatever was superseded less than a grace period ago. Writing it is one atomic write (temp file and
+rename locally, one PUT on S3), so a reader sees the old state or the new one, never a mix.
 """
 from __future__ import annotations
 
 import hashlib
 import re
+import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterable
 
 import faiss
 import numpy as np
@@ -89,7 +97,12 @@ def next_version(index_dir: str) -> str:
     return version_name(int(existing[-1][1:]) + 1 if existing else 1)
 
 
-def current_version(index_dir: str) -> str:
+POINTER_HISTORY = 32  # superseded states remembered in CURRENT (for the GC grace period)
+
+
+def read_pointer(index_dir: str) -> dict[str, Any]:
+    """The pointer, read once and checked: ``{"version", "store_generation", "published_at",
+    "history"}`` (older pointers hold only ``version``; the missing keys read as ``None``/``[]``)."""
     layout = IndexLayout(index_dir)
     try:
         pointer = storage.read_json(layout.current)
@@ -100,19 +113,39 @@ def current_version(index_dir: str) -> str:
     version = pointer.get("version") if isinstance(pointer, dict) else None
     if not isinstance(version, str) or not _VERSION_RE.match(version):
         raise IndexFileError(f"corrupt index pointer {layout.current}: no valid version in {pointer!r}")
-    return version
+    gen = pointer.get("store_generation")
+    return {**pointer, "store_generation": None if gen is None else int(gen),
+            "history": list(pointer.get("history") or [])}
+
+
+def current_version(index_dir: str) -> str:
+    return read_pointer(index_dir)["version"]
 
 
 def resolve_version(index_dir: str, version: str | None) -> str:
     return current_version(index_dir) if version is None else version
 
 
-def set_current(index_dir: str, version: str) -> None:
-    """Point searches at ``version`` (the version must be finished). Atomic: readers see the old
-    pointer or the new one, never a mix."""
+def set_current(index_dir: str, version: str, store_generation: int | None = None,
+                store: str | None = None) -> dict[str, Any]:
+    """Publish ``version`` (it must be finished), with the store generation it was built from:
+    one atomic write of ``CURRENT``; readers see the old pointer or the new one, never a mix.
+    The replaced state goes to the front of ``history``. Returns the pointer written."""
     if not storage.exists(IndexLayout(index_dir).infos(version)):
         raise IndexFileError(f"cannot point {index_dir} at {version}: it has no infos.json (unfinished or absent)")
-    storage.write_json(IndexLayout(index_dir).current, {"version": version})
+    now = time.time()
+    history: list[dict[str, Any]] = []
+    try:
+        old = read_pointer(index_dir)
+    except IndexFileError:
+        old = None
+    if old is not None:
+        history = [{"version": old["version"], "store_generation": old["store_generation"],
+                    "published_at": old.get("published_at"), "superseded_at": now}, *old["history"]]
+    pointer = {"version": version, "store_generation": None if store_generation is None else int(store_generation),
+               "store": store, "published_at": now, "history": history[:POINTER_HISTORY]}
+    storage.write_json(IndexLayout(index_dir).current, pointer)
+    return pointer
 
 
 def read_infos(index_dir: str, version: str | None = None) -> dict[str, Any]:
@@ -128,26 +161,41 @@ def read_infos(index_dir: str, version: str | None = None) -> dict[str, Any]:
     return infos
 
 
-def prune_versions(index_dir: str, keep: int = 3) -> list[str]:
+def prune_versions(index_dir: str, keep: int = 3, protect: Iterable[str] = (), grace_s: float = 0.0,
+                   dry_run: bool = False) -> list[str]:
     """Delete all but the newest ``keep`` finished versions, plus unfinished folders older than
-    the newest finished one. The CURRENT version is always kept. Returns the deleted names."""
+    the newest finished one. Never deleted: the CURRENT version, ``protect`` (versions a kept
+    store state or a live lease, ``pipeline.leases``, still needs), and versions the pointer
+    left less than ``grace_s`` seconds ago (a reader may have resolved them just before).
+    Returns the deleted (with ``dry_run``: the deletable) names. ``pipeline.reindex`` runs this
+    as part of its garbage collection."""
+    from .. import leases
+
     if keep < 1:
         raise ValueError(f"keep must be at least 1, got {keep}")
     finished = list_versions(index_dir)
     everything = list_versions(index_dir, finished_only=False)
-    try:
-        current = current_version(index_dir)
-    except IndexFileError:
-        current = None
-    keep_set = set(finished[-keep:]) | ({current} if current else set())
+    keep_set = set(finished[-keep:]) | set(protect) | protected_versions(index_dir, grace_s)
+    keep_set |= {lease["state"].get("index_version") for lease in leases.live_leases(index_dir, grace_s)}
     newest_finished = int(finished[-1][1:]) if finished else 0
     doomed = [v for v in everything
               if v not in keep_set and (v in finished or int(v[1:]) < newest_finished)]
     layout = IndexLayout(index_dir)
-    for v in doomed:
+    for v in [] if dry_run else doomed:
         fs, path = storage.filesystem(layout.version_dir(v))
         fs.rm(path, recursive=True)
     return doomed
+
+
+def protected_versions(index_dir: str, grace_s: float) -> set[str]:
+    """The CURRENT version and those it replaced less than ``grace_s`` seconds ago."""
+    try:
+        pointer = read_pointer(index_dir)
+    except IndexFileError:
+        return set()
+    now = time.time()
+    return {pointer["version"]} | {h["version"] for h in pointer["history"]
+                                   if now - float(h.get("superseded_at") or 0) < grace_s}
 
 
 # ---------------------------------------------------------------- FAISS files through fsspec
