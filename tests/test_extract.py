@@ -121,13 +121,17 @@ def _wait(cond, driver, what, timeout=240):
 
 def test_resume_after_actor_kill_and_driver_sigkill(ray_session, gardens_point, tmp_path):
     """A model actor is killed mid-run (Ray Data restarts it and retries its shard), then the driver
-    is SIGKILLed; the rerun skips the finished shards and ends with exactly one row per image."""
-    paths = [gardens_point / "day_right" / f"Image{i:03d}.jpg" for i in range(12)]
+    is SIGKILLed while shards are still left (asserted: some, not all, finished, no manifest); the
+    rerun skips the finished shards and ends with exactly one row per image."""
+    n = 20
+    paths = [gardens_point / "day_right" / f"Image{i:03d}.jpg" for i in range(n)]
     manifest = tmp_path / "m.csv"
     manifest.write_text("path\n" + "".join(f"{p}\n" for p in paths))
     store = tmp_path / "store"
     progress = store / "progress"
-    cfg = dict(dataset=str(manifest), store=str(store), shard_size=1, chunk_rows=1, batch_size=1)
+    # One model actor: after its restart it is the only writer, so the driver is killed within a
+    # poll interval of the restarted actor's first shard, with most shards still to do.
+    cfg = dict(dataset=str(manifest), store=str(store), shard_size=1, chunk_rows=1, batch_size=1, num_actors=1)
     code = ("from pipeline import extract; from pipeline.log import setup_logging; setup_logging(); "
             f"extract.run(extract.ExtractConfig(**{_config(**cfg).__dict__!r}))")
     env = dict(os.environ, RAY_ADDRESS=ray_session.get_runtime_context().gcs_address, PYTHONPATH=str(ROOT))
@@ -144,18 +148,20 @@ def test_resume_after_actor_kill_and_driver_sigkill(ray_session, gardens_point, 
         driver.wait()
     finished_before = _markers(progress)
     assert len({m["pid"] for m in finished_before}) >= 2
-    assert not (store / "manifest.json").exists() or len(finished_before) == 12
+    # The kill landed mid-run: some shards, not all, finished, and the store is not yet visible.
+    assert 2 <= len(finished_before) < n, len(finished_before)
+    assert not (store / "manifest.json").exists()
 
     result = extract.run(_config(**cfg))
-    assert result.num_extracted == 12 and result.num_failed == 0
+    assert result.num_extracted == n and result.num_failed == 0
     assert len(result.skipped_shards) >= len(finished_before) >= 2
     table = storage.read_global_table(str(store))
     ids = table.column("image_id").to_pylist()
-    assert len(ids) == 12 and len(set(ids)) == 12  # exactly one row per image
-    assert sorted(table.column("row").to_pylist()) == list(range(12))
-    tokens = storage.read_local_tokens(str(store), np.arange(12))
+    assert len(ids) == n and len(set(ids)) == n  # exactly one row per image
+    assert sorted(table.column("row").to_pylist()) == list(range(n))
+    tokens = storage.read_local_tokens(str(store), np.arange(n))
     assert np.all(np.abs(tokens).sum(axis=(1, 2)) > 0)  # every Zarr row written
-    assert [m["shard"] for m in _markers(progress)] == list(range(12))
+    assert [m["shard"] for m in _markers(progress)] == list(range(n))
 
     # A rerun with a different layout refuses to mix shards into this store.
     with pytest.raises(storage.StoreError, match="shard_size"):
