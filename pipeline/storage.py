@@ -31,6 +31,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 LAYOUT_VERSION = 1
+# R2Former's descriptor width, the default of an empty table. A store's own width is the model's
+# (``manifest["global_dim"]``, the Parquet list size): 1280 for EfficientNet-Lite0's plain GeM.
 GLOBAL_DIM = 256
 TOKEN_DIM = 131  # x, y, attention/score, 128-d feature
 POSITION_COLUMNS = ("utm_east", "utm_north", "heading", "timestamp", "place_id")

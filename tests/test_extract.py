@@ -63,6 +63,8 @@ def test_s3_store_with_bad_inputs_matches_direct_model(ray_session, s3_bucket, g
     manifest = storage.read_manifest(store)
     assert manifest["shards"] == [0, 1, 2, 3] and manifest["counts"] == {"images": 13, "extracted": 8, "failed": 5}
     assert manifest["model"]["checkpoint_hash"].startswith("sha256:") and manifest["tokens"] > 0
+    # The store's descriptor width is the model's: plain 1280-d GeM for EfficientNet-Lite0 by default.
+    assert manifest["global_dim"] == model.config.global_dim == 1280
 
     # Every bad input is in the errors table with the stage that caught it.
     errors = {r["path"].rsplit("/", 1)[-1]: r for r in storage.read_errors(store).to_pylist()}
