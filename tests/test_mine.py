@@ -1,5 +1,6 @@
-"""Mining: soft positives never become negatives, merged partial top-k equals one exact search,
-a rerun after a killed run gives the same file, partial mining picks the right triplets."""
+"""Mining: soft positives never become negatives, the sharded FAISS mining gives the ids of the
+brute-force oracle ``partial_topk``, a rerun after a killed run gives the same file, readers
+stream the output as arrays, partial mining picks the right triplets (through the k-d tree)."""
 from __future__ import annotations
 
 import os
@@ -15,7 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import storage
-from pipeline.mine import MineConfig, PartialMiner, read_hardest_negatives, run
+from pipeline.mine import (MineConfig, PartialMiner, iter_hardest_negatives, merge_ranked, partial_topk,
+                          read_hardest_negatives, run)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,7 +72,21 @@ def stores(tmp_path_factory):
 
 def config(stores, out: str, **kw) -> MineConfig:
     return MineConfig(queries=stores["q"], database=stores["db"], output=out, soft_positive_radius=25.0,
-                      top_k=20, query_block_size=8, blocks_per_wave=1, **kw)
+                      top_k=20, query_block_size=8, index_shards=3, **kw)
+
+
+def assert_same_as_oracle(ids: np.ndarray, dists: np.ndarray, ref_ids: np.ndarray, ref_d: np.ndarray) -> None:
+    """Same ids as the oracle; a swap is allowed only between distances within 1e-6 relative,
+    and every distance is within 1e-5 of the oracle's."""
+    np.testing.assert_allclose(dists, ref_d, rtol=0, atol=1e-5)
+    for r in range(len(ids)):
+        if np.array_equal(ids[r], ref_ids[r]):
+            continue
+        # Positions where the lists differ must hold near-equal distances, and the same id sets there.
+        diff = np.flatnonzero(ids[r] != ref_ids[r])
+        lo, hi = ref_d[r, diff].min(), ref_d[r, diff].max()
+        assert hi - lo <= 1e-6 * max(abs(hi), 1e-12) + 1e-7, f"row {r}: ids swapped across distinct distances"
+        assert set(ids[r][diff]) == set(ref_ids[r][diff]) or diff[-1] == len(ids[r]) - 1
 
 
 def test_global_hardest_negatives_exclude_soft_positives_and_are_exact(ray_session, stores):
@@ -86,15 +102,19 @@ def test_global_hardest_negatives_exclude_soft_positives_and_are_exact(ray_sessi
         rows = np.array([id_to_row[int(i)] for i in negatives[int(qid)]])
         assert len(rows) == 20
         assert (geo[qi, rows] > 25.0).all(), f"query {qi} got a negative within the soft-positive radius"
-        # Exactly the brute-force answer over the whole database.
-        d = np.where(geo[qi] > 25.0, d_all[qi], np.inf)
-        np.testing.assert_array_equal(rows, np.argsort(d, kind="stable")[:20])
         excluded_somewhere += int((np.argsort(d_all[qi])[:20] != rows).any())
     assert excluded_somewhere > 45, "the fixture should make soft positives compete with negatives"
-    # Distances are ascending and match the descriptors.
+    # The oracle: plain brute force over the whole database, soft positives masked.
     t = pq.read_table(os.path.join(out, "hardest_negatives.parquet"))
-    dists = np.array(t.column("negative_distances").to_pylist())
-    assert (np.diff(dists, axis=1) >= 0).all()
+    order = np.argsort(np.searchsorted(stores["q_ids"], t.column("query_image_id").to_numpy()))
+    got_ids = np.array(t.column("hardest_negatives").to_pylist())
+    got_d = np.array(t.column("negative_distances").to_pylist(), np.float32)
+    q_of_row = np.array([np.flatnonzero(stores["q_ids"] == q)[0] for q in t.column("query_image_id").to_pylist()])
+    ref_ids, ref_d = partial_topk(stores["q_desc"][q_of_row], stores["q_pos"][q_of_row], stores["db_ids"],
+                                  stores["db_desc"], stores["db_pos"], 20, 25.0)
+    assert_same_as_oracle(got_ids, got_d, ref_ids, ref_d)
+    assert (np.diff(got_d, axis=1) >= 0).all()
+    assert result.extra["index_version"] and len(order) == 90
 
 
 def test_rerun_after_a_killed_run_gives_the_same_file(ray_session, stores):
@@ -105,7 +125,7 @@ def test_rerun_after_a_killed_run_gives_the_same_file(ray_session, stores):
     address = ray_session.get_runtime_context().gcs_address
     code = ("import sys; from pipeline.mine import MineConfig, run; "
             f"run(MineConfig(queries={stores['q']!r}, database={stores['db']!r}, output={str(out)!r}, "
-            "soft_positive_radius=25.0, top_k=20, query_block_size=8, blocks_per_wave=1))")
+            "soft_positive_radius=25.0, top_k=20, query_block_size=8, index_shards=3))")
     env = dict(os.environ, RAY_ADDRESS=address, PYTHONPATH=str(ROOT))
     proc = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=ROOT)
     deadline = time.time() + 90
@@ -147,3 +167,24 @@ def test_partial_mining_best_positive_and_hardest_negatives(stores):
         pool = r1.negative_pool[geo[q, r1.negative_pool] > 25.0]
         dp = ((stores["db_desc"][pool] - stores["q_desc"][q]) ** 2).sum(-1)
         np.testing.assert_array_equal(negs, pool[np.argsort(dp, kind="stable")[:2]])
+
+
+def test_readers_stream_arrays(stores):
+    out = str(stores["root"] / "out_full")
+    negatives = read_hardest_negatives(out, top=5)
+    assert negatives.negatives.shape == (90, 5) and negatives.negatives.dtype == np.int64
+    batches = list(iter_hardest_negatives(out, top=20, batch_rows=16))
+    assert len(batches) == 6 and sum(len(q) for q, _ in batches) == 90
+    first = {int(q): n for q, n in zip(*batches[0])}
+    qid = next(iter(first))
+    np.testing.assert_array_equal(negatives[qid], first[qid][:5])
+    assert int(stores["db_ids"][0]) not in negatives  # not a query id
+
+
+def test_merge_ranked_orders_by_distance_then_id():
+    ids = np.array([[5, 3, -1, 9, 2, 7]], np.int64)
+    d = np.array([[0.5, 0.5, 0.0, 0.1, 0.7, 0.5]], np.float32)
+    got_ids, got_d = merge_ranked(ids, d, 4)
+    np.testing.assert_array_equal(got_ids, [[9, 3, 5, 7]])
+    got_ids, _ = merge_ranked(ids, d, 7)
+    np.testing.assert_array_equal(got_ids, [[9, 3, 5, 7, 2, -1, -1]])
