@@ -32,3 +32,23 @@ def test_renamed_option_and_bad_override(tmp_path):
     args = build_parser().parse_args(["reindex", "--set", "no_such_key=1"])
     with pytest.raises(ConfigError, match="no_such_key"):
         config_from_args(ReindexConfig, args, ())
+
+
+def test_one_image_size_form_for_every_subcommand(capsys):
+    """``--image-size H W`` and ``--image-size H,W`` both work wherever the option exists, and
+    every subcommand's --help says so the same way."""
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    having = [name for name, p in sub.choices.items()
+              if any("--image-size" in a.option_strings for a in p._actions)]
+    assert {"extract", "rerank", "run", "evaluate"} <= set(having)
+    for name in having:
+        sp = sub.choices[name]
+        action = next(a for a in sp._actions if "--image-size" in a.option_strings)
+        assert "'H W' or 'H,W'" in action.help, (name, action.help)
+        for form in (["272", "480"], ["272,480"]):
+            ns, _ = sp.parse_known_args(["--image-size", *form])
+            assert list(ns.image_size) == [272, 480], (name, form)
+        with pytest.raises(SystemExit):
+            sp.parse_known_args(["--image-size", "272"])
+    assert "height and a width" in capsys.readouterr().err
