@@ -79,7 +79,7 @@ def test_add_change_delete_interrupt_noop_rollback(ray_session, gardens_point, s
 
     with pytest.raises(KeyboardInterrupt):
         reindex.run(cfg, on_stage=during)
-    assert seen == ["planned", "extracted", "adopted", "store_published", "index_built"]
+    assert seen == ["planned", "extracted", "adopted", "snapshot", "index_built"]
     plan = plans[0]
     assert (len(plan.added_ids), len(plan.changed_ids), len(plan.deleted_ids), len(plan.moved)) == (2, 1, 1, 0)
     assert plan.unchanged == 4

@@ -85,7 +85,8 @@ class IndexBuildResult:
 
 # ---------------------------------------------------------------- entry point
 def build(config: IndexConfig, previous_version: str | None = None,
-          rebuild_extraction_shards: Iterable[int] | None = None) -> IndexBuildResult:
+          rebuild_extraction_shards: Iterable[int] | None = None,
+          manifest: dict[str, Any] | None = None) -> IndexBuildResult:
     """Build a new index version from ``config.store``.
 
     With ``previous_version`` (a version name, or ``"current"``) the new version keeps that
@@ -93,6 +94,9 @@ def build(config: IndexConfig, previous_version: str | None = None,
     are unchanged, and refills only the index shards that cover an extraction shard in
     ``rebuild_extraction_shards``, one that left the store, or new ones (which form a new index
     shard). The previous version stays intact for its readers.
+
+    ``manifest`` (a store generation's snapshot, as ``pipeline.reindex`` passes it) is what gets
+    indexed; by default the store's ``manifest.json``.
     """
     t0 = time.perf_counter()
     if not config.store:
@@ -101,7 +105,7 @@ def build(config: IndexConfig, previous_version: str | None = None,
         raise ConfigError(f"k must be >= 1 and held_back_queries >= 0 (got k={config.k}, "
                           f"held_back_queries={config.held_back_queries})")
     index_dir = config.resolved_index_dir
-    manifest = storage.read_manifest(config.store)
+    manifest = manifest if manifest is not None else storage.read_manifest(config.store)
     ext_shards = sorted(int(s) for s in manifest["shards"])
     counts, dim = _shard_row_counts(config.store, ext_shards)
     total = sum(counts.values())
@@ -227,6 +231,7 @@ def build(config: IndexConfig, previous_version: str | None = None,
         "merged": merged_entry,
         "store": config.store,
         "store_manifest": {k: manifest[k] for k in ("layout_version", "model", "created") if k in manifest},
+        "store_generation": manifest.get("generation"),
         "previous_version": previous["version"] if previous else None,
         "gpus": gpus_to_use(config.use_gpu),
         "layout_version": L.INDEX_LAYOUT_VERSION,
@@ -235,7 +240,11 @@ def build(config: IndexConfig, previous_version: str | None = None,
     }
     storage.write_json(lay.infos(version), infos)  # last: the version now exists for readers
     if config.make_current:
-        L.set_current(index_dir, version)
+        # a generation is named only when its snapshot exists (a reindexed store): plain stores'
+        # readers keep using manifest.json
+        gen = manifest.get("generation")
+        named = gen is not None and storage.exists(storage.StoreLayout(config.store).manifest_snapshot(int(gen)))
+        L.set_current(index_dir, version, store_generation=int(gen) if named else None, store=config.store)
     measured = "n/a (no held-back queries)" if recall["recall_at_k"] is None else f"{recall['recall_at_k']:.4f}"
     log.info("index %s/%s: %s, %d vectors, recall@%d %s (%s), %.1fs", index_dir, version, choice.factory,
              infos["num_vectors"], recall["k"], measured, search_params, infos["build_seconds"])

@@ -59,8 +59,12 @@ from typing import Any, Callable
 import numpy as np
 import pyarrow as pa
 
-from . import storage
-from .log import get_logger
+from .. import storage
+from ..log import get_logger
+from .gc import GarbageReport, collect_garbage
+from .lock import ReindexBusy, ReindexError, ReindexLock
+from .publish import (pending_generation, publish_pointer, read_snapshot, reserve_numbers, store_generation,
+                      version_generation, write_version_record)
 
 log = get_logger(__name__)
 
@@ -71,14 +75,6 @@ FAILURES_SCHEMA = pa.schema([("path", pa.string()), ("content_hash", pa.string()
 # (backbone, checkpoint, image size, shard size) comes from the store, so new rows match old ones.
 RUNTIME_EXTRACT_KEYS = ("batch_size", "num_actors", "threads_per_actor", "max_failures", "progress", "device",
                         "ray_address")
-
-
-class ReindexError(RuntimeError):
-    pass
-
-
-class ReindexBusy(ReindexError):
-    """Another reindex holds the lock of this index."""
 
 
 @dataclass
@@ -93,7 +89,13 @@ class ReindexConfig:
     max_index_shards: int = 64            # more index shards than this: rebuild all (compaction)
     hash_chunk: int = 256                 # images hashed per Ray task
     trust_file_stamps: bool = True        # skip reading files whose size and mtime/ETag did not change
-    lock_stale_hours: float = 12.0        # a lock older than this (or of a dead local pid) is taken over
+    lock_heartbeat_s: float = 30.0        # the lock holder rewrites the lock this often
+    lock_stale_s: float = 600.0           # a lock not heartbeated for this long (or of a dead local pid) is broken
+    gc: bool = True                       # collect garbage after each publish (scheduled runs)
+    gc_only: bool = False                 # only collect garbage (`r2f reindex --gc`)
+    gc_dry_run: bool = False              # report what GC would delete, delete nothing
+    gc_grace_s: float = 3600.0            # nothing superseded, written or heartbeated more recently is collected
+    gc_compact_below: float = 0.5         # rewrite Zarr chunks whose live-row fraction is below this (dead rows zeroed)
     ray_address: str | None = None
 
     @property
@@ -107,7 +109,7 @@ class ReindexConfig:
 
 @dataclass
 class ReindexResult:
-    status: str                           # "noop" | "published" | "rolled_back"
+    status: str                           # "noop" | "published" | "rolled_back" | "collected"
     message: str
     version: str | None                   # CURRENT after the run
     previous_version: str | None          # CURRENT before the run
@@ -126,6 +128,7 @@ class ReindexResult:
     reused_index_shards: list[int] = field(default_factory=list)
     pruned_versions: list[str] = field(default_factory=list)
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    gc: dict[str, Any] | None = None      # GarbageReport.as_dict() of the collection after publishing
 
 
 @dataclass
@@ -180,71 +183,6 @@ class ReindexLayout:
         return storage.join(self.index_dir, "reindex.lock")
 
 
-# ---------------------------------------------------------------- lock
-class _Lock:
-    """One reindex per index at a time. Local files are created exclusively; on S3 the check and
-    the write are two requests (the scheduler's no-overlap policy is the first guard there)."""
-
-    def __init__(self, url: str, stale_hours: float):
-        self.url, self.stale_s = url, stale_hours * 3600
-        self.held = False
-
-    def __enter__(self) -> "_Lock":
-        me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}
-        fs, path = storage.filesystem(self.url)
-        if fs.exists(path):
-            try:
-                other = storage.read_json(self.url)
-            except Exception:
-                other = {}
-            if not self._stale(other):
-                raise ReindexBusy(f"another reindex is running on {self.url.rsplit('/', 1)[0]} "
-                                  f"(host {other.get('host')}, pid {other.get('pid')}, since "
-                                  f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(other.get('since', 0)))} UTC); "
-                                  f"delete {self.url} if it died")
-            log.warning("taking over a stale reindex lock %s (%s)", self.url, other)
-            fs.rm(path)
-        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        data = json.dumps(me).encode()
-        if _is_local(fs):
-            try:
-                with open(path, "xb") as f:
-                    f.write(data)
-            except FileExistsError:
-                raise ReindexBusy(f"another reindex took {self.url} just now") from None
-        else:
-            with fs.open(path, "wb") as f:
-                f.write(data)
-        self.held = True
-        return self
-
-    def _stale(self, other: dict[str, Any]) -> bool:
-        if time.time() - float(other.get("since", 0)) > self.stale_s:
-            return True
-        if other.get("host") == socket.gethostname() and isinstance(other.get("pid"), int):
-            try:
-                os.kill(other["pid"], 0)
-            except ProcessLookupError:
-                return True  # its process is gone
-            except PermissionError:
-                return False
-        return False
-
-    def __exit__(self, *exc) -> None:
-        if self.held:
-            fs, path = storage.filesystem(self.url)
-            try:
-                fs.rm(path)
-            except FileNotFoundError:
-                pass
-            self.held = False
-
-
-def _is_local(fs) -> bool:
-    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
-    return "file" in protocols or "local" in protocols
-
-
 # ---------------------------------------------------------------- scan and plan
 def file_stamp(fs, path: str) -> str | None:
     """Size plus modification stamp (mtime locally, ETag on S3): when it is unchanged the bytes are
@@ -262,7 +200,7 @@ def _hash_paths(paths: list[str], cache: dict[str, tuple[str, str]] | None = Non
                 ) -> list[tuple[str | None, str | None, str | None]]:
     """``(content_hash, None, stamp)`` or ``(None, reason, None)`` per path. A path whose stamp
     equals the cached one keeps its cached hash without being read."""
-    from .images import ImageReadError, content_hash, read_bytes
+    from ..images import ImageReadError, content_hash, read_bytes
 
     out = []
     for p in paths:
@@ -315,10 +253,11 @@ def write_scan_cache(layout: "ReindexLayout", paths: list[str], scanned) -> None
         "content_hash": pa.array([r[2] for r in rows], pa.string())}))
 
 
-def read_catalog(store: str) -> pa.Table:
-    """The store's rows as the reindex compares them (no descriptors)."""
+def read_catalog(store: str, manifest: dict[str, Any] | None = None) -> pa.Table:
+    """The rows of one store generation (default: ``manifest.json``'s) as the reindex compares them
+    (no descriptors)."""
     return storage.read_global_table(store, ["image_id", "path", "content_hash", "shard", "row",
-                                             *POSITION_COLUMNS])
+                                             *POSITION_COLUMNS], manifest=manifest)
 
 
 def read_failures(layout: ReindexLayout) -> pa.Table:
@@ -392,10 +331,6 @@ def plan_changes(source: pa.Table, catalog: pa.Table, hashes: list[tuple[str | N
 
 
 # ---------------------------------------------------------------- store generations
-def store_generation(manifest: dict[str, Any]) -> int:
-    return int(manifest.get("generation", 0))
-
-
 def _used_shard_numbers(store: str) -> set[int]:
     """Every shard number that has ever had a file in the store (listed or not): new shards get
     numbers above all of them, so no file a kept generation may read is ever overwritten."""
@@ -415,16 +350,9 @@ def _used_shard_numbers(store: str) -> set[int]:
     return used
 
 
-def _snapshot_if_missing(layout: ReindexLayout, manifest: dict[str, Any]) -> None:
-    url = layout.manifest_snapshot(store_generation(manifest))
-    if not storage.exists(url):
-        storage.write_json(url, manifest)
-
-
-def _publish_store_generation(layout: ReindexLayout, manifest: dict[str, Any]) -> None:
-    """Snapshot first, then the manifest readers use (each one atomic write)."""
+def _write_snapshot(layout: ReindexLayout, manifest: dict[str, Any]) -> None:
+    """Step 1 of publishing: the new generation's snapshot. No reader sees it until a pointer names it."""
     storage.write_json(layout.manifest_snapshot(store_generation(manifest)), manifest)
-    storage.write_json(storage.StoreLayout(layout.store).manifest, manifest)
 
 
 def _count_rows(store: str, shards: list[int]) -> int:
@@ -502,7 +430,7 @@ def _delta_digest(table: pa.Table, hashes: dict[str, str]) -> str:
 
 def _staging_config(cfg: ReindexConfig, manifest: dict[str, Any]):
     """The ExtractConfig of new images: the model and sizes of the store, run settings from ``cfg``."""
-    from .extract import ExtractConfig
+    from ..extract import ExtractConfig
 
     model = manifest.get("model") or {}
     fixed = dict(backbone=model.get("backbone"), checkpoint=model.get("checkpoint"),
@@ -514,7 +442,7 @@ def _staging_config(cfg: ReindexConfig, manifest: dict[str, Any]):
                                "match the old ones, so a different model or size needs a new store")
         if k not in fixed and k not in RUNTIME_EXTRACT_KEYS:
             raise ReindexError(f"extract.{k} cannot be set for a reindex (allowed: {', '.join(RUNTIME_EXTRACT_KEYS)})")
-    from .config import from_dict
+    from ..config import from_dict
 
     run = {k: v for k, v in cfg.extract.items() if k in RUNTIME_EXTRACT_KEYS}
     run.setdefault("ray_address", cfg.ray_address)
@@ -530,7 +458,7 @@ def version_image_ids(index_dir: str, version: str | None = None) -> np.ndarray:
     """Sorted image ids held by an index version (read from its shard files)."""
     import faiss
 
-    from .index import layout as L
+    from ..index import layout as L
 
     infos = L.read_infos(index_dir, version)
     lay = L.IndexLayout(index_dir)
@@ -558,7 +486,7 @@ def _ids_of(index, faiss) -> np.ndarray:
 
 
 def _current_or_none(index_dir: str) -> str | None:
-    from .index import layout as L
+    from ..index import layout as L
 
     try:
         return L.current_version(index_dir)
@@ -567,7 +495,7 @@ def _current_or_none(index_dir: str) -> str | None:
 
 
 def _covered_shards(index_dir: str, version: str) -> set[int]:
-    from .index import layout as L
+    from ..index import layout as L
 
     infos = L.read_infos(index_dir, version)
     return {int(s) for e in infos["shards"] for s in e["extraction_shards"]}
@@ -575,7 +503,7 @@ def _covered_shards(index_dir: str, version: str) -> set[int]:
 
 def list_history(cfg: ReindexConfig) -> list[dict[str, Any]]:
     """Finished index versions, oldest first, with their store generation and counts."""
-    from .index import layout as L
+    from ..index import layout as L
 
     index_dir = cfg.resolved_index_dir
     layout = ReindexLayout(cfg.store, index_dir)
@@ -595,31 +523,51 @@ Hook = Callable[[str, dict[str, Any]], None]
 
 
 def run(config: ReindexConfig, on_stage: Hook | None = None) -> ReindexResult:
-    """Bring ``config.store`` and its index up to date with ``config.source`` (or roll back).
+    """Bring ``config.store`` and its index up to date with ``config.source`` (or roll back, or
+    only collect garbage when ``config.source`` is empty and ``config.gc_only``).
 
     ``on_stage(name, info)`` is called after each step (``planned``, ``extracted``, ``adopted``,
-    ``store_published``, ``index_built``, ``published``); operators' tooling and the tests use it
-    to look at the system between steps."""
+    ``snapshot``, ``index_built``, ``checked``, ``published``, ``collected``); operators' tooling and
+    the tests use it to look at the system between steps."""
     if not config.store:
         raise ReindexError("store is empty: name the extraction store to keep up to date")
     if config.keep_versions < 1:
         raise ReindexError(f"keep_versions must be at least 1, got {config.keep_versions}")
     index_dir = config.resolved_index_dir
     layout = ReindexLayout(config.store, index_dir)
-    with _Lock(layout.lock, config.lock_stale_hours):
+    hook = on_stage or (lambda name, info: None)
+    with ReindexLock(layout.lock, config.lock_stale_s, config.lock_heartbeat_s) as lock:
         if config.rollback:
-            return _rollback(config, layout, config.rollback)
+            return _rollback(config, layout, config.rollback, lock)
+        if config.gc_only:
+            report = collect_garbage(config, layout, dry_run=config.gc_dry_run)
+            hook("collected", {"report": report})
+            return ReindexResult(status="collected", message=report.summary(), version=_current_or_none(index_dir),
+                                 previous_version=_current_or_none(index_dir), store_generation=-1, gc=report.as_dict())
         if not config.source:
             raise ReindexError("source is empty: give the dataset description of the images as they are now")
-        return _reindex(config, layout, on_stage or (lambda name, info: None))
+        result = _reindex(config, layout, hook, lock)
+        if config.gc and result.status == "published":
+            report = collect_garbage(config, layout, dry_run=config.gc_dry_run)
+            result.gc = report.as_dict()
+            result.pruned_versions = report.versions
+            result.message += f"; {report.summary()}"
+            hook("collected", {"report": report})
+        return result
 
 
 def rollback(config: ReindexConfig, version: str) -> ReindexResult:
     return run(dataclasses.replace(config, rollback=version))
 
 
-def _rollback(cfg: ReindexConfig, layout: ReindexLayout, version: str) -> ReindexResult:
-    from .index import layout as L
+def collect(config: ReindexConfig, dry_run: bool = False) -> ReindexResult:
+    """Collect garbage only (``r2f reindex --gc [--dry-run]``)."""
+    return run(dataclasses.replace(config, gc_only=True, gc_dry_run=dry_run))
+
+
+def _rollback(cfg: ReindexConfig, layout: ReindexLayout, version: str, lock: ReindexLock) -> ReindexResult:
+    """One pointer write to a kept version and the store generation it was built from."""
+    from ..index import layout as L
 
     t0 = time.perf_counter()
     index_dir = layout.index_dir
@@ -627,17 +575,14 @@ def _rollback(cfg: ReindexConfig, layout: ReindexLayout, version: str) -> Reinde
         kept = ", ".join(L.list_versions(index_dir)) or "none"
         raise ReindexError(f"cannot roll back {index_dir} to {version}: not a finished version (kept: {kept})")
     previous = _current_or_none(index_dir)
-    generation = -1
-    if storage.exists(layout.version_record(version)):
-        rec = storage.read_json(layout.version_record(version))
-        generation = int(rec["store_generation"])
-        snapshot = storage.read_json(layout.manifest_snapshot(generation))
-        storage.write_json(storage.StoreLayout(cfg.store).manifest, snapshot)
-    else:
-        log.warning("no reindex record for %s: the store manifest is left as it is", version)
-    L.set_current(index_dir, version)
-    msg = f"rolled back {index_dir} from {previous} to {version}" + \
-        (f" (store generation {generation})" if generation >= 0 else "")
+    generation = version_generation(index_dir, version)
+    if generation is None:
+        raise ReindexError(f"cannot roll back {index_dir} to {version}: it has no reindex record naming its store "
+                           f"generation (built by `r2f index`?); point at it with pipeline.index.set_current")
+    snapshot = read_snapshot(cfg.store, generation)  # fails naming the snapshot if it was collected
+    lock.check()
+    publish_pointer(cfg.store, index_dir, version, snapshot)
+    msg = f"rolled back {index_dir} from {previous} to {version} (store generation {generation})"
     log.info("%s", msg)
     infos = L.read_infos(index_dir, version)
     return ReindexResult(status="rolled_back", message=msg, version=version, previous_version=previous,
@@ -645,13 +590,28 @@ def _rollback(cfg: ReindexConfig, layout: ReindexLayout, version: str) -> Reinde
                          stage_seconds={"rollback": round(time.perf_counter() - t0, 3)})
 
 
-def _reindex(cfg: ReindexConfig, layout: ReindexLayout, on_stage: Hook) -> ReindexResult:
-    from .cluster import ensure_ray
-    from .config import from_dict
-    from .datasets import load_dataset
-    from .extract import ExtractConfig, extract_dataset
-    from .index import build, IndexConfig
-    from .index import layout as L
+def _published_base(cfg: ReindexConfig, layout: ReindexLayout) -> tuple[dict[str, Any], str | None]:
+    """(manifest of the published store generation, published version). A store made by
+    ``r2f extract`` (no generation yet) becomes generation 0."""
+    from .. import published
+
+    state = published.resolve(cfg.store, layout.index_dir)
+    manifest = dict(state.manifest)
+    if state.store_generation is None:
+        manifest.setdefault("generation", 0)
+        url = layout.manifest_snapshot(store_generation(manifest))
+        if not storage.exists(url):
+            storage.write_json(url, manifest)
+    return manifest, state.index_version
+
+
+def _reindex(cfg: ReindexConfig, layout: ReindexLayout, on_stage: Hook, lock: ReindexLock) -> ReindexResult:
+    from ..cluster import ensure_ray
+    from ..config import from_dict
+    from ..datasets import load_dataset
+    from ..extract import ExtractConfig, extract_dataset
+    from ..index import build, IndexConfig
+    from ..index import layout as L
 
     timings: dict[str, float] = {}
     t = time.perf_counter()
@@ -663,7 +623,6 @@ def _reindex(cfg: ReindexConfig, layout: ReindexLayout, on_stage: Hook) -> Reind
 
     index_dir = layout.index_dir
     store_lay = storage.StoreLayout(cfg.store)
-    previous_version = _current_or_none(index_dir)
     first_run = not storage.exists(store_lay.manifest)
     resumed = False
 
@@ -676,6 +635,7 @@ def _reindex(cfg: ReindexConfig, layout: ReindexLayout, on_stage: Hook) -> Reind
 
     if first_run:
         # No catalog yet: the whole source is new. A plain extraction, then generation 0.
+        previous_version = None
         log.info("reindex: %s holds no extraction yet; extracting all %d images of %s", cfg.store,
                  source.num_rows, cfg.source)
         ecfg = from_dict(ExtractConfig, {"dataset": cfg.source, "ray_address": cfg.ray_address, **cfg.extract})
@@ -685,18 +645,19 @@ def _reindex(cfg: ReindexConfig, layout: ReindexLayout, on_stage: Hook) -> Reind
                                f"more than extract.max_failures={ecfg.max_failures} allows; nothing was published")
         lap("extract")
         manifest = dict(storage.read_manifest(cfg.store), generation=0)
-        _publish_store_generation(layout, manifest)
+        _write_snapshot(layout, manifest)
         _write_failures(layout, storage.read_errors(cfg.store), dict(zip(source.column("path").to_pylist(),
                                                                          [h for h, _ in hashes])))
         plan_counts = dict(added=ext.num_extracted, changed=0, moved=0, deleted=0, unchanged=0,
                            failed=ext.num_failed, unreadable=sum(h is None for h, _ in hashes))
         new_shards, retired = list(manifest["shards"]), []
         lap("store")
-        on_stage("store_published", {"generation": 0})
+        on_stage("snapshot", {"generation": 0})
     else:
-        manifest = storage.read_manifest(cfg.store)
-        _snapshot_if_missing(layout, manifest)  # a store made by `r2f extract` becomes generation 0
-        catalog = read_catalog(cfg.store)
+        base, previous_version = _published_base(cfg, layout)
+        pending = pending_generation(cfg.store, index_dir, store_generation(base))
+        manifest = pending or base  # an interrupted run's generation is built on, not adopted again
+        catalog = read_catalog(cfg.store, manifest)
         failures = read_failures(layout)
         plan = plan_changes(source, catalog, hashes, failures)
         lap("plan")
@@ -710,7 +671,7 @@ def _reindex(cfg: ReindexConfig, layout: ReindexLayout, on_stage: Hook) -> Reind
         new_shards, retired = [], []
 
         if plan.empty:
-            current_ok = previous_version is not None and \
+            current_ok = pending is None and previous_version is not None and \
                 _covered_shards(index_dir, previous_version) == {int(s) for s in manifest["shards"]}
             if current_ok:
                 msg = (f"nothing to do: {cfg.source} matches {cfg.store} ({plan.unchanged} images unchanged"
@@ -726,9 +687,8 @@ def _reindex(cfg: ReindexConfig, layout: ReindexLayout, on_stage: Hook) -> Reind
             if previous_version is None:
                 log.info("reindex: %s has no index yet; building it", layout.index_dir)
             else:
-                log.info("reindex: the store is up to date but %s does not index generation %d yet (an earlier "
-                         "run stopped before publishing); building the index", previous_version,
-                         store_generation(manifest))
+                log.info("reindex: store generation %d was written but never published (an earlier run stopped "
+                         "before publishing); building its index", store_generation(manifest))
                 resumed = True
             # the changes are those of the run that made this generation
             made = manifest.get("reindex") or {}
@@ -736,6 +696,7 @@ def _reindex(cfg: ReindexConfig, layout: ReindexLayout, on_stage: Hook) -> Reind
                 plan_counts[k] = int(made.get(k, 0))
             new_shards, retired = list(made.get("new_shards", [])), list(made.get("retired_shards", []))
         else:
+            resumed = pending is not None
             manifest, new_shards, retired, failed = _update_store(cfg, layout, manifest, plan, timings, lap,
                                                                   on_stage, extract_dataset)
             plan_counts["failed"] = failed
@@ -751,36 +712,32 @@ def _reindex(cfg: ReindexConfig, layout: ReindexLayout, on_stage: Hook) -> Reind
             use_previous = None
     icfg_keys = {**cfg.index, "store": cfg.store, "index_dir": index_dir, "make_current": False,
                  "ray_address": cfg.ray_address}
-    built = build(from_dict(IndexConfig, icfg_keys), previous_version=use_previous)
+    built = build(from_dict(IndexConfig, icfg_keys), previous_version=use_previous, manifest=manifest)
     version = built.version
     lap("index")
     on_stage("index_built", {"version": version, "previous_version": previous_version})
 
-    # ---- check, record, publish
-    expected = storage.read_global_table(cfg.store, ["image_id"]).column("image_id").to_numpy()
+    # ---- check, then the one pointer write
+    expected = storage.read_global_table(cfg.store, ["image_id"], manifest=manifest).column("image_id").to_numpy()
     got = version_image_ids(index_dir, version)
     if len(got) != len(expected) or not np.array_equal(got, np.sort(expected)):
         raise ReindexError(f"index {index_dir}/{version} holds {len(got)} ids but store generation {store_gen} "
                            f"has {len(expected)}; not publishing it")
-    storage.write_json(layout.version_record(version), dict(
-        version=version, store_generation=store_gen, store_manifest=layout.manifest_snapshot(store_gen),
-        previous_version=previous_version, changes=plan_counts, new_shards=new_shards, retired_shards=retired,
-        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())))
-    L.set_current(index_dir, version)  # the one write that switches searches to the new version
+    write_version_record(index_dir, version, manifest, store_manifest=layout.manifest_snapshot(store_gen),
+                         previous_version=previous_version, changes=plan_counts, new_shards=new_shards,
+                         retired_shards=retired)
+    lock.check()
+    lap("check")
+    on_stage("checked", {"version": version, "store_generation": store_gen})
+    publish_pointer(cfg.store, index_dir, version, manifest)  # the one write that switches every reader
     lap("publish")
-    on_stage("published", {"version": version})
+    on_stage("published", {"version": version, "store_generation": store_gen})
 
     if cfg.trust_file_stamps:
         write_scan_cache(layout, paths, scanned)  # only once the hashes it holds are in a published state
-    pruned = L.prune_versions(index_dir, keep=cfg.keep_versions)
-    for v in pruned:
-        fs, path = storage.filesystem(layout.version_record(v))
-        if fs.exists(path):
-            fs.rm(path)
     fs, path = storage.filesystem(layout.staging_dir)
     if fs.exists(path):
-        fs.rm(path, recursive=True)  # staging data now lives in the store
-    lap("prune")
+        fs.rm(path, recursive=True)  # adopted: its rows now live in the store; no reader ever reads staging
 
     shards_info = built.infos.get("shards", [])
     msg = (f"published {version} (was {previous_version}"
@@ -793,17 +750,19 @@ def _reindex(cfg: ReindexConfig, layout: ReindexLayout, on_stage: Hook) -> Reind
         store_generation=store_gen, num_images=int(len(got)), new_shards=new_shards, retired_shards=retired,
         rebuilt_index_shards=[e["shard"] for e in shards_info if e.get("rebuilt")],
         reused_index_shards=[e["shard"] for e in shards_info if not e.get("rebuilt")],
-        pruned_versions=pruned, stage_seconds=timings, **plan_counts)
+        stage_seconds=timings, **plan_counts)
 
 
 def _update_store(cfg, layout, manifest, plan: ReindexPlan, timings, lap, on_stage, extract_dataset):
     """Extract the plan's images into staging, adopt them as new shards, replace affected shards,
-    and publish the next store generation. Returns (manifest, new shards, retired shards, failed)."""
+    and write the next store generation's snapshot (not published: only the pointer publishes).
+    Returns (manifest, new shards, retired shards, failed)."""
     import ray
 
     shard_size = int(manifest["shard_size"])
     used = _used_shard_numbers(cfg.store)
     next_shard = max(used | {int(s) for s in manifest["shards"]} | {-1}) + 1
+    staging_shards: list[int] = []
 
     # 1. extract new and changed images into a staging store named by what it holds, so a rerun
     #    after a crash finds (and resumes) the same one
@@ -831,7 +790,7 @@ def _update_store(cfg, layout, manifest, plan: ReindexPlan, timings, lap, on_sta
             raise ReindexError(f"the checkpoint changed since {cfg.store} was extracted ({old_hash} -> {new_hash}); "
                                "descriptors would not be comparable: extract into a new store")
         staging_rows = int(smanifest["rows"])
-        staged = [(int(k), next_shard + i) for i, k in enumerate(smanifest["shards"])]
+        staging_shards = [int(k) for k in smanifest["shards"]]
         errs = storage.read_errors(staging)
         failed_rows = pa.table({
             "path": errs.column("path"),
@@ -840,6 +799,9 @@ def _update_store(cfg, layout, manifest, plan: ReindexPlan, timings, lap, on_sta
         if ext.num_failed:
             log.warning("reindex: %d new/changed image(s) failed to extract; they are retried when their bytes "
                         "change (see %s)", ext.num_failed, layout.failures)
+    # numbers above every one ever used (recorded first), so no kept or collected state's file is reused
+    next_shard, generation = reserve_numbers(cfg.store, next_shard, len(staging_shards) + len(plan.affected_shards))
+    staged = [(k, next_shard + i) for i, k in enumerate(staging_shards)]
     lap("extract")
     on_stage("extracted", {"staging": staging, "failed": failed_rows.num_rows})
 
@@ -871,7 +833,7 @@ def _update_store(cfg, layout, manifest, plan: ReindexPlan, timings, lap, on_sta
     rows = storage.open_local_tokens(cfg.store).shape[0]
     new_manifest = dict(manifest)
     new_manifest.update(
-        generation=store_generation(manifest) + 1, previous_generation=store_generation(manifest),
+        generation=generation, previous_generation=store_generation(manifest),
         dataset=cfg.source, shards=shards, rows=int(rows),
         finished_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         reindex=dict(added=len(plan.added_ids), changed=len(plan.changed_ids), moved=len(plan.moved),
@@ -879,12 +841,12 @@ def _update_store(cfg, layout, manifest, plan: ReindexPlan, timings, lap, on_sta
     new_manifest.pop("keys_digest", None)  # described the first extraction's key list only
     n_rows = _count_rows(cfg.store, shards)
     new_manifest["counts"] = dict(images=n_rows + failed_rows.num_rows, extracted=n_rows, failed=failed_rows.num_rows)
-    _publish_store_generation(layout, new_manifest)
+    _write_snapshot(layout, new_manifest)
     previous_failures = read_failures(layout)
     _write_failures(layout, pa.concat_tables([previous_failures, failed_rows]), plan.source_hashes,
                     keep_paths=set(plan.source_hashes))
     lap("store")
-    on_stage("store_published", {"generation": new_manifest["generation"]})
+    on_stage("snapshot", {"generation": new_manifest["generation"]})
     return new_manifest, adopted + rewritten, retired, failed_rows.num_rows
 
 
@@ -907,7 +869,7 @@ def _write_failures(layout: ReindexLayout, rows: pa.Table, hashes: dict[str, str
 
 # ---------------------------------------------------------------- CLI
 def register_cli(subparsers) -> None:
-    from .cli import add_config_arguments
+    from ..cli import add_config_arguments
 
     p = subparsers.add_parser("reindex", help="bring a store and its index up to date with the image source; "
                                                "roll back; list versions",
@@ -919,11 +881,14 @@ def register_cli(subparsers) -> None:
     p.add_argument("--keep", type=int, help="finished index versions to keep (default 3)")
     p.add_argument("--rollback", metavar="VERSION", help="publish this kept version (and its store generation) again")
     p.add_argument("--list", action="store_true", help="list kept versions with their store generations")
+    p.add_argument("--gc", action="store_true", help="only collect garbage: parts, Zarr chunks, index versions and "
+                                                    "staging no kept state or live lease references")
+    p.add_argument("--dry-run", action="store_true", help="with --gc: report what would be collected, delete nothing")
     p.set_defaults(func=_cli)
 
 
 def _cli(args: argparse.Namespace) -> int:
-    from .cli import config_from_args
+    from ..cli import config_from_args
 
     config = config_from_args(ReindexConfig, args, ("source", "store", "index_dir", ("keep", "keep_versions"),
                                                     "rollback"))
@@ -931,6 +896,8 @@ def _cli(args: argparse.Namespace) -> int:
         for row in list_history(config):
             print(json.dumps(row))
         return 0
+    if args.gc or args.dry_run:
+        config = dataclasses.replace(config, gc_only=True, gc_dry_run=bool(args.dry_run))
     result = run(config)
     print(result.message)
     return 0
