@@ -47,3 +47,10 @@ def set_cpu_threads(n: int | None = None) -> int:
         n = int(os.environ.get("R2F_TORCH_THREADS", "0")) or (os.cpu_count() or 1)
     torch.set_num_threads(max(1, n))
     return torch.get_num_threads()
+
+
+def place_model(model: torch.nn.Module, plan: DevicePlan) -> torch.nn.Module:
+    """Move ``model`` to ``plan.device`` through its own ``place`` (which also records the plan its
+    forward passes use), so the model's parameters and the device it sends inputs to agree."""
+    placed = model.place(plan) if hasattr(model, "place") else model.to(plan.device)
+    return placed

@@ -68,26 +68,38 @@ def _float_column(table: pa.Table, name: str) -> np.ndarray:
     return np.asarray(col.cast(pa.float64()).to_numpy(zero_copy_only=False), dtype=np.float64)
 
 
+class PositiveIndex:
+    """Exact 2-D nearest neighbour over the database positions (FAISS, built once). Memory:
+    O(database) (8 bytes per image); queries are asked a block at a time."""
+
+    def __init__(self, db_xy: np.ndarray):
+        import faiss
+
+        db_xy = np.asarray(db_xy, np.float64).reshape(-1, 2)
+        ok = ~np.isnan(db_xy).any(axis=1)
+        self.index = None
+        # Centre before going to float32: raw UTM eastings (~5e5 m) would lose centimetres.
+        self.origin = db_xy[ok].mean(axis=0) if ok.any() else np.zeros(2)
+        if ok.any():
+            self.index = faiss.IndexFlatL2(2)
+            self.index.add(np.ascontiguousarray(db_xy[ok] - self.origin, dtype=np.float32))
+
+    def has_positive(self, query_xy: np.ndarray, radius: float) -> np.ndarray:
+        query_xy = np.asarray(query_xy, np.float64).reshape(-1, 2)
+        out = np.zeros(len(query_xy), bool)
+        q_ok = ~np.isnan(query_xy).any(axis=1)
+        if self.index is None or not q_ok.any():
+            return out
+        dist, _ = self.index.search(np.ascontiguousarray(query_xy[q_ok] - self.origin, dtype=np.float32), 1)
+        # Small slack for float32 rounding of squared distances at exactly the radius.
+        out[q_ok] = dist[:, 0] <= radius * radius * (1 + 1e-6) + 1e-6
+        return out
+
+
 def has_positive(query_xy: np.ndarray, db_xy: np.ndarray, radius: float) -> np.ndarray:
     """(Q,) bool: some database position lies within ``radius`` of the query (exact nearest
     neighbour in 2-D through FAISS, so city-scale databases stay cheap)."""
-    import faiss
-
-    query_xy = np.asarray(query_xy, np.float64)
-    db_xy = np.asarray(db_xy, np.float64)
-    out = np.zeros(len(query_xy), bool)
-    db_ok = ~np.isnan(db_xy).any(axis=1)
-    q_ok = ~np.isnan(query_xy).any(axis=1)
-    if not db_ok.any() or not q_ok.any():
-        return out
-    # Centre before going to float32: raw UTM eastings (~5e5 m) would lose centimetres.
-    origin = db_xy[db_ok].mean(axis=0)
-    index = faiss.IndexFlatL2(2)
-    index.add(np.ascontiguousarray(db_xy[db_ok] - origin, dtype=np.float32))
-    dist, _ = index.search(np.ascontiguousarray(query_xy[q_ok] - origin, dtype=np.float32), 1)
-    # Small slack for float32 rounding of squared distances at exactly the radius.
-    out[q_ok] = dist[:, 0] <= radius * radius * (1 + 1e-6) + 1e-6
-    return out
+    return PositiveIndex(db_xy).has_positive(query_xy, radius)
 
 
 # ---------------------------------------------------------------- results tables
@@ -132,26 +144,76 @@ def correct_matrix(query_xy: np.ndarray, candidate_xy: np.ndarray, radius: float
     return np.nan_to_num(d, nan=np.inf) <= radius * (1 + 1e-9)
 
 
+class RecallCounter:
+    """Recall@N counts accumulated part by part: O(len(ns)) state, plus the ids of the queries
+    without a positive (reported by name)."""
+
+    def __init__(self, ns: Sequence[int]):
+        self.ns = list(ns)
+        for n in self.ns:
+            if n < 1:
+                raise ValueError(f"recall@N needs N >= 1, got {n}")
+        self.hits = np.zeros(len(self.ns), np.int64)
+        self.counted = 0
+
+    def add(self, correct: np.ndarray, pos: np.ndarray) -> None:
+        c = np.asarray(correct, bool)[np.asarray(pos, bool)]
+        self.counted += len(c)
+        for i, n in enumerate(self.ns):
+            self.hits[i] += int(c[:, :n].any(axis=1).sum()) if c.size else 0
+
+    def recalls(self) -> dict[str, float | None]:
+        return {f"recall@{n}": (None if self.counted == 0 else float(h / self.counted))
+                for n, h in zip(self.ns, self.hits)}
+
+
+def evaluate_parts(parts: Iterable[pa.Table], db_positions: np.ndarray, radius: float,
+                   ns: Sequence[int] = RECALL_NS, sweep: Sequence[int] = (),
+                   sweep_ns: Sequence[int] = (1, 5, 10)) -> tuple[dict, list[dict] | None]:
+    """Metrics (and the candidate sweep) of a result set read part by part. Each part holds whole
+    queries (pipeline.rerank.results). Memory: one part plus the database positions' index."""
+    if radius <= 0:
+        raise ValueError(f"positive radius must be > 0, got {radius}")
+    for k in sweep:
+        if k < 1:
+            raise ValueError(f"candidate counts must be >= 1, got {k}")
+    index = PositiveIndex(db_positions)
+    glob, rer = RecallCounter(ns), RecallCounter(ns)
+    sweeps = [RecallCounter(sweep_ns) for _ in sweep]
+    have = 0
+    num_queries, without = 0, []
+    for part in parts:
+        if part.num_rows == 0:
+            continue
+        qids, qxy, cand_global = ranked_lists(part, "global_rank")
+        _, _, cand_reranked = ranked_lists(part, "rank")
+        pos = index.has_positive(qxy, radius)
+        num_queries += len(qids)
+        without.extend(int(q) for q, p in zip(qids, pos) if not p)
+        glob.add(correct_matrix(qxy, cand_global, radius), pos)
+        rer.add(correct_matrix(qxy, cand_reranked, radius), pos)
+        have = max(have, int(pc.max(part.column("global_rank")).as_py() or 0))
+        for k, counter in zip(sweep, sweeps):
+            q2, qxy2, cand = ranked_lists(part, max_candidates=k)
+            assert np.array_equal(q2, qids)
+            counter.add(correct_matrix(qxy2, cand, radius), pos)
+    if without:
+        log.info("%d of %d queries have no database image within %g; excluded from the recalls",
+                 len(without), num_queries, radius)
+    metrics = {"global": glob.recalls(), "reranked": rer.recalls(), "num_queries": int(num_queries),
+               "num_queries_without_positive": len(without), "queries_without_positive": without}
+    rows = None
+    if sweep:
+        rows = [{"candidates": int(k), "reranked_from": int(min(k, have)), **c.recalls()}
+                for k, c in zip(sweep, sweeps)]
+    return metrics, rows
+
+
 def evaluate_results(results: pa.Table, db_positions: np.ndarray, radius: float,
                      ns: Sequence[int] = RECALL_NS, all_query_ids: Sequence[int] | None = None) -> dict:
     """``{"global": {recall@N}, "reranked": {recall@N}, "num_queries", "num_queries_without_positive",
     "queries_without_positive": [ids]}`` for a results table (see pipeline.rerank)."""
-    if radius <= 0:
-        raise ValueError(f"positive radius must be > 0, got {radius}")
-    qids, qxy, cand_global = ranked_lists(results, "global_rank")
-    _, _, cand_reranked = ranked_lists(results, "rank")
-    pos = has_positive(qxy, db_positions, radius)
-    without = [int(q) for q, p in zip(qids, pos) if not p]
-    if without:
-        log.info("%d of %d queries have no database image within %g; excluded from the recalls",
-                 len(without), len(qids), radius)
-    return {
-        "global": recall_at(correct_matrix(qxy, cand_global, radius), pos, ns),
-        "reranked": recall_at(correct_matrix(qxy, cand_reranked, radius), pos, ns),
-        "num_queries": int(len(qids)),
-        "num_queries_without_positive": len(without),
-        "queries_without_positive": without,
-    }
+    return evaluate_parts([results], db_positions, radius, ns)[0]
 
 
 def candidate_sweep(results: pa.Table, db_positions: np.ndarray, radius: float, candidates: Sequence[int],
@@ -159,19 +221,7 @@ def candidate_sweep(results: pa.Table, db_positions: np.ndarray, radius: float, 
     """The paper's candidate-count study: recalls when only the top-K global candidates are
     reranked. Pair scores do not depend on the other candidates, so every K <= the run's K is
     read from one run's scores."""
-    have = int(pc.max(results.column("global_rank")).as_py() or 0) if results.num_rows else 0
-    qids, qxy, _ = ranked_lists(results, "global_rank")
-    pos = has_positive(qxy, db_positions, radius)
-    rows = []
-    for k in candidates:
-        if k < 1:
-            raise ValueError(f"candidate counts must be >= 1, got {k}")
-        q2, qxy2, cand = ranked_lists(results, max_candidates=k)
-        assert np.array_equal(q2, qids)
-        row = {"candidates": int(k), "reranked_from": int(min(k, have))}
-        row.update(recall_at(correct_matrix(qxy2, cand, radius), pos, ns))
-        rows.append(row)
-    return rows
+    return evaluate_parts([results], db_positions, radius, RECALL_NS, candidates, ns)[1]
 
 
 # ---------------------------------------------------------------- stage API
@@ -191,27 +241,56 @@ class EvaluateResult:
     sweep: list[dict] | None = None
 
 
-def _resolve(config: EvaluateConfig) -> tuple[str, str]:
-    results = config.results or (storage.join(config.out, "results.parquet") if config.out else None)
+def run_results(out: str) -> str:
+    """The results of a run folder: ``results/`` (the streaming job) or a legacy ``results.parquet``."""
+    folder = storage.join(out, "results")
+    return folder if storage.exists(folder) or not storage.exists(storage.join(out, "results.parquet")) \
+        else storage.join(out, "results.parquet")
+
+
+def _resolve(config: EvaluateConfig) -> tuple[str, str | None]:
+    results = config.results or (run_results(config.out) if config.out else None)
     db_store = config.database_store or (storage.join(config.out, "database_store") if config.out else None)
-    if not results or not db_store:
-        raise ValueError("evaluate needs --out RUN_DIR, or both --results and --database-store")
+    if not results:
+        raise ValueError("evaluate needs --out RUN_DIR, or --results (and --database-store for a legacy file)")
     if not storage.exists(results):
-        raise FileNotFoundError(f"results file {results} does not exist (run `r2f run` or `r2f rerank` first)")
+        raise FileNotFoundError(f"results {results} do not exist (run `r2f run` or `r2f rerank` first)")
     return results, db_store
 
 
-def database_positions(db_store: str) -> np.ndarray:
-    return positions_of(storage.read_global_table(db_store, ["utm_east", "utm_north"]))
+def database_positions(db_store: str, state_meta: dict | None = None) -> np.ndarray:
+    """Database positions of the state the results recorded (``pipeline.published.from_metadata``:
+    the same store generation the job read, never a fresh resolve); of the store's manifest for
+    results that recorded none."""
+    if state_meta:
+        from .published import from_metadata
+        table = from_metadata(state_meta, store=db_store).read_global_table(["utm_east", "utm_north"])
+    else:
+        table = storage.read_global_table(db_store, ["utm_east", "utm_north"])
+    return positions_of(table)
+
+
+def results_state(results_url: str) -> tuple[dict | None, str | None]:
+    """``(state metadata, database store)`` recorded by the run that wrote the results."""
+    from .rerank.results import results_metadata
+    meta = results_metadata(results_url)
+    state = meta.get("state") or (meta.get("plan") or {}).get("database")
+    return state, meta.get("database_store") or (state or {}).get("store")
 
 
 def run(config: EvaluateConfig) -> EvaluateResult:
+    from .rerank.results import iter_parts
+
     results_url, db_store = _resolve(config)
-    results = storage.read_parquet(results_url)
-    db_xy = database_positions(db_store)
-    metrics = evaluate_results(results, db_xy, config.positive_radius, config.recall_ns)
-    sweep = candidate_sweep(results, db_xy, config.positive_radius, config.sweep_candidates) \
-        if config.sweep_candidates else None
+    state, recorded_store = results_state(results_url)
+    db_store = db_store or recorded_store
+    if not db_store:
+        raise ValueError(f"{results_url} records no database store: pass --database-store")
+    db_xy = database_positions(db_store, state)
+    cols = ["query_id", "rank", "global_rank", "rerank_score", "query_utm_east", "query_utm_north",
+            "candidate_utm_east", "candidate_utm_north"]
+    metrics, sweep = evaluate_parts(iter_parts(results_url, cols), db_xy, config.positive_radius,
+                                    config.recall_ns, config.sweep_candidates)
     return EvaluateResult(metrics, sweep)
 
 
@@ -243,7 +322,7 @@ def register_cli(subparsers) -> None:
 
     p = subparsers.add_parser("evaluate", help="Recall@N of a run; --sweep-candidates prints the top-K study")
     p.add_argument("--out", help="a folder written by `r2f run`")
-    p.add_argument("--results", help="results Parquet (instead of --out)")
+    p.add_argument("--results", help="results folder of `r2f rerank` (or a legacy results Parquet) instead of --out")
     p.add_argument("--database-store", help="database extraction store (instead of --out)")
     p.add_argument("--database", help="with --queries: run `r2f run` into --out first (K = largest swept count)")
     p.add_argument("--queries")

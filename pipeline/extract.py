@@ -550,6 +550,14 @@ def _progress_bar(enabled: bool, total: int):
 
 
 # ---------------------------------------------------------------- CLI
+def extract_into(dataset: str, store: str, backbone: str, checkpoint: str | None, image_size: list[int],
+                 extra: dict[str, Any] | None = None) -> ExtractResult:
+    """Run the extraction stage on ``dataset`` into ``store`` (resumes a partial store)."""
+    cfg = ExtractConfig(dataset=dataset, store=store, backbone=backbone, checkpoint=checkpoint,
+                        image_size=list(image_size), **(extra or {}))
+    return run(cfg)
+
+
 def register_cli(subparsers) -> None:
     from .cli import add_config_arguments, add_image_size_argument
 

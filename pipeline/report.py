@@ -151,10 +151,18 @@ def _pick_queries(results: pa.Table, radius: float, samples: int) -> list[int]:
     return picked[:samples]
 
 
-def write_report(out: str, metrics: dict, results: pa.Table, radius: float, image_size: tuple[int, int],
+def write_report(out: str, metrics: dict, results: "pa.Table | str", radius: float, image_size: tuple[int, int],
                  query_store: str | None = None, database_store: str | None = None, samples: int = 6,
                  match_pairs: int = 2, title: str = "R²Former run") -> str:
-    """Write ``<out>/report.html`` and its assets; returns the HTML's URL."""
+    """Write ``<out>/report.html`` and its assets; returns the HTML's URL. ``results`` is a table,
+    or a results folder / legacy file (then only its first parts are read, up to MAX_REPORT_ROWS,
+    and the database rows come from the state the run recorded, ``published.from_metadata``)."""
+    state = None
+    if isinstance(results, str):
+        from .evaluate import results_state
+        from .rerank.results import read_results
+        state, _ = results_state(results)
+        results = read_results(results, max_rows=MAX_REPORT_ROWS)
     assets = storage.join(out, ASSETS)
     fs, apath = storage.filesystem(assets)
     if fs.exists(apath):
@@ -214,7 +222,12 @@ def write_report(out: str, metrics: dict, results: pa.Table, radius: float, imag
     if query_store and database_store and picked and match_pairs > 0:
         try:
             qt = storage.read_global_table(query_store, ["image_id", "row"]).to_pandas().set_index("image_id")
-            dt = storage.read_global_table(database_store, ["image_id", "row"]).to_pandas().set_index("image_id")
+            if state:
+                from .published import from_metadata
+                dt = from_metadata(state, store=database_store).read_global_table(["image_id", "row"])
+            else:
+                dt = storage.read_global_table(database_store, ["image_id", "row"])
+            dt = dt.to_pandas().set_index("image_id")
             for i, qid in enumerate(picked[:match_pairs]):
                 top = df[(df["query_id"] == qid)].sort_values("rank").iloc[0]
                 qtok = storage.read_local_tokens(query_store, np.array([qt.loc[qid, "row"]]))[0]

@@ -6,7 +6,7 @@
 
     database_store/  query_store/   extraction stores (pipeline.storage layout)
     index/           FAISS index with infos.json (pipeline.index)
-    results.parquet  one row per (query, candidate) (pipeline.rerank.RESULTS_SCHEMA)
+    results/         one row per (query, candidate), in parts (pipeline.rerank.results)
     errors.parquet   every bad input: path, stage, reason (empty when none)
     metrics.json     {"global": {recall@N}, "reranked": {...}, "num_queries", "num_queries_without_positive",
                       "settings", "stage_seconds"}
@@ -89,7 +89,8 @@ def collect_errors(*stores: str) -> pa.Table:
 def run(cfg: RunConfig) -> RunOutput:
     from . import evaluate, index, report
     from .model import build_model
-    from .rerank import RerankConfig, extract_into, resolve_reranker
+    from .extract import extract_into
+    from .rerank import RerankConfig, resolve_reranker
     from .rerank import run as rerank_run
 
     for name in ("database", "queries", "out"):
@@ -121,16 +122,16 @@ def run(cfg: RunConfig) -> RunOutput:
     seconds["index"] = time.perf_counter() - t
 
     rr = rerank_run(RerankConfig(query_store=q_store, database_store=db_store, index_dir=index_dir,
-                                 results=storage.join(cfg.out, "results.parquet"), queries=cfg.queries,
+                                 results=_fresh_results(cfg.out), queries=cfg.queries,
                                  backbone=cfg.backbone, checkpoint=cfg.checkpoint, image_size=list(cfg.image_size),
                                  reranker=reranker, candidates=cfg.candidates, batch_pairs=cfg.batch_pairs,
                                  extract=dict(cfg.extract)))
     seconds.update(rr.stage_seconds)
 
     t = time.perf_counter()
-    results = storage.read_parquet(rr.results)
-    db_xy = evaluate.database_positions(db_store)
-    m = evaluate.evaluate_results(results, db_xy, cfg.positive_radius)
+    ev = evaluate.run(evaluate.EvaluateConfig(results=rr.results, database_store=db_store,
+                                              positive_radius=cfg.positive_radius))
+    m = ev.metrics
     seconds["evaluate"] = time.perf_counter() - t
 
     errors = collect_errors(db_store, q_store)
@@ -142,7 +143,7 @@ def run(cfg: RunConfig) -> RunOutput:
         "database": cfg.database, "queries": cfg.queries, "backbone": cfg.backbone, "checkpoint": cfg.checkpoint,
         "reranker": cfg.reranker, "reranker_used": rr.reranker, "candidates": cfg.candidates,
         "candidates_used": rr.candidates, "positive_radius": cfg.positive_radius,
-        "image_size": list(cfg.image_size), "num_database_images": int(len(db_xy)), "num_pairs": rr.num_pairs,
+        "image_size": list(cfg.image_size), "num_database_images": _num_images(db_store), "num_pairs": rr.num_pairs,
         "num_errors": int(errors.num_rows), "pairs_per_second": round(rr.pairs_per_second, 2),
     }
     metrics = {"global": m["global"], "reranked": m["reranked"], "num_queries": m["num_queries"],
@@ -152,7 +153,7 @@ def run(cfg: RunConfig) -> RunOutput:
     write_metrics(metrics_url, metrics)
 
     t = time.perf_counter()
-    report_url = report.write_report(cfg.out, metrics, results, cfg.positive_radius, tuple(cfg.image_size),
+    report_url = report.write_report(cfg.out, metrics, rr.results, cfg.positive_radius, tuple(cfg.image_size),
                                      query_store=q_store, database_store=db_store, samples=cfg.report_samples,
                                      title=f"R²Former run: {cfg.queries} against {cfg.database}")
     seconds["report"] = time.perf_counter() - t
@@ -162,6 +163,21 @@ def run(cfg: RunConfig) -> RunOutput:
     log.info("run finished in %.1f s: global R@1 %s, reranked (%s) R@1 %s -> %s", seconds["total"],
              _pct(m["global"]["recall@1"]), rr.reranker, _pct(m["reranked"]["recall@1"]), cfg.out)
     return RunOutput(out=cfg.out, metrics=metrics, report=report_url, num_errors=int(errors.num_rows))
+
+
+def _fresh_results(out: str) -> str:
+    """``OUT/results``, emptied first: results are always rewritten (the stores resume, not the
+    results), and a legacy ``results.parquet`` of an older run is removed so nothing reads it."""
+    for name in ("results", "results.parquet"):
+        fs, path = storage.filesystem(storage.join(out, name))
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+    return storage.join(out, "results")
+
+
+def _num_images(store: str) -> int:
+    m = storage.read_manifest(store)
+    return int((m.get("counts") or {}).get("extracted", m.get("rows", 0)))
 
 
 def write_metrics(url: str, metrics: dict) -> None:

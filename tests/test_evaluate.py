@@ -71,3 +71,41 @@ def test_correct_matrix_unknown_positions_never_right():
     q = np.array([[0.0, 0.0]])
     c = np.array([[[1.0, 0.0], [np.nan, np.nan], [3.0, 0.0]]])
     assert correct_matrix(q, c, 2).tolist() == [[True, False, False]]
+
+
+def test_evaluate_reads_a_results_folder_part_by_part_or_a_legacy_file(tmp_path):
+    """`r2f evaluate --results` accepts the streaming job's folder (parts + manifest) and a legacy
+    single file, with the same metrics; the folder is read one part at a time."""
+    from helpers_store import write_tiny_store
+    from pipeline import evaluate, storage
+    from pipeline.rerank import results as R
+
+    rows = [
+        (1, 2, 1, 10, 30, 0.1), (1, 1, 2, 10, 11, 0.9), (1, 3, 3, 10, 70, 0.0),
+        (2, 2, 1, 50, 90, 0.5), (2, 3, 2, 50, 95, 0.4), (2, 1, 3, 50, 51, 0.8),
+        (3, 1, 1, 500, 30, 0.3), (3, 2, 2, 500, 11, 0.2), (3, 3, 3, 500, 70, 0.1),
+    ]
+    table = _results(rows)
+    store = str(tmp_path / "db")
+    write_tiny_store(store, [np.random.default_rng(0).random((100, 8), np.float32)])  # utm_east 0..99
+    legacy = str(tmp_path / "results.parquet")
+    storage.write_parquet(legacy, table, {"database_store": store})
+    folder = str(tmp_path / "results")
+    for p, (lo, hi) in enumerate([(0, 6), (6, 9)]):  # two parts of whole queries
+        R.write_part(folder, p, table.slice(lo, hi - lo), {"queries": 1})
+    state = {"store": store, "index_dir": None, "index_version": None, "store_generation": None}
+    storage.write_json(R.ResultsLayout(folder).manifest, {"parts": [0, 1], "state": state, "database_store": store})
+    a = evaluate.run(evaluate.EvaluateConfig(results=legacy, positive_radius=2, recall_ns=[1, 3]))
+    b = evaluate.run(evaluate.EvaluateConfig(results=folder, positive_radius=2, recall_ns=[1, 3],
+                                             sweep_candidates=[1, 2]))
+    assert a.metrics == b.metrics and b.metrics["num_queries"] == 3
+    assert b.metrics["num_queries_without_positive"] == 1 and b.metrics["reranked"]["recall@1"] == 1.0
+    assert len(b.sweep) == 2
+    seen = []
+
+    def parts():
+        for t in R.iter_parts(folder):
+            seen.append(t.num_rows)
+            yield t
+    m, _ = evaluate.evaluate_parts(parts(), np.array([[float(i), 0.0] for i in range(100)]), 2, (1, 3))
+    assert seen == [6, 3] and m == b.metrics

@@ -1,4 +1,6 @@
-"""Reranking on real tokens: RANSAC geometry, permutation of the candidates, one Zarr read per row."""
+"""Reranking: RANSAC geometry on real tokens; the streaming job on a synthetic city (bench/city.py):
+permutations, whole-chunk token reads, resume, plan refusal, a recorded failing partition,
+and the model placement that keeps input and model on one device."""
 from __future__ import annotations
 
 
@@ -9,7 +11,11 @@ import torch
 
 from pipeline import storage
 from pipeline.ransac import RansacConfig, match_tokens, mutual_nearest_neighbours, ransac_scores
-from helpers_store import write_frame_manifest
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.city import write_city  # noqa: E402
 
 SIZE = (160, 288)  # H, W: small so the test stays fast; T = 10 x 18 tokens
 
@@ -56,27 +62,36 @@ def test_ransac_prefers_a_warped_copy_over_an_unrelated_image(effnet, gardens_po
     assert ransac_scores(t[:1, :3], t[1:2, :3], cfg)[0] == 0
 
 
+# ---------------------------------------------------------------- the streaming job on a small city
+DB_ROWS, QUERIES, PART = 1600, 96, 16  # 6 query partitions of 16 queries
 
 
 @pytest.fixture(scope="module")
-def small_run(tmp_path_factory, gardens_point, ray_session):
-    from pipeline.run import RunConfig, run
-    tmp = tmp_path_factory.mktemp("rerank")
-    db = write_frame_manifest(tmp / "db.csv", gardens_point / "day_right", range(0, 200, 10))      # 20 places
-    q = write_frame_manifest(tmp / "q.csv", gardens_point / "night_right", range(5, 200, 25))      # 8 queries
-    cfg = RunConfig(database=db, queries=q, out=str(tmp / "out"), backbone="efficientnet-lite0",
-                    reranker="ransac", candidates=8, positive_radius=6, image_size=list(SIZE), batch_pairs=24)
-    res = run(cfg)
-    return cfg, res
+def city(tmp_path_factory, ray_session):
+    from pipeline import index
+    root = tmp_path_factory.mktemp("city")
+    db, q = str(root / "db"), str(root / "q")
+    write_city(db, DB_ROWS, tokens=16, part_rows=160)
+    write_city(q, QUERIES, tokens=16, part_rows=PART, queries_of=DB_ROWS, strip_positions=False)
+    index.build(index.IndexConfig(store=db, index_dir=str(root / "index")))
+    return root
+
+
+def _cfg(city, results, **kw):
+    from pipeline.rerank import RerankConfig
+    base = dict(query_store=str(city / "q"), database_store=str(city / "db"), index_dir=str(city / "index"),
+                results=str(results), backbone="efficientnet-lite0", reranker="ransac", candidates=10,
+                partition_queries=PART, batch_pairs=37, num_actors=2, image_size=[160, 288])
+    base.update(kw)
+    return RerankConfig(**base)
 
 
 def _check_permutations(results):
     df = results.to_pandas()
     changed = 0
     for qid, sub in df.groupby("query_id"):
-        ranks = sorted(sub["rank"]) == list(range(1, len(sub) + 1))
-        granks = sorted(sub["global_rank"]) == list(range(1, len(sub) + 1))
-        assert ranks and granks, sub
+        assert sorted(sub["rank"]) == list(range(1, len(sub) + 1))
+        assert sorted(sub["global_rank"]) == list(range(1, len(sub) + 1))
         assert sub["image_id"].is_unique
         by_rank = sub.sort_values("rank")
         assert (np.diff(by_rank["rerank_score"].to_numpy()) <= 0).all()
@@ -84,63 +99,119 @@ def _check_permutations(results):
     return changed
 
 
-@pytest.mark.parametrize("reranker", ["ransac", "r2former", "none"])
-def test_reranked_lists_are_permutations_of_the_candidates(small_run, reranker, tmp_path):
-    from pipeline.rerank import RerankConfig, run
-    cfg, _ = small_run
-    out = cfg.out
-    res = run(RerankConfig(query_store=f"{out}/query_store", database_store=f"{out}/database_store",
-                           index_dir=f"{out}/index", results=str(tmp_path / "r.parquet"),
-                           backbone="efficientnet-lite0", image_size=list(SIZE), reranker=reranker,
-                           candidates=8, batch_pairs=24))
-    assert res.reranker == reranker and res.num_queries == 8 and res.num_pairs == 8 * 8
-    results = storage.read_parquet(res.results)
-    assert results.num_rows == 64
-    changed = _check_permutations(results)
-    if reranker == "none":
-        assert changed == 0
-    else:
-        assert changed >= 1, f"{reranker} never changed an order"
-    # The candidate set is exactly the global top-K, whichever reranker ran.
-    base = storage.read_parquet(f"{out}/results.parquet").to_pandas()
-    mine = results.to_pandas()
-    for qid in base["query_id"].unique():
-        assert set(base[base.query_id == qid].image_id) == set(mine[mine.query_id == qid].image_id)
+@pytest.fixture(scope="module")
+def ransac_run(city):
+    from pipeline.rerank import read_results, run
+    res = run(_cfg(city, city / "res_ransac"))
+    return res, read_results(res.results)
 
 
-def test_candidates_capped_at_database_size(small_run, tmp_path):
-    from pipeline.rerank import RerankConfig, run
-    cfg, _ = small_run
-    out = cfg.out
-    res = run(RerankConfig(query_store=f"{out}/query_store", database_store=f"{out}/database_store",
-                           index_dir=f"{out}/index", results=str(tmp_path / "r.parquet"),
-                           backbone="efficientnet-lite0", image_size=list(SIZE), reranker="none", candidates=500))
-    assert res.candidates == 20 and res.num_pairs == 8 * 20
+def test_job_writes_one_part_per_partition_and_reorders(city, ransac_run):
+    res, table = ransac_run
+    assert res.partitions == QUERIES // PART and res.failed_partitions == []
+    assert res.num_queries == QUERIES and res.num_pairs == QUERIES * 10 == table.num_rows
+    folder = Path(res.results)
+    assert sorted(p.name for p in folder.glob("part-*.parquet")) == [f"part-{i:05d}.parquet" for i in range(6)]
+    assert len(list((folder / "progress").glob("*.json"))) == 6
+    manifest = storage.read_json(str(folder / "manifest.json"))
+    assert manifest["parts"] == list(range(6)) and manifest["complete"]
+    assert manifest["state"] == {"store": str(city / "db"), "index_dir": str(city / "index"),
+                                 "index_version": "v0001", "store_generation": None}
+    assert _check_permutations(table) >= 1
+    # One row per (query, candidate); every query's list is its global top-10.
+    assert not table.to_pandas().duplicated(["query_id", "image_id"]).any()
+    # Token locality: chunks fetched once per partition at most; the job reports both figures.
+    assert res.fetched_token_bytes >= res.distinct_candidate_bytes > 0
 
 
-class _CountingArray:
-    """Wraps a Zarr array and records which rows each read asked for."""
+def test_rerun_skips_committed_partitions_and_rewrites_a_lost_one(city, ransac_run, tmp_path):
+    import shutil
 
-    def __init__(self, arr):
-        self.arr, self.reads = arr, []
-        self.shape = arr.shape
+    from pipeline.rerank import read_results, run
+    res, table = ransac_run
+    copy = tmp_path / "res"
+    shutil.copytree(res.results, copy)
+    (copy / "manifest.json").unlink()
+    (copy / "progress" / "part-00003.json").unlink()   # partition 3 never committed
+    (copy / "part-00003.parquet").write_bytes(b"half a file")
+    again = run(_cfg(city, copy))
+    assert again.skipped_partitions == 5 and again.num_pairs == res.num_pairs
+    assert again.fetched_token_bytes > 0  # partition 3 was scored again, alone
+    assert read_results(str(copy)).equals(table)  # bit-equal scores, same rows, same order
 
-    def get_orthogonal_selection(self, sel):
-        self.reads.append(np.asarray(sel[0]).tolist())
-        return self.arr.get_orthogonal_selection(sel)
+
+def test_changed_inputs_refuse_to_mix(city, ransac_run):
+    from pipeline.rerank import run
+    from pipeline.rerank.partitions import PlanMismatch
+    res, _ = ransac_run
+    with pytest.raises(PlanMismatch, match=r"candidates: 10 -> 5"):
+        run(_cfg(city, res.results, candidates=5))
+    with pytest.raises(PlanMismatch, match=r"reranker: 'ransac' -> 'none'"):
+        run(_cfg(city, res.results, reranker="none"))
 
 
-def test_batch_reads_each_candidate_row_once(small_run):
+def test_failing_partition_is_recorded_and_the_job_goes_on(city, tmp_path):
+    import shutil
+
+    import pyarrow as pa
+
+    from pipeline.rerank import read_results, run
+    q = tmp_path / "q"
+    shutil.copytree(city / "q", q)
+    part = storage.StoreLayout(str(q)).global_part(2)  # query shard 2 = partition 2: wrong descriptor width
+    t = storage.read_parquet(part)
+    bad = pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(t.num_rows * 8, np.float32)), 8)
+    t = t.drop_columns(["global_descriptor"]).append_column("global_descriptor", bad)
+    storage.write_parquet(part, t)
+    res = run(_cfg(city, tmp_path / "res", query_store=str(q), reranker="none"))
+    assert res.failed_partitions == [2] and res.num_failed_queries == PART
+    failure = storage.read_json(str(tmp_path / "res" / "failures" / "part-00002.json"))
+    assert failure["query_ids"] == t.column("image_id").to_pylist() and "queries must be" in failure["reason"]
+    assert read_results(str(tmp_path / "res")).num_rows == (QUERIES - PART) * 10
+    assert storage.read_json(str(tmp_path / "res" / "manifest.json"))["failed_partitions"] == [2]
+
+
+def test_chunk_cache_reads_whole_chunks_once(city):
+    from pipeline.rerank.tokens import ChunkCache
+    cache = ChunkCache(str(city / "db"), cache_chunks=4)
+    rows = np.array([3, 17, 5, 18, 3, 40])  # chunks 0, 1, 2 of 16 rows
+    got = cache.read(rows)
+    assert cache.fetched_chunks == 3 and cache.fetched_bytes == 3 * 16 * cache.row_bytes
+    assert np.array_equal(got, storage.read_local_tokens(str(city / "db"), rows))
+    cache.read(np.array([1, 2, 33]))  # all cached
+    assert cache.fetched_chunks == 3
+
+
+def test_locality_order_and_schedule():
+    from pipeline.rerank.score import locality_order, pair_schedule
+    assert locality_order(np.array([50, -1, 3, 50, 20])).tolist() == [2, 4, 0, 3, 1]
+    sched = pair_schedule(np.array([1, 0, 1, 0]), np.array([40, 41, 2, 3]), 16)
+    assert sched.tolist() == [3, 2, 1, 0]  # chunk 0 first (query 0, then 1), then chunk 2
+
+
+def test_pair_scorer_places_the_model_where_it_sends_inputs(city, monkeypatch):
+    """The scorer sends inputs to the device of the model's parameters, and the model is placed
+    through pipeline.device (its own ``plan`` moves too): on ``meta`` every step must agree,
+    otherwise ``rerank_logits`` meets tensors on two devices and raises."""
+    from pipeline import device
     from pipeline.rerank import PairScorer
-    cfg, _ = small_run
-    out = cfg.out
-    scorer = PairScorer("ransac", "efficientnet-lite0", None, f"{out}/query_store", f"{out}/database_store",
-                        RansacConfig(image_scale=float(max(SIZE))))
-    scorer.c_tokens = _CountingArray(scorer.c_tokens)
-    scorer.q_tokens = _CountingArray(scorer.q_tokens)
-    # 4 queries sharing the same 5 candidates: 20 pairs, one read of 5 candidate rows, 4 query rows.
-    q_rows = np.repeat(np.arange(4), 5)
-    c_rows = np.tile(np.array([3, 7, 1, 9, 4]), 4)
-    res = scorer({"pair": np.arange(20), "query_row": q_rows, "candidate_row": c_rows})
-    assert len(res["rerank_score"]) == 20
-    assert scorer.c_tokens.reads == [[1, 3, 4, 7, 9]] and scorer.q_tokens.reads == [[0, 1, 2, 3]]
+    meta = device.DevicePlan(torch.device("meta"), None)
+    monkeypatch.setattr(device, "choose_device", lambda prefer="auto": meta)
+    called = []
+    real = device.place_model
+    monkeypatch.setattr(device, "place_model", lambda m, plan: called.append(plan) or real(m, plan))
+    scorer = PairScorer("r2former", "efficientnet-lite0", None, str(city / "q"), str(city / "db"), RansacConfig())
+    assert called == [meta]
+    assert {p.device.type for p in scorer.model.parameters()} == {"meta"}
+    assert scorer.input_device.type == "meta" and scorer.model.plan.device.type == "meta"
+    q = torch.zeros(2, 16, 131, device="meta")
+    assert scorer.model.rerank_logits(q, q).shape == (2, 2)
+
+
+def test_bfloat16_is_opt_in(city):
+    from pipeline.rerank import RerankConfig
+    from pipeline.rerank import PairScorer
+    assert RerankConfig().rerank_dtype == "float32"
+    with pytest.raises(ValueError, match="rerank_dtype"):
+        PairScorer("ransac", "efficientnet-lite0", None, str(city / "q"), str(city / "db"), RansacConfig(),
+                   rerank_dtype="float16")

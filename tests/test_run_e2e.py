@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from pipeline import storage
+from pipeline.rerank import read_results
 from pipeline.run import RunConfig, run
 from test_report import check_report_in_chromium
 
@@ -56,8 +57,11 @@ def test_gardens_point_day_right_to_night_right(gardens_point, pca_checkpoint, t
     # Reranking only reorders the top-10: R@10 and beyond are unchanged, R@N > 10 equals R@10.
     assert r["recall@10"] == g["recall@10"] == g["recall@100"] == r["recall@100"]
     assert r["recall@1"] >= g["recall@1"], (g, r)
-    results = pq.read_table(out / "results.parquet")
+    results = read_results(str(out / "results"))
     assert results.num_rows == 2000
+    assert not (out / "results.parquet").exists()
+    manifest = json.loads((out / "results" / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["state"]["index_dir"] == str(out / "index")
     errors = pq.read_table(out / "errors.parquet")
     assert errors.num_rows == 0 and errors.column_names == ["path", "stage", "reason"]
     assert res.num_errors == 0
@@ -104,14 +108,14 @@ def test_rerun_resumes_or_replaces_never_duplicates(gardens_point, tmp_path, ray
     assert first.metrics["num_queries"] == 4 and first.metrics["num_queries_without_positive"] == 1
     errors = pq.read_table(out / "errors.parquet").to_pylist()
     assert [e["path"] for e in errors] == [str(bad)] and errors[0]["reason"]
-    n_results = pq.read_table(out / "results.parquet").num_rows
+    n_results = read_results(str(out / "results")).num_rows
     assert n_results == 4 * 5
 
     def store_ids(name):
         return storage.read_global_table(str(out / name), ["image_id"]).column("image_id").to_pylist()
 
     run(cfg)  # same inputs: resumes (nothing to redo), rewrites results/metrics/report
-    assert pq.read_table(out / "results.parquet").num_rows == n_results
+    assert read_results(str(out / "results")).num_rows == n_results
     for name, n in (("database_store", 15), ("query_store", 4)):
         ids = store_ids(name)
         assert len(ids) == n and len(set(ids)) == n
@@ -119,7 +123,7 @@ def test_rerun_resumes_or_replaces_never_duplicates(gardens_point, tmp_path, ray
     second = run(cfg)
     assert len(store_ids("database_store")) == 15
     assert second.metrics["settings"]["image_size"] == [160, 288]
-    assert pq.read_table(out / "results.parquet").num_rows == n_results
+    assert read_results(str(out / "results")).num_rows == n_results
 
 
 def test_r2former_without_weights_is_a_clear_error(tmp_path):

@@ -1,0 +1,126 @@
+"""The committed results of a rerank job, and the one reader every later stage uses.
+
+A results location is a folder (the streaming job) or, for runs made before it, one Parquet file::
+
+    <results>/plan.json                 written first: what this folder is the result of (checked on resume)
+    <results>/part-00012.parquet        one row per (query, candidate) of partition 12 (RESULTS_SCHEMA)
+    <results>/progress/part-00012.json  partition 12 committed (written after its part): counts, token bytes
+    <results>/failures/part-00012.json  partition 12 failed every attempt: its query ids and the reason
+    <results>/manifest.json             written last: the parts of a finished job and the state it read
+
+A part holds whole queries, rows ordered by (query, reranked rank). ``iter_parts`` yields one
+part at a time, so readers hold one partition's rows, never the whole result set.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import pyarrow as pa
+
+from .. import storage
+
+RESULTS_LAYOUT_VERSION = 2
+
+RESULTS_SCHEMA = pa.schema([
+    ("query_id", pa.int64()),
+    ("query_path", pa.string()),
+    ("rank", pa.int32()),            # 1-based, after reranking
+    ("global_rank", pa.int32()),     # 1-based, global retrieval order
+    ("image_id", pa.int64()),        # the candidate
+    ("candidate_path", pa.string()),
+    ("global_score", pa.float32()),  # as the index returns it (similarity: higher is better)
+    ("rerank_score", pa.float32()),  # r2former: match probability; ransac: inliers; none: global_score
+    ("query_utm_east", pa.float64()),
+    ("query_utm_north", pa.float64()),
+    ("candidate_utm_east", pa.float64()),
+    ("candidate_utm_north", pa.float64()),
+])
+
+
+class ResultsLayout:
+    def __init__(self, root: str):
+        self.root = root.rstrip("/")
+
+    @property
+    def plan(self) -> str:
+        return storage.join(self.root, "plan.json")
+
+    @property
+    def manifest(self) -> str:
+        return storage.join(self.root, "manifest.json")
+
+    def part(self, partition: int) -> str:
+        return storage.join(self.root, f"part-{partition:05d}.parquet")
+
+    def progress(self, partition: int) -> str:
+        return storage.join(self.root, "progress", f"part-{partition:05d}.json")
+
+    def failure(self, partition: int) -> str:
+        return storage.join(self.root, "failures", f"part-{partition:05d}.json")
+
+
+def is_single_file(results: str) -> bool:
+    """A legacy results file (one Parquet for the whole run) rather than a folder of parts."""
+    fs, path = storage.filesystem(results)
+    return fs.isfile(path)
+
+
+def committed_partitions(results: str) -> dict[int, dict[str, Any]]:
+    """Progress markers of the committed partitions: ``{partition: marker}``. O(partitions)."""
+    lay = ResultsLayout(results)
+    fs, path = storage.filesystem(storage.join(results, "progress"))
+    if not fs.exists(path):
+        return {}
+    out = {}
+    for f in sorted(fs.glob(path + "/part-*.json")):
+        p = int(f.rsplit("part-", 1)[1].split(".")[0])
+        out[p] = storage.read_json(lay.progress(p))
+    return out
+
+
+def write_part(results: str, partition: int, table: pa.Table, marker: dict[str, Any]) -> None:
+    """Commit one partition: its Parquet part, then its progress marker (a part without a marker
+    is a partition that did not finish; the next run rewrites it)."""
+    lay = ResultsLayout(results)
+    storage.write_parquet(lay.part(partition), table, {"results_layout_version": RESULTS_LAYOUT_VERSION,
+                                                       "partition": partition})
+    storage.write_json(lay.progress(partition), {**marker, "partition": partition, "rows": table.num_rows})
+
+
+def part_urls(results: str) -> list[str]:
+    """The Parquet files of a result set: the parts its manifest lists (or, for a folder without a
+    manifest, the committed ones), or the single legacy file."""
+    if is_single_file(results):
+        return [results]
+    lay = ResultsLayout(results)
+    if storage.exists(lay.manifest):
+        return [lay.part(p) for p in storage.read_json(lay.manifest)["parts"]]
+    if not storage.exists(storage.join(results, "progress")):
+        raise storage.StoreError(f"{results} holds no results (no manifest.json, no committed parts)")
+    return [lay.part(p) for p in sorted(committed_partitions(results))]
+
+
+def iter_parts(results: str, columns: list[str] | None = None) -> Iterator[pa.Table]:
+    """One table per part (whole queries each). Memory: one part at a time."""
+    for url in part_urls(results):
+        yield storage.read_parquet(url, columns)
+
+
+def results_metadata(results: str) -> dict[str, Any]:
+    """What produced the results: the manifest of a folder, the Parquet metadata of a legacy file."""
+    if is_single_file(results):
+        return storage.parquet_metadata(results)
+    lay = ResultsLayout(results)
+    return storage.read_json(lay.manifest) if storage.exists(lay.manifest) else storage.read_json(lay.plan)
+
+
+def read_results(results: str, max_rows: int | None = None) -> pa.Table:
+    """The rows of a result set as one table: for small runs and tests (``max_rows`` stops after
+    the part that reaches it; whole queries only)."""
+    tables, n = [], 0
+    for t in iter_parts(results):
+        tables.append(t)
+        n += t.num_rows
+        if max_rows is not None and n >= max_rows:
+            break
+    return pa.concat_tables(tables) if tables else RESULTS_SCHEMA.empty_table()

@@ -1,0 +1,293 @@
+"""``run(RerankConfig)``: the streaming rerank job (see the package docstring for the dataflow)."""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .. import storage
+from ..log import get_logger
+from .partitions import check_plan, job_plan, num_partitions, pending_partitions
+from .results import ResultsLayout, committed_partitions, is_single_file
+
+log = get_logger(__name__)
+
+RERANKERS = ("auto", "r2former", "ransac", "none")
+
+
+@dataclass
+class RerankConfig:
+    query_store: str = ""
+    database_store: str = ""
+    index_dir: str = ""
+    results: str = ""                        # output folder: results/part-NNNNN.parquet + manifest.json
+    queries: str | None = None               # dataset description; extracted into query_store first
+    backbone: str = "r2former"
+    checkpoint: str | None = None
+    image_size: list[int] = field(default_factory=lambda: [480, 640])
+    reranker: str = "auto"
+    candidates: int = 100
+    batch_pairs: int = 400                   # pairs per scorer call, in candidate-chunk order
+    partition_queries: int = 4096            # queries per partition (unit of commit, resume and retry)
+    num_actors: int | None = None            # scorer pool maximum; default: what the cluster has, as it grows
+    threads_per_actor: int = 1
+    cache_chunks: int = 256                  # decoded Zarr chunks kept per scorer actor (per store)
+    max_attempts: int = 2                    # tries of one partition before it is recorded as failed
+    rerank_dtype: str = "float32"            # "bfloat16": opt-in reduced precision for r2former
+    ransac_method: str = "magsac"
+    ransac_threshold_px: float = 24.0
+    extract: dict[str, Any] = field(default_factory=dict)  # extra ExtractConfig fields for the queries
+
+
+@dataclass
+class RerankResult:
+    results: str
+    reranker: str
+    num_queries: int
+    num_pairs: int
+    candidates: int
+    num_failed_queries: int
+    stage_seconds: dict[str, float]
+    pairs_per_second: float
+    partitions: int = 0
+    skipped_partitions: int = 0              # committed by an earlier run (resume)
+    failed_partitions: list[int] = field(default_factory=list)
+    fetched_token_bytes: int = 0             # whole Zarr chunks read by the scorers (this run)
+    distinct_candidate_bytes: int = 0        # bytes of the distinct candidates they served (this run)
+    scorer_nodes: list[str] = field(default_factory=list)
+    state: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def token_ratio(self) -> float | None:
+        return self.fetched_token_bytes / self.distinct_candidate_bytes if self.distinct_candidate_bytes else None
+
+
+class RerankError(RuntimeError):
+    pass
+
+
+# ---------------------------------------------------------------- helpers shared with pipeline.run
+def resolve_reranker(name: str, backbone: str, checkpoint: str | None, model=None) -> str:
+    """``auto`` -> ``r2former`` when the loaded weights include a trained reranker, else ``ransac``."""
+    from .score import BENCH_SCORERS
+
+    if name not in RERANKERS and name not in BENCH_SCORERS:
+        raise ValueError(f"unknown reranker {name!r}; choose one of {RERANKERS}")
+    if name != "auto":
+        return name
+    if model is None:
+        from ..model import build_model
+        model = build_model(backbone, checkpoint)
+    trained = bool(getattr(model, "has_trained_reranker", False))
+    chosen = "r2former" if trained else "ransac"
+    log.info("reranker auto -> %s (%s)", chosen,
+             "weights include a trained reranker" if trained else "no trained reranker in these weights")
+    return chosen
+
+
+def reranked_order(rerank_score: np.ndarray, global_rank: np.ndarray) -> np.ndarray:
+    """Indices that sort one query's candidates by rerank score, ties broken by global rank."""
+    return np.lexsort((global_rank, -np.asarray(rerank_score, np.float64)))
+
+
+def _hold_lease(index_dir: str, job: str, state):
+    try:
+        from ..leases import hold_lease
+    except ImportError:  # a checkout without leases: nothing to protect the state from
+        import contextlib
+        return contextlib.nullcontext()
+    return hold_lease(index_dir, job, state)
+
+
+def _scorer_name() -> dict[str, Any]:
+    # Named actors: an operator (or a test) can find and stop one scorer with ray.get_actor.
+    return {"name": f"rerank-scorer-{uuid.uuid4().hex[:8]}", "namespace": "r2f"}
+
+
+# ---------------------------------------------------------------- the stage
+def run(config: RerankConfig) -> RerankResult:
+    """Rerank every query of ``config.query_store`` against the pinned index; resumable.
+
+    Driver memory: O(partitions) (partition numbers, their markers) plus one byte per database
+    row for the distinct-candidate count (10 MB at 10^7 images); queries, pairs, results and the
+    index live in Ray actors and tasks, one partition per scorer actor at a time."""
+    import ray
+
+    from ..cluster import cluster_gpus, ensure_ray
+    from ..extract import extract_into
+    from ..index.search import ShardedSearcher
+    from ..published import resolve
+    from .score import PartitionWorker, build_catalog
+
+    for name in ("query_store", "database_store", "index_dir", "results"):
+        if not getattr(config, name):
+            raise ValueError(f"RerankConfig.{name} is required")
+    if config.candidates < 1:
+        raise ValueError(f"candidates must be >= 1, got {config.candidates}")
+    if config.partition_queries < 1 or config.batch_pairs < 1:
+        raise ValueError("partition_queries and batch_pairs must be >= 1")
+    if storage.exists(config.results) and is_single_file(config.results):
+        raise RerankError(f"{config.results} is a single results file of an older run; the streaming job writes "
+                          f"a folder: name a new --results folder")
+    seconds: dict[str, float] = {}
+    reranker = resolve_reranker(config.reranker, config.backbone, config.checkpoint)
+
+    t = time.perf_counter()
+    if config.queries:
+        extract_into(config.queries, config.query_store, config.backbone, config.checkpoint, config.image_size,
+                     config.extract)
+    seconds["extract_queries"] = time.perf_counter() - t
+    query_manifest = storage.read_manifest(config.query_store)
+    failed_queries = int((query_manifest.get("counts") or {}).get("failed", 0))
+
+    state = resolve(config.database_store, config.index_dir)  # once: the whole job reads this state
+    ensure_ray()
+    ransac = dict(method=config.ransac_method, reprojection_threshold=config.ransac_threshold_px,
+                  image_scale=float(max(config.image_size)))
+    lease_job = "rerank-" + hashlib.sha256(config.results.encode()).hexdigest()[:12]
+    with _hold_lease(config.index_dir, lease_job, state):
+        t = time.perf_counter()
+        searcher = ShardedSearcher(config.index_dir, version=state.index_version, use_actors=True)
+        seconds["open_index"] = time.perf_counter() - t
+        try:
+            k = min(config.candidates, searcher.num_vectors)
+            if k < config.candidates:
+                log.info("candidates capped at the database size: %d", k)
+            plan = job_plan(config, reranker, k, state, query_manifest, ransac)
+            resuming = check_plan(config.results, plan)
+            total = num_partitions(query_manifest, config.partition_queries)
+            pending, done_before = pending_partitions(config.results, total)
+            if resuming:
+                log.info("resuming %s: %d of %d partitions already committed", config.results,
+                         len(done_before), total)
+            res = _score(config, reranker, k, state, searcher, pending, total, seconds, ransac)
+        finally:
+            searcher.close()
+    res.skipped_partitions = len(done_before)
+    _write_manifest(config, res, plan, state, total)
+    return res
+
+
+def _score(config, reranker, k, state, searcher, pending, total, seconds, ransac) -> RerankResult:
+    import ray
+
+    from ..cluster import cluster_gpus
+    from .score import PartitionWorker, build_catalog
+
+    t = time.perf_counter()
+    gpus = cluster_gpus() if reranker == "r2former" else 0
+    job = dict(results=config.results, query_store=config.query_store, database_store=config.database_store,
+               reranker=reranker, backbone=config.backbone, checkpoint=config.checkpoint, candidates=k,
+               batch_pairs=config.batch_pairs, partition_queries=config.partition_queries,
+               threads=config.threads_per_actor, rerank_dtype=config.rerank_dtype, cache_chunks=config.cache_chunks,
+               max_attempts=config.max_attempts, ransac=ransac,
+               index=dict(dim=searcher.dim, normalize=searcher.normalize, num_vectors=searcher.num_vectors))
+    failed: list[int] = []
+    nodes: set[str] = set()
+    pairs = fetched = 0
+    seen = np.zeros(0, bool)  # one byte per database row: distinct candidates served by this run
+    if pending:
+        catalog = ray.remote(num_cpus=0)(build_catalog).remote(state.metadata(), config.database_store)
+        # Pool bounds: at least 1 actor; at most num_actors, else unbounded, so Ray Data's actor
+        # pool autoscaler grows it to whatever CPUs/GPUs the cluster has as the job runs.
+        ds = ray.data.from_items([{"partition": p} for p in pending], override_num_blocks=len(pending))
+        ds = ds.map_batches(
+            PartitionWorker, batch_size=1, batch_format="numpy",
+            fn_constructor_kwargs=dict(job=job, catalog=[catalog], shard_actors=list(searcher._actors)),
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=config.num_actors),
+            num_cpus=config.threads_per_actor, num_gpus=1 if gpus else 0, ray_remote_args_fn=_scorer_name)
+        for row in ds.iter_rows():
+            p = int(row["partition"])
+            nodes.add(str(row["node_id"]))
+            if row["status"] != "done":
+                failed.append(p)
+                log.error("partition %d failed every attempt and is recorded in %s: %s", p,
+                          ResultsLayout(config.results).failure(p), row["reason"])
+                continue
+            pairs += int(row["pairs"])
+            fetched += int(row["fetched_bytes"])
+            rows = np.asarray(row["candidate_rows"], np.int64)
+            if len(rows):
+                if rows.max() >= len(seen):
+                    seen = np.concatenate([seen, np.zeros(int(rows.max()) + 1 - len(seen), bool)])
+                seen[rows] = True
+        del catalog
+    seconds["rerank"] = time.perf_counter() - t
+    markers = committed_partitions(config.results)
+    row_bytes = _row_bytes(config.database_store) if reranker != "none" else 0
+    num_queries = sum(int(m.get("queries", 0)) for m in markers.values())
+    num_pairs = sum(int(m.get("pairs", 0)) for m in markers.values())
+    pps = pairs / seconds["rerank"] if pairs and seconds["rerank"] > 0 else 0.0
+    res = RerankResult(results=config.results, reranker=reranker, num_queries=num_queries, num_pairs=num_pairs,
+                       candidates=k, num_failed_queries=0, stage_seconds=seconds, pairs_per_second=pps,
+                       partitions=total, failed_partitions=sorted(failed), fetched_token_bytes=fetched,
+                       distinct_candidate_bytes=int(seen.sum()) * row_bytes, scorer_nodes=sorted(nodes),
+                       state=state.metadata())
+    ratio = f"{res.token_ratio:.2f}x" if res.token_ratio else "-"
+    log.info("reranked %d queries x %d candidates with %s: %d pairs this run in %.1f s (%.0f pairs/s); "
+             "tokens fetched %.1f MB for %.1f MB of distinct candidates (%s); %d partition(s) failed",
+             num_queries, k, reranker, pairs, seconds["rerank"], pps, fetched / 1e6,
+             res.distinct_candidate_bytes / 1e6, ratio, len(failed))
+    return res
+
+
+def _row_bytes(store: str) -> int:
+    arr = storage.open_local_tokens(store)
+    return int(np.prod(arr.shape[1:])) * arr.dtype.itemsize
+
+
+def _write_manifest(config: RerankConfig, res: RerankResult, plan: dict, state, total: int) -> None:
+    """Written last: lists the committed parts; evaluate and the report read exactly these."""
+    lay = ResultsLayout(config.results)
+    parts = sorted(committed_partitions(config.results))
+    failures = [p for p in range(total) if p not in parts]
+    storage.write_json(lay.manifest, {
+        "parts": parts, "partitions": total, "failed_partitions": failures, "complete": not failures,
+        "state": state.metadata(), "plan": plan, "reranker": res.reranker, "candidates": res.candidates,
+        "backbone": config.backbone, "database_store": config.database_store, "query_store": config.query_store,
+        "index_dir": config.index_dir, "num_queries": res.num_queries, "num_pairs": res.num_pairs,
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    })
+    res.failed_partitions = failures
+    res.num_failed_queries = sum(len(storage.read_json(lay.failure(p)).get("query_ids", []))
+                                 for p in failures if storage.exists(lay.failure(p)))
+
+
+def register_cli(subparsers) -> None:
+    from ..cli import add_config_arguments, add_image_size_argument
+
+    p = subparsers.add_parser("rerank", help="retrieve top-K candidates per query and rerank them (resumable)")
+    add_config_arguments(p)
+    p.add_argument("--queries", help="query dataset (extracted into --query-store first)")
+    p.add_argument("--query-store")
+    p.add_argument("--database-store")
+    p.add_argument("--index", dest="index_dir")
+    p.add_argument("--results", help="output folder (parts, progress markers, manifest)")
+    p.add_argument("--backbone")
+    p.add_argument("--checkpoint")
+    p.add_argument("--reranker", choices=RERANKERS)
+    p.add_argument("--candidates", type=int)
+    p.add_argument("--partition-queries", type=int)
+    p.add_argument("--rerank-dtype", choices=("float32", "bfloat16"))
+    add_image_size_argument(p)
+    p.set_defaults(func=_cli)
+
+
+def _cli(args: argparse.Namespace) -> int:
+    from ..cli import config_from_args
+
+    cfg = config_from_args(RerankConfig, args, ("queries", "query_store", "database_store", "index_dir", "results",
+                                                "backbone", "checkpoint", "reranker", "candidates", "image_size",
+                                                "partition_queries", "rerank_dtype"))
+    res = run(cfg)
+    ratio = f"{res.token_ratio:.2f}x" if res.token_ratio else "-"
+    print(f"{res.num_queries} queries x {res.candidates} candidates reranked with {res.reranker}: "
+          f"{res.num_pairs} pairs, {res.pairs_per_second:.0f} pairs/s, token bytes fetched/distinct {ratio}, "
+          f"{len(res.failed_partitions)} failed partition(s) -> {res.results}")
+    return 1 if res.failed_partitions else 0

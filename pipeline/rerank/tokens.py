@@ -1,0 +1,60 @@
+"""Local tokens for scoring: whole Zarr chunks, decoded once and kept in a bounded per-actor cache.
+
+A store's ``local_tokens`` array is chunked by rows (``chunk_rows``, 16 by default). Reading one
+scattered row costs its whole chunk, so the job orders work by candidate chunk (see
+``pipeline.rerank.score``) and every scorer actor keeps the last ``cache_chunks`` decoded chunks
+(least recently used out). Memory per actor: ``cache_chunks x chunk_rows x T x 131 x 2`` bytes
+(float16, as stored): 256 chunks of 16 x 64 tokens = 69 MB, independent of the queries and pairs.
+
+``fetched_bytes`` counts whole chunks read from the store (in the stored dtype); the job
+compares it with the bytes of the distinct candidates it served (rows x T x 131 x 2).
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import numpy as np
+
+from .. import storage
+
+
+class ChunkCache:
+    """Rows of one store's ``local_tokens`` through an LRU of decoded chunks."""
+
+    def __init__(self, store: str, cache_chunks: int = 256, array=None):
+        self.store = store
+        self.array = array if array is not None else storage.open_local_tokens(store)
+        self.chunk_rows = int(self.array.chunks[0])
+        self.rows = int(self.array.shape[0])
+        self.cache_chunks = max(1, int(cache_chunks))
+        self._chunks: OrderedDict[int, np.ndarray] = OrderedDict()
+        self.fetched_bytes = 0
+        self.fetched_chunks = 0
+
+    @property
+    def row_bytes(self) -> int:
+        return int(np.prod(self.array.shape[1:])) * self.array.dtype.itemsize
+
+    def _chunk(self, c: int) -> np.ndarray:
+        got = self._chunks.get(c)
+        if got is not None:
+            self._chunks.move_to_end(c)
+            return got
+        lo, hi = c * self.chunk_rows, min(self.rows, (c + 1) * self.chunk_rows)
+        got = np.asarray(self.array[lo:hi])  # one whole stored chunk
+        self.fetched_bytes += got.nbytes
+        self.fetched_chunks += 1
+        self._chunks[c] = got
+        if len(self._chunks) > self.cache_chunks:
+            self._chunks.popitem(last=False)
+        return got
+
+    def read(self, rows: np.ndarray) -> np.ndarray:
+        """float32 (len(rows), T, 131) in the order asked."""
+        rows = np.asarray(rows, np.int64)
+        out = np.empty((len(rows),) + tuple(self.array.shape[1:]), np.float32)
+        chunk_of = rows // self.chunk_rows
+        for c in np.unique(chunk_of):
+            sel = np.nonzero(chunk_of == c)[0]
+            out[sel] = self._chunk(int(c))[rows[sel] - c * self.chunk_rows]
+        return out
