@@ -159,7 +159,7 @@ def collect_garbage(cfg: "ReindexConfig", layout: "ReindexLayout", dry_run: bool
     report = GarbageReport(dry_run=dry_run)
     nbytes: Counter = Counter()
     versions, generations, jobs = kept_states(cfg, layout, grace)
-    report.kept_versions, report.leases = sorted(versions), jobs
+    report.kept_versions, report.leases = sorted(versions & set(L.list_versions(index_dir))), jobs
     existing = snapshot_generations(store)
     report.kept_generations = sorted(g for g in generations if g in existing)
     if not existing:
