@@ -33,8 +33,9 @@ Two kinds, both in the paper's (and the VG benchmark's) words:
   ascending); ``mine.json`` records what the blocks were computed from (reruns must match) and
   ``mine-index.json`` the index version built for them. The driver never holds candidate
   lists: it keeps references to ``blocks_in_flight`` blocks. FAISS threads per shard actor are
-  fixed (``search_threads``) and ties are broken by image id, so a rerun (after a kill, finished
-  blocks skipped) writes a byte-identical final file.
+  fixed for the run (``search_threads``; 0 = cluster CPUs / shards, so the same on a rerun on the
+  same cluster) and ties are broken by image id, so a rerun (after a kill, finished blocks
+  skipped) writes a byte-identical final file.
 """
 from __future__ import annotations
 
@@ -179,7 +180,7 @@ class MineConfig:
     index_factory: str = "Flat"        # exact by default (choose_index would pick IVF above 50k vectors)
     index_shards: int | None = None    # None: the index build's choice (>= one per cluster CPU from 200k)
     index_memory_budget: str = "64G"   # only for index_factory "auto"
-    search_threads: int = 1            # FAISS threads per shard actor: fixed, so reruns are byte-identical
+    search_threads: int = 0            # FAISS threads per shard actor (0: cluster CPUs / shards); fixed per run
     blocks_in_flight: int = 4          # query blocks searched / merged at once (bounds object-store use)
     use_gpu: str = "auto"              # shard actors search on GPU where FAISS sees one
     address: str | None = None         # Ray cluster; None = RAY_ADDRESS or a local Ray
@@ -431,6 +432,9 @@ def _open_shards(index_dir: str, version: str, db_store: str, db_manifest: dict,
     from .index import layout as L
 
     infos = L.read_infos(index_dir, version)
+    threads = cfg.search_threads or max(1, int(ray.cluster_resources().get("CPU", 1)) // len(infos["shards"]))
+    log.info("mine: %d index shard actor(s) of %s %s, %d FAISS thread(s) each", len(infos["shards"]), index_dir,
+             version, threads)
     lay, store_lay = L.IndexLayout(index_dir), storage.StoreLayout(db_store)
     in_store = {int(s) for s in db_manifest["shards"]}
     n_gpus = 0 if str(cfg.use_gpu).lower() in ("no", "false", "0", "off", "cpu") else cluster_gpus()
@@ -448,7 +452,7 @@ def _open_shards(index_dir: str, version: str, db_store: str, db_manifest: dict,
         actors.append(actor.options(num_cpus=0, num_gpus=gpus, memory=max(1, int(e["bytes"] * 1.3)),
                                     scheduling_strategy="SPREAD").remote(
             lay.file(version, e["file"]), e, dict(infos.get("search_params") or {}), cfg.use_gpu,
-            cfg.search_threads, parts, cfg.soft_positive_radius))
+            threads, parts, cfg.soft_positive_radius))
     ray.get([a.ready.remote() for a in actors])
     return actors
 
@@ -511,8 +515,9 @@ def run(config: MineConfig) -> MineResult:
     extra: dict[str, Any] = {"published": db_state.metadata()}
     if todo:
         ensure_ray(config.address)
+        t_index = time.perf_counter()
         index_dir, version = _mining_index(config, database, fingerprint)
-        extra.update(index_dir=index_dir, index_version=version)
+        extra.update(index_dir=index_dir, index_version=version, index_seconds=time.perf_counter() - t_index)
         with _lease(index_dir, db_state):
             actors = _open_shards(index_dir, version, database, db_state.manifest, config)
             read_task = ray.remote(num_cpus=1)(_read_query_block)

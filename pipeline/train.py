@@ -335,15 +335,68 @@ def describe_rows(model, source: ImageSource, rows: np.ndarray, rank: int, world
     return np.stack([merged[int(r)] for r in rows]) if len(rows) else np.zeros((0, 1), np.float32)
 
 
+RECALL_KS = (1, 5, 10, 20)
+
+
 def recall_at(query_desc: np.ndarray, db_desc: np.ndarray, query_pos: np.ndarray, db_pos: np.ndarray,
-              radius: float, ks=(1, 5, 10)) -> dict[str, float]:
+              radius: float, ks=RECALL_KS, block: int = 4096) -> dict[str, float]:
     """Recall@k in percent: a query is found at k when one of its k nearest descriptors lies within
-    ``radius`` of it."""
-    d = ((query_desc[:, None, :] - db_desc[None, :, :]) ** 2).sum(-1)
-    order = np.argsort(d, axis=1, kind="stable")
-    geo = np.sqrt(((query_pos[:, None, :] - db_pos[None, :, :]) ** 2).sum(-1))
-    hit = np.take_along_axis(geo, order, axis=1) <= radius
-    return {f"recall@{k}": float(100.0 * hit[:, :k].any(1).mean()) for k in ks}
+    ``radius`` of it. FAISS top-``max(ks)`` search (exact, GPU where present) in query blocks:
+    memory is the index (database x D float32) plus block x k, never queries x database."""
+    import faiss
+
+    from .index.choose import to_device
+    from .spatial import geo_within
+
+    q = np.ascontiguousarray(query_desc, dtype=np.float32)
+    db = np.ascontiguousarray(db_desc, dtype=np.float32)
+    k = min(max(ks), len(db))
+    first_hit = np.full(len(q), k, np.int64)   # rank of the first correct image (k = none in the top k)
+    if len(q) and k:
+        index = faiss.IndexFlatL2(db.shape[1])
+        index.add(db)
+        index = to_device(index)
+        for s in range(0, len(q), block):
+            _, rows = index.search(q[s:s + block], k)
+            hit = geo_within(query_pos[s:s + block], db_pos[np.maximum(rows, 0)], radius) & (rows >= 0)
+            first_hit[s:s + block] = np.where(hit.any(1), hit.argmax(1), k)
+    if not len(q):
+        return {f"recall@{n}": float("nan") for n in ks}
+    return {f"recall@{n}": float(100.0 * (first_hit < n).mean()) for n in ks}
+
+
+def nearest_rows(query_desc: np.ndarray, db_desc: np.ndarray, k: int, block: int = 4096) -> np.ndarray:
+    """(Q, k) database rows nearest each query (exact FAISS search in query blocks; memory: the
+    index plus block x k)."""
+    import faiss
+
+    from .index.choose import to_device
+
+    db = np.ascontiguousarray(db_desc, dtype=np.float32)
+    index = faiss.IndexFlatL2(db.shape[1])
+    index.add(db)
+    index = to_device(index)
+    q = np.ascontiguousarray(query_desc, dtype=np.float32)
+    return np.concatenate([index.search(q[s:s + block], k)[1] for s in range(0, len(q), block)]) \
+        if len(q) else np.zeros((0, k), np.int64)
+
+
+def best_positives(query_desc: np.ndarray, db_desc: np.ndarray, positives, chunk_pairs: int = 1 << 20,
+                   ) -> np.ndarray:
+    """(Q,) the database row among each query's ``positives`` (``spatial.Neighbours``) nearest in
+    descriptor space, -1 where a query has none. Vectorised over (query, positive) pairs in
+    chunks: memory O(chunk_pairs x D)."""
+    counts = positives.counts
+    pair_q = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
+    d = np.empty(len(pair_q), np.float32)
+    for s in range(0, len(pair_q), chunk_pairs):
+        e = s + chunk_pairs
+        d[s:e] = ((db_desc[positives.rows[s:e]] - query_desc[pair_q[s:e]]) ** 2).sum(-1)
+    order = np.lexsort((d, pair_q))       # by query, then distance: each query's first pair is its best
+    out = np.full(len(counts), -1, np.int64)
+    has = counts > 0
+    out[has] = positives.rows[order[positives.offsets[:-1][has]]]
+    return out
 
 
 # ====================================================================== stage steps (run on workers)
@@ -572,7 +625,10 @@ class _StageRunner:
 
     # ------------------------------------------------------------------ stage 2
     def _init_rerank(self) -> None:
-        from .mine import read_hardest_negatives, within_radius
+        """Training items as arrays: query row, best positive row, negative pool (rows, nearest
+        first, -1 padded). Memory O(queries x negatives_top), no Python object per query."""
+        from .mine import read_hardest_negatives
+        from .spatial import PositionIndex
 
         cfg = self.cfg
         cols = ["image_id", "row", "utm_east", "utm_north", "global_descriptor"]
@@ -580,25 +636,28 @@ class _StageRunner:
         db = storage.read_global_table(cfg.train.database_store, cols)
         self.q_rows = q.column("row").to_numpy().astype(np.int64)
         self.db_rows = db.column("row").to_numpy().astype(np.int64)
-        q_ids, db_ids = q.column("image_id").to_numpy(), db.column("image_id").to_numpy()
-        db_index = {int(i): r for r, i in enumerate(db_ids)}
+        q_ids = q.column("image_id").to_numpy().astype(np.int64)
+        db_ids = db.column("image_id").to_numpy().astype(np.int64)
         q_desc, db_desc = storage.descriptors_of(q), storage.descriptors_of(db)
-        hard = within_radius(dataset_positions(q), dataset_positions(db), cfg.positive_radius)
-        negatives = read_hardest_negatives(cfg.train.hardest_negatives)
-        self.items: list[tuple[int, int, np.ndarray]] = []   # (query, best positive, negative pool)
-        for qi, qid in enumerate(q_ids):
-            negs = negatives.get(int(qid))
-            if not len(hard[qi]) or negs is None:
-                continue
-            pool = np.array([db_index[int(n)] for n in negs[:cfg.negatives_top] if int(n) in db_index], np.int64)
-            if not len(pool):
-                continue
-            d = ((db_desc[hard[qi]] - q_desc[qi]) ** 2).sum(-1)
-            self.items.append((qi, int(hard[qi][np.argmin(d)]), pool))
-        if not self.items:
+        hard = PositionIndex(dataset_positions(db)).pairs_within(dataset_positions(q), cfg.positive_radius)
+        best = best_positives(q_desc, db_desc, hard)
+        negatives = read_hardest_negatives(cfg.train.hardest_negatives, top=cfg.negatives_top)
+        mined = negatives.rows_of(q_ids)
+        neg_ids = np.where(mined[:, None] >= 0, negatives.negatives[np.maximum(mined, 0)], -1)
+        # Negative image ids -> database table rows (ids outside this database are dropped).
+        by_id = np.argsort(db_ids, kind="stable")
+        at = np.clip(np.searchsorted(db_ids[by_id], neg_ids), 0, len(db_ids) - 1)
+        pool = np.where((neg_ids >= 0) & (db_ids[by_id][at] == neg_ids), by_id[at], -1)
+        pool = np.take_along_axis(pool, np.argsort(pool < 0, axis=1, kind="stable"), 1)  # valid first
+        pool_len = (pool >= 0).sum(1)
+        keep = np.flatnonzero((best >= 0) & (pool_len > 0))
+        self.item_q, self.item_pos = keep, best[keep]
+        self.item_pool, self.item_pool_len = pool[keep], pool_len[keep]
+        if not len(keep):
             raise ValueError("rerank training found no query with both a positive and hardest negatives; "
                              "check positive_radius and the `r2f mine` output")
-        self.steps_per_epoch = max(1, len(self.items) // cfg.batch_size)
+        self.num_items = len(keep)
+        self.steps_per_epoch = max(1, self.num_items // cfg.batch_size)
         if cfg.max_steps_per_epoch:
             self.steps_per_epoch = min(self.steps_per_epoch, cfg.max_steps_per_epoch)
         if cfg.rerank_source == "tokens":
@@ -615,15 +674,14 @@ class _StageRunner:
 
         cfg = self.cfg
         rng = np.random.default_rng([cfg.seed, epoch])
-        order = rng.permutation(len(self.items))
-        neg_pick = rng.integers(0, 1 << 30, len(self.items))
+        order = rng.permutation(self.num_items)
+        neg_pick = rng.integers(0, 1 << 30, self.num_items)
         self._set_train_mode()
         losses = []
         for s in range(self.steps_per_epoch):
             idx = order[s * cfg.batch_size:(s + 1) * cfg.batch_size][self.rank::self.world]
-            qi = np.array([self.items[i][0] for i in idx])
-            pi = np.array([self.items[i][1] for i in idx])
-            ni = np.array([self.items[i][2][neg_pick[i] % len(self.items[i][2])] for i in idx])
+            qi, pi = self.item_q[idx], self.item_pos[idx]
+            ni = self.item_pool[idx, neg_pick[idx] % self.item_pool_len[idx]]
             B = len(idx)
             if cfg.rerank_source == "tokens":
                 q_tok = torch.from_numpy(self.q_tokens.get(qi)).to(self.device)
@@ -693,8 +751,12 @@ class _StageRunner:
         return {}
 
     def _validate_rerank(self) -> dict[str, float]:
-        """Recall@k after reranking the global top ``val_candidates`` with the current reranker."""
+        """Recall@k after reranking the global top ``val_candidates`` with the current reranker.
+        Memory: the validation stores' descriptors and a FAISS index over them, Q x candidates
+        ranks; tokens are read per query (``_TokenSource`` preloads small stores only)."""
         import torch
+
+        from .spatial import geo_within
 
         cfg = self.cfg
         cols = ["row", "utm_east", "utm_north", "global_descriptor"]
@@ -703,7 +765,7 @@ class _StageRunner:
         qd, dd = storage.descriptors_of(q), storage.descriptors_of(db)
         q_pos, db_pos = dataset_positions(q), dataset_positions(db)
         k = min(cfg.val_candidates, len(dd))
-        cand = np.argsort(((qd[:, None] - dd[None]) ** 2).sum(-1), axis=1, kind="stable")[:, :k]
+        cand = nearest_rows(qd, dd, k)   # FAISS top-k: memory the index + Q x k, not Q x database
         q_tok = _TokenSource(cfg.val.queries_store, q.column("row").to_numpy())
         db_tok = _TokenSource(cfg.val.database_store, db.column("row").to_numpy())
         mine = np.arange(len(qd))[self.rank::self.world]
@@ -717,9 +779,9 @@ class _StageRunner:
                 score = self.step_module("rerank_tokens", qt, ct).float().softmax(1)[:, 1].cpu().numpy()
                 local[int(qi)] = cand[qi][np.argsort(-score, kind="stable")]
         reranked = _allgather_rows(local, self.world)
-        geo = np.sqrt(((q_pos[:, None] - db_pos[None]) ** 2).sum(-1))
-        hits = np.stack([geo[i, reranked[i]] <= cfg.val_radius for i in range(len(qd))])
-        return {f"recall@{n}": float(100.0 * hits[:, :n].any(1).mean()) for n in (1, 5, 10) if n <= k}
+        order = np.stack([reranked[i] for i in range(len(qd))])
+        hits = geo_within(q_pos, db_pos[order], cfg.val_radius)
+        return {f"recall@{n}": float(100.0 * hits[:, :n].any(1).mean()) for n in RECALL_KS if n <= k}
 
 
 class _TokenSource:
