@@ -98,3 +98,14 @@ def test_five_reindexes_with_gc_stay_small_and_keep_every_kept_state(ray_session
     assert cli.main(["reindex", "--store", store, "--gc", "--dry-run"]) == 0
     assert tree_bytes(store) == before
     assert reindex.collect(cfg).gc["bytes_reclaimed"] == 0
+
+    # `r2f search` resolves the published state once and records it with its results
+    np.save(tmp_path / "q.npy", storage.descriptors_of(published.resolve(store, index_dir)
+                                                       .read_global_table(["global_descriptor"])))
+    out = str(tmp_path / "hits.parquet")
+    assert cli.main(["search", "--index-dir", index_dir, "--queries", str(tmp_path / "q.npy"), "--out", out,
+                     "--k", "2"]) == 0
+    now = published.resolve(store, index_dir)
+    assert storage.parquet_metadata(out)["state"]["store_generation"] == now.store_generation
+    assert storage.parquet_metadata(out)["index_version"] == now.index_version
+    assert leases.read_leases(index_dir) == []

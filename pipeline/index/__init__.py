@@ -2,12 +2,14 @@
 
 ``build(IndexConfig(store=...))`` writes a new version of a sharded FAISS index next to (or
 apart from) an extraction store; ``search(index_dir, queries, k)`` / ``open_index(index_dir)``
-answer top-K queries from the version the CURRENT pointer names. See docs/index.md.
+answer top-K queries from the version the CURRENT pointer names (read once per searcher; the
+pointer also names the store generation that version indexes, see ``layout``). See docs/index.md.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 
 import numpy as np
 import pyarrow as pa
@@ -110,13 +112,21 @@ def _cli_index(args: argparse.Namespace) -> int:
 
 def _cli_search(args: argparse.Namespace) -> int:
     from .. import storage
+    from ..leases import hold_lease
+    from .layout import read_pointer
 
     query_ids, queries = read_queries(args.queries)
-    with open_index(args.index_dir, version=args.version, use_actors=args.actors, use_gpu=args.use_gpu,
-                    nprobe=args.nprobe) as searcher:
+    # the published state, resolved once: the version searched and the store generation it indexes
+    pointer = read_pointer(args.index_dir) if args.version is None else {"version": args.version}
+    state = {"index_dir": args.index_dir, "index_version": pointer["version"],
+             "store_generation": pointer.get("store_generation"), "store": pointer.get("store")}
+    with hold_lease(args.index_dir, f"search-{os.getpid()}", state), \
+            open_index(args.index_dir, version=state["index_version"], use_actors=args.actors, use_gpu=args.use_gpu,
+                       nprobe=args.nprobe) as searcher:
         result = searcher.search(queries, args.k)
-        version = searcher.version
     storage.write_parquet(args.out, search_table(query_ids, result),
-                          {"index_dir": args.index_dir, "index_version": version, "k": args.k})
-    print(json.dumps({"queries": len(query_ids), "k": int(result.ids.shape[1]), "version": version, "out": args.out}))
+                          {"index_dir": args.index_dir, "index_version": state["index_version"], "k": args.k,
+                           "state": state})
+    print(json.dumps({"queries": len(query_ids), "k": int(result.ids.shape[1]), "version": state["index_version"],
+                      "store_generation": state["store_generation"], "out": args.out}))
     return 0
