@@ -1,33 +1,35 @@
 """Scheduled incremental reindexing: bring the store and the index up to date with the image source.
 
-One run (``r2f reindex``, ``jobs/reindex.py``, ``run(ReindexConfig)``)::
+One run (``r2f reindex``, ``jobs/reindex.py``, ``run(ReindexConfig)``), under the lock (``lock.py``)::
 
-    scan     hash every new or touched image of the source (Ray tasks; ``pipeline.images.content_hash``;
-             a file whose size and mtime/ETag match the last scan keeps its hash without being read)
-    plan     compare with the catalog (the store's Parquet: image_id, path, content_hash, positions):
-             added, changed (new bytes), moved (same bytes, new path or position), deleted
-    extract  only added + changed images, into a staging store <store>/reindex/staging/<digest>
-             (``pipeline.extract.extract_dataset``: resumable per shard like any extraction)
-    adopt    staging shards become new shards of the store (fresh shard numbers, their local tokens
-             copied to fresh Zarr rows); every old shard that lost or moved a row is replaced by a
-             filtered copy under a fresh number whose rows still point at the old Zarr rows
-    store    a new store generation: manifests/g0004.json, then manifest.json (same content)
-    index    ``pipeline.index.build(previous_version=CURRENT)``: unchanged index shards are copied,
-             only index shards that lost an extraction shard are refilled, new extraction shards
-             form a new index shard; the version is built with ``make_current=False``
-    publish  the new version's image ids are checked against the store, then CURRENT is rewritten
-             (one atomic write), and all but the newest ``keep_versions`` versions are pruned
+    scan      hash every new or touched image of the source (Ray tasks; ``pipeline.images.content_hash``;
+              a file whose size and mtime/ETag match the last scan keeps its hash without being read)
+    plan      compare with the catalog (the published store generation, or the unpublished one an
+              interrupted run left): added, changed (new bytes), moved (new path or position), deleted
+    extract   only added + changed images, into a staging store <store>/reindex/staging/<digest>
+              (``pipeline.extract.extract_dataset``: resumable per shard like any extraction)
+    adopt     staging shards become new shards of the store (never-used shard numbers, their local
+              tokens copied to fresh Zarr rows); every old shard that lost or moved a row is replaced
+              by a filtered copy under a new number whose rows still point at the old Zarr rows
+    snapshot  the new store generation: manifests/g0004.json only (``publish.py``)
+    index     ``pipeline.index.build(previous_version=CURRENT, manifest=<that snapshot>)``: unchanged
+              index shards are copied, only index shards that lost an extraction shard are refilled
+    check     the version's ids equal the generation's; the lock is still ours
+    publish   ONE write: <index_dir>/CURRENT names the version and the store generation; then the
+              informational <store>/manifest.json
+    collect   garbage no kept state or live lease references (``gc.py``; ``gc: true``)
 
 Invariants that make this safe:
 
-- Shard numbers are never reused and a shard's Parquet part and Zarr rows are never rewritten once
-  a manifest lists it, so every kept store generation (and each index version built from one) stays
-  readable: rollback is rewriting two small files (``manifest.json`` and ``CURRENT``).
-- Until the final CURRENT write, searches answer from the old version's unchanged files. A run that
-  dies anywhere before it leaves CURRENT as it was; the next run resumes: staging shards already
-  extracted are skipped, and a store generation that no index version covers yet is indexed.
+- Readers resolve only the pointer (``pipeline.published``): until it is rewritten every reader,
+  new or running, reads the previous state's unchanged files; a run that dies anywhere before
+  leaves it as it was, and the next run resumes (staging shards already extracted are skipped; a
+  snapshot no pointer ever named is built on, not adopted again). Rollback is that one write.
+- Shard and generation numbers are never reused (``<store>/reindex/numbers.json``) and a file is
+  never rewritten once a manifest lists it, so every kept state stays readable until GC, which
+  collects only what no kept state and no live lease (``pipeline.leases``) references.
 - A run with nothing new (no added, changed, moved or deleted image, and CURRENT covering exactly
-  the store's shards) writes nothing and says so.
+  the published generation's shards) writes nothing and says so.
 - Images that failed to decode are remembered with their content hash (``failures.parquet``) and
   are retried only when their bytes change; unreadable source files never delete catalog rows (an
   S3 hiccup must not drop a place from the index).
@@ -35,6 +37,7 @@ Invariants that make this safe:
 Layout added to a store (beside ``pipeline.storage``'s files)::
 
     <store>/manifests/g0003.json               snapshot of each store generation's manifest
+    <store>/reindex/numbers.json                next shard and generation numbers (never reused)
     <store>/reindex/staging/<digest>/           extraction store of one run's new images
     <store>/reindex/failures.parquet            path, content_hash, stage, reason of known bad images
     <store>/reindex/scan_cache.parquet          path, size+mtime/ETag, content_hash: unchanged files are not reread
@@ -42,7 +45,8 @@ Layout added to a store (beside ``pipeline.storage``'s files)::
 and to an index folder (beside ``pipeline.index.layout``'s files)::
 
     <index_dir>/reindex/v0003.json              which store generation version v0003 was built from
-    <index_dir>/reindex.lock                    held while a reindex runs
+    <index_dir>/reindex.lock                    held (and heartbeated) while a reindex, rollback or GC runs
+    <index_dir>/leases/<job>.json               states running jobs read (``pipeline.leases``)
 """
 from __future__ import annotations
 
