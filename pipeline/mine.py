@@ -390,13 +390,17 @@ def _merge_block(output: str, block_index: int, k: int, block: dict[str, np.ndar
     return int(len(ids))
 
 
-def _mining_index(cfg: MineConfig, database: str, fingerprint: dict[str, Any]) -> tuple[str, str]:
-    """``(index_dir, version)`` to mine with: a named version, the one this output built before,
-    or a new exact (``Flat``) version built now and recorded in ``<output>/mine-index.json``."""
+def _mining_index(cfg: MineConfig, database: str, fingerprint: dict[str, Any], pinned: str | None,
+                  ) -> tuple[str, str]:
+    """``(index_dir, version)`` to mine with: a named version (``current`` = the version pinned
+    when the job resolved its state), the one this output built before, or a new exact
+    (``Flat``) version built now and recorded in ``<output>/mine-index.json``."""
     from .index import layout as L
     from .index.build import IndexConfig, build
 
     index_dir = cfg.index_dir or storage.join(cfg.output, "index")
+    if cfg.index_version == "current" and pinned:
+        return index_dir, pinned
     if cfg.index_version:
         return index_dir, L.resolve_version(index_dir, None if cfg.index_version == "current" else cfg.index_version)
     record_url = storage.join(cfg.output, "mine-index.json")
@@ -415,9 +419,12 @@ def _mining_index(cfg: MineConfig, database: str, fingerprint: dict[str, Any]) -
 
 
 def _lease(index_dir: str, state):
-    """A lease on the index version while mining reads it (pipeline.leases, when present)."""
+    """A lease on a named ``index_dir``'s version while mining reads it (pipeline.leases, when
+    present); the private ``<output>/index`` needs none."""
     import contextlib
 
+    if not index_dir:
+        return contextlib.nullcontext()
     try:
         from .leases import hold_lease
     except ImportError:
@@ -516,9 +523,9 @@ def run(config: MineConfig) -> MineResult:
     if todo:
         ensure_ray(config.address)
         t_index = time.perf_counter()
-        index_dir, version = _mining_index(config, database, fingerprint)
+        index_dir, version = _mining_index(config, database, fingerprint, db_state.index_version)
         extra.update(index_dir=index_dir, index_version=version, index_seconds=time.perf_counter() - t_index)
-        with _lease(index_dir, db_state):
+        with _lease(config.index_dir, db_state):
             actors = _open_shards(index_dir, version, database, db_state.manifest, config)
             read_task = ray.remote(num_cpus=1)(_read_query_block)
             merge_task = ray.remote(num_cpus=1, max_retries=2)(_merge_block)

@@ -188,3 +188,15 @@ def test_merge_ranked_orders_by_distance_then_id():
     np.testing.assert_array_equal(got_ids, [[9, 3, 5, 7]])
     got_ids, _ = merge_ranked(ids, d, 7)
     np.testing.assert_array_equal(got_ids, [[9, 3, 5, 7, 2, -1, -1]])
+
+
+def test_named_index_version_gives_the_same_negatives(ray_session, stores):
+    """Mining with the index another run built (index_dir + index_version=current) reads the
+    pinned version and gives the same rows."""
+    ref = stores["root"] / "out_full"
+    out = stores["root"] / "out_named"
+    result = run(config(stores, str(out), index_dir=str(ref / "index"), index_version="current"))
+    assert result.extra["index_dir"] == str(ref / "index") and not (out / "index").exists()
+    a = pq.read_table(ref / "hardest_negatives.parquet")
+    b = pq.read_table(out / "hardest_negatives.parquet")
+    assert a.equals(b)
