@@ -13,7 +13,12 @@ The file is rewritten every ``heartbeat_s`` seconds and deleted when the block e
 dies leaves its file behind; it stops counting once its heartbeat is older than the GC's grace
 period and three heartbeat intervals (``live_leases``), so a crashed reader cannot pin data
 forever, and a live one, however long it runs, is never collected under. ``job`` names the file:
-give each concurrent job its own (e.g. the output's digest). Memory: O(leases).
+give each concurrent job its own (e.g. the output's digest).
+
+An unfinished output that a later run resumes against the state it recorded (a rerank results
+plan) pins that state without a heartbeat: ``pin(index_dir, job, state)`` when the plan is written,
+``unpin(index_dir, job)`` when the output is complete (or abandoned). A pin counts until it is
+removed. Memory: O(leases).
 """
 from __future__ import annotations
 
@@ -104,6 +109,26 @@ def hold_lease(index_dir: str | None, job: str, state: "PublishedState | dict[st
         lease.release()
 
 
+def pin(index_dir: str | None, job: str, state: "PublishedState | dict[str, Any]") -> str | None:
+    """Keep ``state`` from GC until ``unpin``: for unfinished outputs that will be resumed."""
+    if not index_dir:
+        return None
+    lease = Lease(index_dir, job, state, heartbeat_s=0.0)
+    lease.record["pinned"] = True
+    lease.heartbeat()
+    return lease.url
+
+
+def unpin(index_dir: str | None, job: str) -> None:
+    if not index_dir:
+        return
+    fs, path = storage.filesystem(lease_url(index_dir, job))
+    try:
+        fs.rm(path)
+    except FileNotFoundError:
+        pass
+
+
 def read_leases(index_dir: str) -> list[dict[str, Any]]:
     """Every lease file, live or not, each with its ``url``; unreadable ones are skipped with a warning
     (a half-written file on a store without atomic writes is rewritten at the next heartbeat)."""
@@ -130,11 +155,11 @@ def read_leases(index_dir: str) -> list[dict[str, Any]]:
 
 
 def live_leases(index_dir: str | None, grace_s: float) -> list[dict[str, Any]]:
-    """Leases whose last heartbeat is younger than ``grace_s`` and than three of their own heartbeat
-    intervals: the states GC must keep."""
+    """Pins, and leases whose last heartbeat is younger than ``grace_s`` or than three of their own
+    heartbeat intervals: the states GC must keep."""
     if not index_dir:
         return []
     now = time.time()
     return [r for r in read_leases(index_dir)
-            if now - float(r.get("heartbeat") or 0) < max(float(grace_s),
-                                                          MISSED_HEARTBEATS * float(r.get("heartbeat_s") or 30.0))]
+            if r.get("pinned") or now - float(r.get("heartbeat") or 0) < max(
+                float(grace_s), MISSED_HEARTBEATS * float(r.get("heartbeat_s") or 30.0))]

@@ -31,6 +31,13 @@ def test_lease_heartbeats_names_its_state_and_goes_away(tmp_path):
     assert leases.live_leases(index_dir, grace_s=0) == []
     assert len(leases.live_leases(index_dir, grace_s=3600)) == 1  # still inside the grace period
 
+    # an unfinished output that will be resumed pins its state with no heartbeat, until unpinned
+    leases.pin(index_dir, "rerank-plan-ab12", state)
+    time.sleep(0.05)
+    assert [r["job"] for r in leases.live_leases(index_dir, grace_s=0)] == ["rerank-plan-ab12"]
+    leases.unpin(index_dir, "rerank-plan-ab12")
+    assert leases.live_leases(index_dir, grace_s=0) == []
+
 
 def test_resolve_reads_version_and_generation_from_the_pointer(tmp_path):
     store, index_dir = str(tmp_path / "store"), str(tmp_path / "store" / "index")
