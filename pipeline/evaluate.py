@@ -274,7 +274,8 @@ def results_state(results_url: str) -> tuple[dict | None, str | None]:
     """``(state metadata, database store)`` recorded by the run that wrote the results."""
     from .rerank.results import results_metadata
     meta = results_metadata(results_url)
-    state = meta.get("state") or (meta.get("plan") or {}).get("database")
+    # a finished folder's manifest ("state"), an unfinished one's plan.json ("database"), or none
+    state = meta.get("state") or (meta.get("database") if isinstance(meta.get("database"), dict) else None)
     return state, meta.get("database_store") or (state or {}).get("store")
 
 

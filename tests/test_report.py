@@ -118,3 +118,25 @@ def test_match_figure_draws_inliers(tmp_path):
     png, matches, inliers = match_figure(str(tmp_path / "a.jpg"), str(tmp_path / "a.jpg"), q, c, (272, 480))
     assert matches == len(xy) and inliers >= 0.9 * len(xy)
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_reads_a_results_folder(tmp_path):
+    """The report takes the rerank job's folder (parts + manifest) as it takes a table."""
+    from pipeline.rerank import results as R
+    imgs = tmp_path / "images"
+    imgs.mkdir()
+    for i in range(6):
+        _image(imgs / f"{i}.jpg", i)
+    rows = [{"query_id": 100 + q, "query_path": str(imgs / f"{q}.jpg"), "rank": 5 - j, "global_rank": j + 1,
+             "image_id": j, "candidate_path": str(imgs / f"{j}.jpg"), "global_score": 1.0 - j / 10,
+             "rerank_score": float(j), "query_utm_east": float(q), "query_utm_north": 0.0,
+             "candidate_utm_east": float(j), "candidate_utm_north": 0.0} for q in range(2) for j in range(5)]
+    table = pa.Table.from_pylist(rows, schema=RESULTS_SCHEMA)
+    folder = str(tmp_path / "results")
+    R.write_part(folder, 0, table.slice(0, 5), {})
+    R.write_part(folder, 1, table.slice(5, 5), {})
+    metrics = {"global": {"recall@1": 0.5}, "reranked": {"recall@1": 1.0}, "num_queries": 2,
+               "num_queries_without_positive": 0, "settings": {}, "stage_seconds": {}}
+    html_folder = Path(write_report(str(tmp_path / "a"), metrics, folder, radius=1, image_size=(272, 480))).read_text()
+    html_table = Path(write_report(str(tmp_path / "b"), metrics, table, radius=1, image_size=(272, 480))).read_text()
+    assert html_folder.count("<figure") == html_table.count("<figure") == 2 * (1 + 5 + 5)

@@ -5,6 +5,7 @@ A results location is a folder (the streaming job) or, for runs made before it, 
     <results>/plan.json                 written first: what this folder is the result of (checked on resume)
     <results>/part-00012.parquet        one row per (query, candidate) of partition 12 (RESULTS_SCHEMA)
     <results>/progress/part-00012.json  partition 12 committed (written after its part): counts, token bytes
+    <results>/attempts/part-00012.json  tries of partition 12 by the current run (a crash counts as one)
     <results>/failures/part-00012.json  partition 12 failed every attempt: its query ids and the reason
     <results>/manifest.json             written last: the parts of a finished job and the state it read
 
@@ -54,6 +55,11 @@ class ResultsLayout:
 
     def progress(self, partition: int) -> str:
         return storage.join(self.root, "progress", f"part-{partition:05d}.json")
+
+    def attempts(self, partition: int) -> str:
+        """How often this run started partition ``partition`` (written before each try, so a try
+        that takes its actor down still counts)."""
+        return storage.join(self.root, "attempts", f"part-{partition:05d}.json")
 
     def failure(self, partition: int) -> str:
         return storage.join(self.root, "failures", f"part-{partition:05d}.json")
@@ -111,7 +117,10 @@ def results_metadata(results: str) -> dict[str, Any]:
     if is_single_file(results):
         return storage.parquet_metadata(results)
     lay = ResultsLayout(results)
-    return storage.read_json(lay.manifest) if storage.exists(lay.manifest) else storage.read_json(lay.plan)
+    for url in (lay.manifest, lay.plan):
+        if storage.exists(url):
+            return storage.read_json(url)
+    return {}
 
 
 def read_results(results: str, max_rows: int | None = None) -> pa.Table:

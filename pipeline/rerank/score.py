@@ -166,17 +166,22 @@ class PartitionWorker:
             p = int(p)
             t0 = time.perf_counter()
             attempts = max(1, int(self.job["max_attempts"]))
-            for attempt in range(1, attempts + 1):
+            status, reason, last_tb = "failed", "", ""
+            pairs, queries, fetched, cand_rows = 0, 0, 0, np.zeros(0, np.int64)
+            while True:
+                tried = self._count_attempt(p)  # before the try: a try that kills this actor counts too
+                if tried > attempts:
+                    reason = reason or f"{attempts} attempts of this run ended without a result (the scorer died)"
+                    break
                 try:
                     pairs, queries, fetched, cand_rows = self.run_partition(p)
-                    status, reason = "done", ""
+                    status = "done"
                     break
                 except Exception as exc:  # recorded, the job goes on (bad input must not stop a city)
                     reason = f"{type(exc).__name__}: {exc}"
-                    log.warning("partition %d attempt %d/%d failed: %s", p, attempt, attempts, reason)
                     last_tb = traceback.format_exc()
-            else:
-                status, pairs, queries, fetched, cand_rows = "failed", 0, 0, 0, np.zeros(0, np.int64)
+                    log.warning("partition %d attempt %d/%d failed: %s", p, tried, attempts, reason)
+            if status == "failed":
                 self._record_failure(p, reason, last_tb)
             for k, v in (("partition", p), ("status", status), ("pairs", pairs), ("queries", queries),
                          ("fetched_bytes", fetched), ("candidate_rows", cand_rows), ("node_id", self.node_id),
@@ -272,6 +277,13 @@ class PartitionWorker:
         return {"queries": queries, "pairs": pairs, "fetched_token_bytes": fetched,
                 "distinct_candidates": distinct, "node_id": self.node_id, "pid": self.pid,
                 "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+    def _count_attempt(self, p: int) -> int:
+        url = self.layout.attempts(p)
+        rec = storage.read_json(url) if storage.exists(url) else {}
+        n = int(rec.get("attempts", 0)) + 1 if rec.get("run") == self.job["run_id"] else 1
+        storage.write_json(url, {"run": self.job["run_id"], "attempts": n, "node_id": self.node_id, "pid": self.pid})
+        return n
 
     def _record_failure(self, p: int, reason: str, tb: str) -> None:
         try:

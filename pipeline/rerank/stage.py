@@ -38,7 +38,8 @@ class RerankConfig:
     num_actors: int | None = None            # scorer pool maximum; default: what the cluster has, as it grows
     threads_per_actor: int = 1
     cache_chunks: int = 256                  # decoded Zarr chunks kept per scorer actor (per store)
-    max_attempts: int = 2                    # tries of one partition before it is recorded as failed
+    max_attempts: int = 3                    # tries of one partition per run before it is recorded as failed
+    max_pool_restarts: int = 3               # scorer pools rebuilt after losing an actor, per run
     rerank_dtype: str = "float32"            # "bfloat16": opt-in reduced precision for r2former
     ransac_method: str = "magsac"
     ransac_threshold_px: float = 24.0
@@ -62,6 +63,16 @@ class RerankResult:
     distinct_candidate_bytes: int = 0        # bytes of the distinct candidates they served (this run)
     scorer_nodes: list[str] = field(default_factory=list)
     state: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        """False when a partition failed every attempt (the job's exit code is then 1)."""
+        return not self.failed_partitions
+
+    @property
+    def message(self) -> str:
+        return (f"partitions {self.failed_partitions} failed every attempt; their query ids and reasons are in "
+                f"{self.results}/failures/" if self.failed_partitions else "")
 
     @property
     def token_ratio(self) -> float | None:
@@ -117,13 +128,10 @@ def run(config: RerankConfig) -> RerankResult:
     Driver memory: O(partitions) (partition numbers, their markers) plus one byte per database
     row for the distinct-candidate count (10 MB at 10^7 images); queries, pairs, results and the
     index live in Ray actors and tasks, one partition per scorer actor at a time."""
-    import ray
-
-    from ..cluster import cluster_gpus, ensure_ray
+    from ..cluster import ensure_ray
     from ..extract import extract_into
     from ..index.search import ShardedSearcher
     from ..published import resolve
-    from .score import PartitionWorker, build_catalog
 
     for name in ("query_store", "database_store", "index_dir", "results"):
         if not getattr(config, name):
@@ -171,6 +179,7 @@ def run(config: RerankConfig) -> RerankResult:
             searcher.close()
     res.skipped_partitions = len(done_before)
     _write_manifest(config, res, plan, state, total)
+    res.num_failed_queries += failed_queries  # queries that could not be extracted count too
     return res
 
 
@@ -178,7 +187,7 @@ def _score(config, reranker, k, state, searcher, pending, total, seconds, ransac
     import ray
 
     from ..cluster import cluster_gpus
-    from .score import PartitionWorker, build_catalog
+    from .score import build_catalog
 
     t = time.perf_counter()
     gpus = cluster_gpus() if reranker == "r2former" else 0
@@ -186,7 +195,7 @@ def _score(config, reranker, k, state, searcher, pending, total, seconds, ransac
                reranker=reranker, backbone=config.backbone, checkpoint=config.checkpoint, candidates=k,
                batch_pairs=config.batch_pairs, partition_queries=config.partition_queries,
                threads=config.threads_per_actor, rerank_dtype=config.rerank_dtype, cache_chunks=config.cache_chunks,
-               max_attempts=config.max_attempts, ransac=ransac,
+               max_attempts=config.max_attempts, ransac=ransac, run_id=uuid.uuid4().hex,
                index=dict(dim=searcher.dim, normalize=searcher.normalize, num_vectors=searcher.num_vectors))
     failed: list[int] = []
     nodes: set[str] = set()
@@ -194,29 +203,37 @@ def _score(config, reranker, k, state, searcher, pending, total, seconds, ransac
     seen = np.zeros(0, bool)  # one byte per database row: distinct candidates served by this run
     if pending:
         catalog = ray.remote(num_cpus=0)(build_catalog).remote(state.metadata(), config.database_store)
-        # Pool bounds: at least 1 actor; at most num_actors, else unbounded, so Ray Data's actor
-        # pool autoscaler grows it to whatever CPUs/GPUs the cluster has as the job runs.
-        ds = ray.data.from_items([{"partition": p} for p in pending], override_num_blocks=len(pending))
-        ds = ds.map_batches(
-            PartitionWorker, batch_size=1, batch_format="numpy",
-            fn_constructor_kwargs=dict(job=job, catalog=[catalog], shard_actors=list(searcher._actors)),
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=config.num_actors),
-            num_cpus=config.threads_per_actor, num_gpus=1 if gpus else 0, ray_remote_args_fn=_scorer_name)
-        for row in ds.iter_rows():
-            p = int(row["partition"])
-            nodes.add(str(row["node_id"]))
-            if row["status"] != "done":
-                failed.append(p)
-                log.error("partition %d failed every attempt and is recorded in %s: %s", p,
-                          ResultsLayout(config.results).failure(p), row["reason"])
-                continue
-            pairs += int(row["pairs"])
-            fetched += int(row["fetched_bytes"])
-            rows = np.asarray(row["candidate_rows"], np.int64)
-            if len(rows):
-                if rows.max() >= len(seen):
-                    seen = np.concatenate([seen, np.zeros(int(rows.max()) + 1 - len(seen), bool)])
-                seen[rows] = True
+        restarts = 0
+        while pending:
+            try:
+                for row in _pool(config, job, catalog, searcher, pending, gpus).iter_rows():
+                    p = int(row["partition"])
+                    nodes.add(str(row["node_id"]))
+                    if row["status"] != "done":
+                        failed.append(p)
+                        log.error("partition %d failed every attempt and is recorded in %s: %s", p,
+                                  ResultsLayout(config.results).failure(p), row["reason"])
+                        continue
+                    pairs += int(row["pairs"])
+                    fetched += int(row["fetched_bytes"])
+                    rows = np.asarray(row["candidate_rows"], np.int64)
+                    if len(rows):
+                        if rows.max() >= len(seen):
+                            seen = np.concatenate([seen, np.zeros(int(rows.max()) + 1 - len(seen), bool)])
+                        seen[rows] = True
+                pending = []
+            except ray.exceptions.RayError as exc:
+                # A scorer actor was lost for good (ray.kill, a node gone): Ray Data gives up on the
+                # dataset. Committed parts stand; a new pool takes the partitions that are left, and
+                # the one that was in flight counts an attempt (attempts/), so a partition that kills
+                # its actor every time ends up recorded as failed instead of looping.
+                restarts += 1
+                if restarts > config.max_pool_restarts:
+                    raise
+                done = committed_partitions(config.results)
+                pending = [p for p in pending if p not in done and p not in failed]
+                log.warning("scorer pool lost an actor (%s); restarting it on %d remaining partition(s) (%d/%d)",
+                            type(exc).__name__, len(pending), restarts, config.max_pool_restarts)
         del catalog
     seconds["rerank"] = time.perf_counter() - t
     markers = committed_partitions(config.results)
@@ -235,6 +252,22 @@ def _score(config, reranker, k, state, searcher, pending, total, seconds, ransac
              num_queries, k, reranker, pairs, seconds["rerank"], pps, fetched / 1e6,
              res.distinct_candidate_bytes / 1e6, ratio, len(failed))
     return res
+
+
+def _pool(config, job, catalog, searcher, pending, gpus):
+    """The dataflow over the pending partitions: one Ray Data map over an autoscaling actor pool."""
+    import ray
+
+    from .score import PartitionWorker
+
+    # Pool bounds: at least 1 actor; at most num_actors, else unbounded, so Ray Data's actor
+    # pool autoscaler grows it to whatever CPUs/GPUs the cluster has as the job runs.
+    ds = ray.data.from_items([{"partition": p} for p in pending], override_num_blocks=len(pending))
+    return ds.map_batches(
+        PartitionWorker, batch_size=1, batch_format="numpy",
+        fn_constructor_kwargs=dict(job=job, catalog=[catalog], shard_actors=list(searcher._actors)),
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=config.num_actors),
+        num_cpus=config.threads_per_actor, num_gpus=1 if gpus else 0, ray_remote_args_fn=_scorer_name)
 
 
 def _row_bytes(store: str) -> int:

@@ -1,0 +1,194 @@
+"""City-scale reranking: memory, throughput and token reads of the streaming rerank job.
+
+    .venv/bin/python bench/bench_city.py [--images 1000000] [--queries 10000,100000] [--tokens 64] \
+        [--candidates 100] [--reranker token-similarity] [--out /tmp/r2f_bench_city]
+
+Writes a synthetic city with ``bench/city.py`` (street grid, 4 views per place, rows in
+extraction order, default ``chunk_rows`` 16, local tokens at T for every image: 1M x 64 tokens
+is ~17 GB), indexes it, writes query sets of each size (positions stripped, as real query sets
+come), and runs ``pipeline.rerank.run`` once per size in a fresh driver process on an embedded
+local Ray. For each run it prints: wall time, pairs/s, peak RSS of the driver and of each kind
+of Ray actor (sampled every 0.5 s), the object store's peak, and the token bytes fetched from
+Zarr against the bytes of the distinct candidates served, with the load average beside them.
+
+``--reranker token-similarity`` (default) is a cheap stand-in that reads the real tokens through
+the same chunk cache (mean best cosine similarity of token features); ``ransac`` and ``r2former``
+run the real scorers. The stores are reused when they exist with the same parameters.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+class Sampler(threading.Thread):
+    """Peak RSS of this process and of every Ray worker process by its title (``ray::Class``),
+    and the object store's peak use, sampled until stopped."""
+
+    def __init__(self, period: float = 0.5):
+        super().__init__(daemon=True)
+        import psutil
+        self.psutil, self.period = psutil, period
+        self.me = psutil.Process()
+        self.driver_peak = 0
+        self.kinds: dict[str, int] = {}
+        self.store_peak = 0
+        self._stop = threading.Event()
+
+    def run(self) -> None:
+        last_store = 0.0
+        while not self._stop.is_set():
+            self.driver_peak = max(self.driver_peak, self.me.memory_info().rss)
+            for p in self.psutil.process_iter(["cmdline", "memory_info"]):
+                cmd = p.info.get("cmdline") or []
+                if cmd and cmd[0].startswith("ray::") and p.info.get("memory_info"):
+                    kind = cmd[0].split()[0][5:].split(".")[0]
+                    if kind in ("IDLE", ""):
+                        continue
+                    self.kinds[kind] = max(self.kinds.get(kind, 0), p.info["memory_info"].rss)
+            if time.time() - last_store > 2.0:
+                self.store_peak = max(self.store_peak, _object_store_used())
+                last_store = time.time()
+            self._stop.wait(self.period)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.join()
+
+
+def _object_store_used() -> int:
+    try:
+        from ray._private.internal_api import memory_summary
+        m = re.search(r"Plasma memory usage (\d+) MiB", memory_summary(stats_only=True))
+        return int(m.group(1)) * 1024 * 1024 if m else 0
+    except Exception:
+        return 0
+
+
+def drive(config: dict) -> None:
+    """One rerank run in this (fresh) process: the driver whose memory is measured."""
+    from pipeline.cluster import ensure_ray
+    from pipeline.log import setup_logging
+    from pipeline.rerank import RerankConfig, run
+
+    setup_logging("WARNING")
+    ensure_ray(num_cpus=config.pop("_cpus", None))
+    sampler = Sampler()
+    sampler.start()
+    t = time.perf_counter()
+    res = run(RerankConfig(**config))
+    wall = time.perf_counter() - t
+    sampler.stop()
+    print("RESULT " + json.dumps({
+        "wall_s": wall, "pairs": res.num_pairs, "rerank_s": res.stage_seconds.get("rerank"),
+        "pairs_per_s": res.num_pairs / wall if wall else 0.0, "driver_peak_rss": sampler.driver_peak,
+        "actor_peak_rss": sampler.kinds, "object_store_peak": sampler.store_peak,
+        "fetched_token_bytes": res.fetched_token_bytes, "distinct_candidate_bytes": res.distinct_candidate_bytes,
+        "failed_partitions": res.failed_partitions, "load": os.getloadavg()[0]}), flush=True)
+
+
+def _write_once(store: Path, params: dict, write) -> None:
+    stamp = store.with_suffix(".params.json")
+    if store.exists() and stamp.exists() and json.loads(stamp.read_text()) == params:
+        return
+    import shutil
+    shutil.rmtree(store, ignore_errors=True)
+    t = time.perf_counter()
+    write()
+    stamp.write_text(json.dumps(params))
+    print(f"wrote {store.name}: {params} in {time.perf_counter() - t:.0f} s (load {os.getloadavg()[0]:.1f})",
+          flush=True)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", type=int, default=1_000_000)
+    p.add_argument("--queries", default="10000,100000", help="query-set sizes, comma-separated")
+    p.add_argument("--tokens", type=int, default=64)
+    p.add_argument("--candidates", type=int, default=100)
+    p.add_argument("--reranker", default="token-similarity")
+    p.add_argument("--partition-queries", type=int, default=4096)
+    p.add_argument("--num-actors", type=int, default=None)
+    p.add_argument("--cpus", type=int, default=None, help="CPUs of the embedded Ray (default: all)")
+    p.add_argument("--out", default="/tmp/r2f_bench_city")
+    p.add_argument("--drive", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.drive:
+        drive(json.loads(args.drive))
+        return 0
+
+    from bench.city import write_city
+    from pipeline import index
+    from pipeline.cluster import ensure_ray
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    db = out / "database_store"
+    _write_once(db, {"images": args.images, "tokens": args.tokens},
+                lambda: write_city(str(db), args.images, tokens=args.tokens))
+    index_dir = out / "index"
+    if not (index_dir / "CURRENT").exists() or db.with_suffix(".params.json").stat().st_mtime > \
+            (index_dir / "CURRENT").stat().st_mtime:
+        import shutil
+        shutil.rmtree(index_dir, ignore_errors=True)
+        ensure_ray(num_cpus=args.cpus)
+        t = time.perf_counter()
+        index.build(index.IndexConfig(store=str(db), index_dir=str(index_dir)))
+        print(f"indexed {args.images} descriptors in {time.perf_counter() - t:.0f} s", flush=True)
+        import ray
+        ray.shutdown()
+
+    print(f"{'queries':>8} {'pairs':>10} {'wall s':>8} {'pairs/s':>9} {'driver MB':>10} {'store MB':>9} "
+          f"{'fetched GB':>11} {'distinct GB':>12} {'ratio':>6} {'load':>5}  actor peak RSS MB")
+    rows = []
+    for n in [int(x) for x in args.queries.split(",") if x]:
+        q = out / f"queries_{n}"
+        _write_once(q, {"queries": n, "of": args.images, "tokens": args.tokens},
+                    lambda: write_city(str(q), n, tokens=args.tokens, queries_of=args.images, strip_positions=True))
+        results = out / f"results_{n}"
+        import shutil
+        shutil.rmtree(results, ignore_errors=True)
+        cfg = dict(query_store=str(q), database_store=str(db), index_dir=str(index_dir), results=str(results),
+                   backbone="efficientnet-lite0", reranker=args.reranker, candidates=args.candidates,
+                   partition_queries=args.partition_queries, num_actors=args.num_actors, _cpus=args.cpus)
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        env.pop("RAY_ADDRESS", None)
+        done = subprocess.run([sys.executable, __file__, "--drive", json.dumps(cfg)], env=env, cwd=ROOT,
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            print(done.stderr[-4000:], file=sys.stderr)
+            return 1
+        r = json.loads(done.stdout.split("RESULT ", 1)[1].splitlines()[0])
+        rows.append((n, r))
+        ratio = r["fetched_token_bytes"] / r["distinct_candidate_bytes"] if r["distinct_candidate_bytes"] else 0
+        actors = ", ".join(f"{k} {v / 2**20:.0f}" for k, v in sorted(r["actor_peak_rss"].items()))
+        print(f"{n:>8} {r['pairs']:>10} {r['wall_s']:>8.1f} {r['pairs_per_s']:>9.0f} "
+              f"{r['driver_peak_rss'] / 2**20:>10.0f} {r['object_store_peak'] / 2**20:>9.0f} "
+              f"{r['fetched_token_bytes'] / 1e9:>11.2f} {r['distinct_candidate_bytes'] / 1e9:>12.2f} "
+              f"{ratio:>6.2f} {r['load']:>5.1f}  {actors}", flush=True)
+    if len(rows) >= 2:
+        (n0, a), (n1, b) = rows[0], rows[-1]
+        kinds = sorted(set(a["actor_peak_rss"]) & set(b["actor_peak_rss"]))
+        growth = {k: b["actor_peak_rss"][k] / max(1, a["actor_peak_rss"][k]) for k in kinds}
+        print(f"{n1} vs {n0} queries: driver peak x{b['driver_peak_rss'] / a['driver_peak_rss']:.2f} "
+              f"(+{(b['driver_peak_rss'] - a['driver_peak_rss']) / 2**20:.0f} MB), object store peak "
+              f"x{b['object_store_peak'] / max(1, a['object_store_peak']):.2f}, actor peaks "
+              + ", ".join(f"{k} x{v:.2f}" for k, v in growth.items())
+              + f"; wall per pair x{(b['wall_s'] / b['pairs']) / (a['wall_s'] / a['pairs']):.2f}")
+    print(f"(machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

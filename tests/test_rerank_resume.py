@@ -1,0 +1,105 @@
+"""Exactly-once resume of the rerank job on a real Ray head: a scorer actor is ray.kill()ed, then
+the driver is SIGKILLed in the middle of a multi-partition RANSAC run; the rerun finishes it, and
+the result is one row per (query, candidate), the same rows as an uninterrupted run."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline import storage
+from ray_head import RayHead
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from bench.city import write_city  # noqa: E402
+
+DB_ROWS, QUERIES, PART, K = 1600, 224, 16, 20  # 14 partitions of 16 queries x 20 candidates
+
+DRIVER = (
+    "import json, sys; from pipeline.log import setup_logging; setup_logging('WARNING')\n"
+    "from pipeline.rerank import RerankConfig, run\n"
+    "r = run(RerankConfig(**json.loads(sys.argv[1])))\n"
+    "print('RESULT', json.dumps({'pairs': r.num_pairs, 'skipped': r.skipped_partitions}))\n")
+
+KILL_ONE_SCORER = (
+    "import ray, sys\n"
+    "from ray.util.state import list_actors\n"
+    "ray.init(address=sys.argv[1], namespace='r2f', logging_level='ERROR')\n"
+    "names = sorted(a.name for a in list_actors(filters=[('state', '=', 'ALIVE')], limit=1000)\n"
+    "               if (a.name or '').startswith('rerank-scorer-'))\n"
+    "ray.kill(ray.get_actor(names[0], namespace='r2f'))\n"
+    "print('KILLED', names[0])\n")
+
+
+@pytest.fixture(scope="module")
+def city(tmp_path_factory, ray_session):
+    from pipeline import index
+    root = tmp_path_factory.mktemp("city_resume")
+    write_city(str(root / "db"), DB_ROWS, tokens=64, part_rows=160)
+    write_city(str(root / "q"), QUERIES, tokens=64, part_rows=PART, queries_of=DB_ROWS, strip_positions=True)
+    index.build(index.IndexConfig(store=str(root / "db"), index_dir=str(root / "index")))
+    return root
+
+
+def _config(city: Path, results: Path) -> str:
+    return json.dumps(dict(query_store=str(city / "q"), database_store=str(city / "db"),
+                           index_dir=str(city / "index"), results=str(results), backbone="efficientnet-lite0",
+                           reranker="ransac", candidates=K, partition_queries=PART, batch_pairs=64, num_actors=2,
+                           image_size=[480, 640]))
+
+
+def _markers(results: Path) -> int:
+    return len(list((results / "progress").glob("part-*.json"))) if (results / "progress").exists() else 0
+
+
+def test_killed_scorer_and_driver_resume_exactly_once(city, tmp_path):
+    from pipeline.rerank import read_results
+    head = RayHead(num_cpus=2).start()
+    try:
+        env = dict(head.env, RAY_ADDRESS=head.address, PYTHONPATH=str(ROOT))
+        py = [sys.executable, "-c", DRIVER]
+        whole, cut = tmp_path / "whole", tmp_path / "cut"
+        done = subprocess.run(py + [_config(city, whole)], env=env, cwd=ROOT, capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+
+        driver = subprocess.Popen(py + [_config(city, cut)], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 120
+        while _markers(cut) < 1 and time.time() < deadline and driver.poll() is None:
+            time.sleep(0.2)
+        killer = subprocess.run([sys.executable, "-c", KILL_ONE_SCORER, head.address], env=env, cwd=ROOT,
+                                capture_output=True, text=True, timeout=60)
+        assert killer.returncode == 0 and "KILLED rerank-scorer-" in killer.stdout, killer.stderr[-2000:]
+        at_kill = _markers(cut)
+        while _markers(cut) < at_kill + 2 and time.time() < deadline and driver.poll() is None:
+            time.sleep(0.1)
+        assert driver.poll() is None, driver.communicate()[1][-3000:]  # the job outlived its lost actor
+        os.kill(driver.pid, signal.SIGKILL)
+        driver.communicate()
+        time.sleep(1.0)  # the job's actors go down with their driver
+        finished = _markers(cut)
+        assert 0 < finished < QUERIES // PART, finished
+        assert not (cut / "manifest.json").exists()
+
+        again = subprocess.run(py + [_config(city, cut)], env=env, cwd=ROOT, capture_output=True, text=True,
+                               timeout=300)
+        assert again.returncode == 0, again.stderr[-3000:]
+        got = json.loads(again.stdout.split("RESULT ", 1)[1])
+        assert got["skipped"] == finished and got["pairs"] == QUERIES * K
+    finally:
+        head.stop()
+    a, b = read_results(str(cut)), read_results(str(whole))
+    assert a.num_rows == QUERIES * K
+    assert not a.to_pandas().duplicated(["query_id", "image_id"]).any()
+    # the same rows, bit-equal scores, same order (pandas: the stripped query positions are NaN)
+    assert a.to_pandas().equals(b.to_pandas())
+    manifest = storage.read_json(str(cut / "manifest.json"))
+    assert manifest["complete"] and manifest["parts"] == list(range(QUERIES // PART))
