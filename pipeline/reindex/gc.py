@@ -267,8 +267,8 @@ def _collect_chunks(store: str, kept_shards: set[int], chunk_rows: int, grace: f
             compact.append(c)
     if not compact:
         return
-    report.chunks_compacted = len(compact)
     if dry_run:
+        report.chunks_compacted = len(compact)
         return
     wanted = set(compact)
     keep_rows: dict[int, list[int]] = {c: [] for c in compact}
@@ -283,7 +283,10 @@ def _collect_chunks(store: str, kept_shards: set[int], chunk_rows: int, grace: f
         block = np.asarray(tokens[start:stop])
         dead = np.ones(stop - start, bool)
         dead[np.asarray(keep_rows[c], np.int64) - start] = False
+        if not block[dead].any():
+            continue  # compacted by an earlier collection already (or never written)
         block[dead] = 0
+        report.chunks_compacted += 1
         before = int(by_chunk[c][1].get("size") or 0)
         tokens[start:stop] = block  # one chunk, replaced whole (atomic on local disk and S3)
         after = int(fs.info(by_chunk[c][0]).get("size") or 0)

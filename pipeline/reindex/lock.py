@@ -202,7 +202,10 @@ class ReindexLock:
                 return
 
     def check(self) -> None:
-        """Raise ``ReindexBusy`` when this run no longer holds the lock (called before publishing)."""
+        """Raise ``ReindexBusy`` when this run no longer holds the lock (called right before
+        publishing: one heartbeat now, which on S3 is a conditional write, so ownership is proven
+        at this moment, not at the last periodic beat)."""
+        self.heartbeat()
         if self.lost:
             raise ReindexBusy(f"lost the reindex lock: {self.lost}; nothing was published")
 
