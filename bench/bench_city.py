@@ -44,11 +44,11 @@ class Sampler(threading.Thread):
         self.driver_peak = 0
         self.kinds: dict[str, int] = {}
         self.store_peak = 0
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def run(self) -> None:
         last_store = 0.0
-        while not self._stop.is_set():
+        while not self._halt.is_set():
             self.driver_peak = max(self.driver_peak, self.me.memory_info().rss)
             for p in self.psutil.process_iter(["cmdline", "memory_info"]):
                 cmd = p.info.get("cmdline") or []
@@ -60,10 +60,10 @@ class Sampler(threading.Thread):
             if time.time() - last_store > 2.0:
                 self.store_peak = max(self.store_peak, _object_store_used())
                 last_store = time.time()
-            self._stop.wait(self.period)
+            self._halt.wait(self.period)
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
         self.join()
 
 

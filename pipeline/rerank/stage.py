@@ -130,6 +130,7 @@ def run(config: RerankConfig) -> RerankResult:
     index live in Ray actors and tasks, one partition per scorer actor at a time."""
     from ..cluster import ensure_ray
     from ..extract import extract_into
+    from ..index import layout as L
     from ..index.search import ShardedSearcher
     from ..published import resolve
 
@@ -159,24 +160,27 @@ def run(config: RerankConfig) -> RerankResult:
     ransac = dict(method=config.ransac_method, reprojection_threshold=config.ransac_threshold_px,
                   image_scale=float(max(config.image_size)))
     lease_job = "rerank-" + hashlib.sha256(config.results.encode()).hexdigest()[:12]
+    version = state.index_version or L.resolve_version(config.index_dir, None)
+    num_vectors = int(L.read_infos(config.index_dir, version)["num_vectors"])
+    k = min(config.candidates, num_vectors)
+    if k < config.candidates:
+        log.info("candidates capped at the database size: %d", k)
+    # Refuse a changed plan before any actor starts.
+    plan = job_plan(config, reranker, k, state, query_manifest, ransac)
+    resuming = check_plan(config.results, plan)
+    total = num_partitions(query_manifest, config.partition_queries)
+    pending, done_before = pending_partitions(config.results, total)
+    if resuming:
+        log.info("resuming %s: %d of %d partitions already committed", config.results, len(done_before), total)
     with _hold_lease(config.index_dir, lease_job, state):
         t = time.perf_counter()
-        searcher = ShardedSearcher(config.index_dir, version=state.index_version, use_actors=True)
+        searcher = ShardedSearcher(config.index_dir, version=version, use_actors=True) if pending else None
         seconds["open_index"] = time.perf_counter() - t
         try:
-            k = min(config.candidates, searcher.num_vectors)
-            if k < config.candidates:
-                log.info("candidates capped at the database size: %d", k)
-            plan = job_plan(config, reranker, k, state, query_manifest, ransac)
-            resuming = check_plan(config.results, plan)
-            total = num_partitions(query_manifest, config.partition_queries)
-            pending, done_before = pending_partitions(config.results, total)
-            if resuming:
-                log.info("resuming %s: %d of %d partitions already committed", config.results,
-                         len(done_before), total)
             res = _score(config, reranker, k, state, searcher, pending, total, seconds, ransac)
         finally:
-            searcher.close()
+            if searcher is not None:
+                searcher.close()
     res.skipped_partitions = len(done_before)
     _write_manifest(config, res, plan, state, total)
     res.num_failed_queries += failed_queries  # queries that could not be extracted count too
@@ -196,7 +200,8 @@ def _score(config, reranker, k, state, searcher, pending, total, seconds, ransac
                batch_pairs=config.batch_pairs, partition_queries=config.partition_queries,
                threads=config.threads_per_actor, rerank_dtype=config.rerank_dtype, cache_chunks=config.cache_chunks,
                max_attempts=config.max_attempts, ransac=ransac, run_id=uuid.uuid4().hex,
-               index=dict(dim=searcher.dim, normalize=searcher.normalize, num_vectors=searcher.num_vectors))
+               index=dict(dim=searcher.dim, normalize=searcher.normalize, num_vectors=searcher.num_vectors)
+               if searcher is not None else {})
     failed: list[int] = []
     nodes: set[str] = set()
     pairs = fetched = 0
