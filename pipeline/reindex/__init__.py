@@ -65,9 +65,9 @@ from .adopt import RUNTIME_EXTRACT_KEYS, _update_store, _write_failures, _write_
 from .gc import GarbageReport, collect_garbage
 from .lock import ReindexBusy, ReindexError, ReindexLock
 from .plan import FAILURES_SCHEMA, POSITION_COLUMNS, ReindexPlan, plan_changes, read_catalog, read_failures
-from .scan import file_stamp, read_scan_cache, scan_hashes, write_scan_cache
 from .publish import (pending_generation, publish_pointer, read_snapshot, store_generation, version_generation,
                       write_version_record)
+from .scan import file_stamp, read_scan_cache, scan_hashes, write_scan_cache
 
 log = get_logger(__name__)
 
@@ -76,6 +76,7 @@ __all__ = ["run", "rollback", "collect", "list_history", "version_image_ids", "R
            "plan_changes", "scan_hashes", "file_stamp", "read_catalog", "read_failures", "read_scan_cache",
            "write_scan_cache", "store_generation", "FAILURES_SCHEMA", "POSITION_COLUMNS", "RUNTIME_EXTRACT_KEYS",
            "register_cli"]
+
 
 @dataclass
 class ReindexConfig:
@@ -258,7 +259,8 @@ def run(config: ReindexConfig, on_stage: Hook | None = None) -> ReindexResult:
         if not config.source:
             raise ReindexError("source is empty: give the dataset description of the images as they are now")
         result = _reindex(config, layout, hook, lock)
-        if config.gc and result.status == "published":
+        # after a no-op too: what the grace period spared last time may be collectable now
+        if config.gc and result.status in ("published", "noop"):
             report = collect_garbage(config, layout, dry_run=config.gc_dry_run)
             result.gc = report.as_dict()
             result.pruned_versions = report.versions
