@@ -13,11 +13,20 @@ What differs is how it gets there, to be fast and lean on memory:
 - Only token 0 of the last block of each level is read, so that block computes attention and MLP
   for the class token only; ``decoder_norm`` is per token, so applying it to token 0 alone is exact.
 
+- Inference (no autograd) runs the blocks through ``_fast_block``: on CPU the 1001-token
+  level-2 attention is one head at a time, scores in the log2 domain (``exp2`` is ~4x cheaper than
+  ``exp`` on CPU), the softmax denominator from a ones column appended to V (no normalising pass
+  over the L x L matrix), and the max subtraction skipped where the Cauchy-Schwarz bound
+  |q|·|k| shows no overflow is possible. Same function, float32 rounding only (~1e-7). Training
+  (grad enabled) runs the timm blocks unchanged.
+
 Token layout (both sides): column 0 x, 1 y, 2 attention (all in [0, 1] after clamping),
 columns 3: the local feature (L2-normalised here, as the official code does).
 """
 from __future__ import annotations
 
+import math
+from contextlib import nullcontext
 from functools import partial
 
 import torch
@@ -28,6 +37,15 @@ from timm.models.vision_transformer import Block
 TOKEN_DIM = 131          # x, y, attention, 128-d feature
 COORD_DIM = 3            # x, y, attention
 CORR_DIM = 7             # [x_q, y_q, att_q, x_c, y_c, att_c, correlation]
+
+
+def resolve_rerank_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """None / float32 / "float32" -> None (plain float32); bfloat16 / "bfloat16" -> torch.bfloat16."""
+    if dtype in (None, torch.float32, "float32"):
+        return None
+    if dtype in (torch.bfloat16, "bfloat16"):
+        return torch.bfloat16
+    raise ValueError(f"rerank dtype must be float32 or bfloat16, got {dtype!r}")
 
 
 def sincos_embed_2d(xy: torch.Tensor, dim: int) -> torch.Tensor:
@@ -44,6 +62,61 @@ def sincos_embed_2d(xy: torch.Tensor, dim: int) -> torch.Tensor:
     return emb.flatten(-2).to(xy.dtype)
 
 
+# |score| below this (log2 domain) cannot overflow float32 even summed over 10^6 keys.
+_EXP2_SAFE = 100.0
+# Sequences at least this long take the per-head CPU attention; shorter ones (level 1: 6 tokens)
+# stay in one batched SDPA call, where per-head Python overhead would dominate.
+_LONG_SEQ = 64
+_ROW_BLOCK = 256         # 256 x 1001 float32 scores = 1 MiB
+
+
+def _self_attention(qkv: torch.Tensor, num_heads: int, scale: float, blocked: bool = True) -> torch.Tensor:
+    """softmax(q k^T * scale) v of every token: (B, L, 3C) qkv -> (B, L, C), no autograd.
+    ``blocked`` False always takes PyTorch's fused SDPA (for comparison)."""
+    B, L, C3 = qkv.shape
+    C = C3 // 3
+    d = C // num_heads
+    t = qkv.view(B, L, 3, num_heads, d).permute(2, 0, 3, 1, 4)                 # (3, B, H, L, d)
+    if not blocked or qkv.device.type != "cpu" or L < _LONG_SEQ or torch.is_autocast_enabled(qkv.device.type):
+        return F.scaled_dot_product_attention(t[0], t[1], t[2]).transpose(1, 2).reshape(B, L, C)
+    # CPU, long sequences: per (sequence, head) two matmuls around one in-place exp2 pass over the
+    # L x L scores (the fused CPU SDPA kernel is ~2x slower at head_dim 8).
+    q = (t[0] * (scale * math.log2(math.e))).reshape(B * num_heads, L, d)
+    k = t[1].reshape(B * num_heads, L, d)
+    vt = torch.empty(B * num_heads, d + 1, L, dtype=qkv.dtype)
+    vt[:, :d] = t[2].transpose(-2, -1).reshape(B * num_heads, d, L)
+    vt[:, d] = 1.0                                   # this row of V^T P^T is the softmax denominator
+    unsafe = (q.norm(dim=-1).amax(1) * k.norm(dim=-1).amax(1) > _EXP2_SAFE).tolist()
+    r = torch.empty(B * num_heads, d + 1, L, dtype=qkv.dtype)
+    for i in range(B * num_heads):
+        kt = k[i].t()
+        for a in range(0, L, _ROW_BLOCK):            # a (rows, L) score block stays in L2 cache
+            s = torch.mm(q[i, a:a + _ROW_BLOCK], kt)  # scores * log2(e)
+            if unsafe[i]:
+                s -= s.amax(1, keepdim=True)
+            s.exp2_()
+            torch.mm(vt[i], s.t(), out=r[i, :, a:a + _ROW_BLOCK])   # (d + 1, rows): the fast GEMM shape
+    o = r[:, :d] / r[:, d:]
+    return o.view(B, num_heads, d, L).permute(0, 3, 1, 2).reshape(B, L, C)
+
+
+def _cls_attention(qkv: torch.Tensor, num_heads: int, scale: float) -> torch.Tensor:
+    """Attention output of token 0 only: (B, L, 3C) -> (B, C). Elementwise (one query row)."""
+    B, L, C3 = qkv.shape
+    C = C3 // 3
+    t = qkv.view(B, L, 3, num_heads, C // num_heads)
+    s = (t[:, :1, 0] * t[:, :, 1]).sum(-1) * scale                               # (B, L, H)
+    p = s.softmax(dim=1)
+    return (p.unsqueeze(-1) * t[:, :, 2]).sum(1).reshape(B, C)
+
+
+def _fast_block(blk: Block, x: torch.Tensor, blocked: bool = True) -> torch.Tensor:
+    """A timm ``Block`` (default options: no layer scale, no qk-norm, no dropout) without autograd."""
+    attn = blk.attn
+    x = x + attn.proj(_self_attention(attn.qkv(blk.norm1(x)), attn.num_heads, attn.scale, blocked))
+    return x + blk.mlp(blk.norm2(x))
+
+
 def _block_cls_only(blk: Block, x: torch.Tensor) -> torch.Tensor:
     """Run a timm ``Block`` but return only its output for token 0: (B, N, C) -> (B, C).
 
@@ -53,11 +126,13 @@ def _block_cls_only(blk: Block, x: torch.Tensor) -> torch.Tensor:
     attn = blk.attn
     B, N, C = x.shape
     y = blk.norm1(x)
-    qkv = attn.qkv(y).reshape(B, N, 3, attn.num_heads, C // attn.num_heads).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
-    o = F.scaled_dot_product_attention(q[:, :, :1], k, v)           # (B, H, 1, hd)
-    o = attn.proj(o.transpose(1, 2).reshape(B, C))
-    x0 = x[:, 0] + o
+    if torch.is_grad_enabled():
+        qkv = attn.qkv(y).reshape(B, N, 3, attn.num_heads, C // attn.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        o = F.scaled_dot_product_attention(q[:, :, :1], k, v).transpose(1, 2).reshape(B, C)   # (B, C)
+    else:
+        o = _cls_attention(attn.qkv(y), attn.num_heads, attn.scale)
+    x0 = x[:, 0] + attn.proj(o)
     return x0 + blk.mlp(blk.norm2(x0))
 
 
@@ -80,6 +155,9 @@ class RerankTransformer(nn.Module):
         self.num_corr = num_corr
         self.token_dim = token_dim
         self.chunk_pairs = chunk_pairs
+        # "blocked": the per-head CPU attention of ``_self_attention``; "sdpa": PyTorch's fused
+        # kernel everywhere (kept to compare in bench/bench_official.py).
+        self.cpu_attention = "blocked"
         norm = partial(nn.LayerNorm, eps=1e-6)
         # Names and shapes as in the official module (Reranker.* keys of the release).
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
@@ -116,8 +194,12 @@ class RerankTransformer(nn.Module):
     def _encode(self, x: torch.Tensor, cls: torch.Tensor, blocks: nn.ModuleList) -> torch.Tensor:
         """Prepend ``cls``, run ``blocks`` and return the normalised token 0: (B, L, C) -> (B, C)."""
         x = torch.cat([cls.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
+        if torch.is_grad_enabled():
+            run = (lambda blk, t: blk(t))
+        else:
+            run = partial(_fast_block, blocked=self.cpu_attention == "blocked")
         for blk in blocks[:-1]:
-            x = blk(x)
+            x = run(blk, x)
         return self.decoder_norm(_block_cls_only(blocks[-1], x))
 
     def _check(self, q: torch.Tensor, c: torch.Tensor) -> None:
@@ -131,16 +213,20 @@ class RerankTransformer(nn.Module):
             raise ValueError("token sets must hold at least one token")
 
     def forward(self, query_tokens: torch.Tensor, candidate_tokens: torch.Tensor,
-                chunk_pairs: int | None = None) -> torch.Tensor:
+                chunk_pairs: int | None = None, dtype: torch.dtype | str | None = None) -> torch.Tensor:
+        """``dtype`` None or float32: float32 throughout (the official numbers). bfloat16: the two
+        transformer levels run under bf16 autocast (correlation and top-k stay float32, so the
+        chosen correspondences are the float32 ones); logits move by ~1e-2, opt-in only."""
         self._check(query_tokens, candidate_tokens)
+        low = resolve_rerank_dtype(dtype)
         step = chunk_pairs or self.chunk_pairs
         P = query_tokens.shape[0]
         if P <= step:
-            return self._forward_chunk(query_tokens, candidate_tokens)
-        return torch.cat([self._forward_chunk(query_tokens[s:s + step], candidate_tokens[s:s + step])
+            return self._forward_chunk(query_tokens, candidate_tokens, low)
+        return torch.cat([self._forward_chunk(query_tokens[s:s + step], candidate_tokens[s:s + step], low)
                           for s in range(0, P, step)], dim=0)
 
-    def _forward_chunk(self, q: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def _forward_chunk(self, q: torch.Tensor, c: torch.Tensor, low: torch.dtype | None = None) -> torch.Tensor:
         P, N, _ = q.shape
         M = c.shape[1]
         dt = self.pair_head.weight.dtype
@@ -170,7 +256,15 @@ class RerankTransformer(nn.Module):
 
         side_q = proj_q.unsqueeze(2) + proj_c[rows, idx_q] + val_q.unsqueeze(-1) * w_corr + bias   # (P,N,kq,C)
         side_c = proj_q[rows, idx_c] + proj_c.unsqueeze(2) + val_c.unsqueeze(-1) * w_corr + bias   # (P,M,kc,C)
+        emb_q = sincos_embed_2d(qc[:, :, :2], self.embed_dim)              # (P, N, C)
+        with (torch.autocast(device_type=q.device.type, dtype=low) if low is not None else nullcontext()):
+            return self._levels(side_q, side_c, emb_q, idx_c[:, :, 0]).float()
 
+    def _levels(self, side_q: torch.Tensor, side_c: torch.Tensor, emb_q: torch.Tensor,
+                best_q: torch.Tensor) -> torch.Tensor:
+        """Level 1 over each token's correspondences, level 2 over the pair's tokens -> (P, 2)."""
+        P, N, kq, _ = side_q.shape
+        M, kc = side_c.shape[1:3]
         if kq == kc:
             lvl1 = self._encode(torch.cat([side_q, side_c], dim=1).flatten(0, 1), self.cls_token_2, self.blocks_2)
             lvl1 = lvl1.view(P, N + M, -1)
@@ -182,8 +276,7 @@ class RerankTransformer(nn.Module):
 
         # Level 2 position: the query-image position of each token's top-1 correspondence
         # (a query token's own position; for a candidate token, its best query token's).
-        emb_q = sincos_embed_2d(qc[:, :, :2], self.embed_dim)              # (P, N, C)
-        emb_c = emb_q[rows[:, :, 0], idx_c[:, :, 0]]                       # (P, M, C)
+        emb_c = emb_q[torch.arange(P, device=emb_q.device).view(P, 1), best_q]   # (P, M, C)
         x = lvl1 + torch.cat([emb_q, emb_c], dim=1)
         x = self._encode(x, self.cls_token, self.blocks)
         return self.decoder_pred(x)
