@@ -256,11 +256,11 @@ def test_rerank_dtype_is_float32_by_default_and_bf16_on_request(case, model):
     low = model.rerank_logits(lf[qi], lf[ci], dtype="bfloat16")
     assert low.dtype == torch.float32 and not torch.equal(low, base)
     np.testing.assert_allclose(low.numpy(), base.numpy(), atol=5e-2, rtol=0)
-    # the per-head CPU attention and PyTorch's fused kernel give the same logits
-    model.reranker.cpu_attention = "sdpa"
+    # the per-head CPU attention (opt-in) and PyTorch's fused kernel give the same logits
+    model.reranker.cpu_attention = "blocked"
     try:
         np.testing.assert_allclose(model.rerank_logits(lf[qi], lf[ci]).numpy(), base.numpy(), atol=2e-6, rtol=0)
     finally:
-        model.reranker.cpu_attention = "blocked"
+        model.reranker.cpu_attention = "sdpa"
     with pytest.raises(ValueError, match="float32 or bfloat16"):
         model.rerank_logits(lf[qi], lf[ci], dtype="float16")

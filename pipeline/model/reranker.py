@@ -13,8 +13,9 @@ What differs is how it gets there, to be fast and lean on memory:
 - Only token 0 of the last block of each level is read, so that block computes attention and MLP
   for the class token only; ``decoder_norm`` is per token, so applying it to token 0 alone is exact.
 
-- Inference (no autograd) runs the blocks through ``_fast_block``: on CPU the 1001-token
-  level-2 attention is one head at a time, scores in the log2 domain (``exp2`` is ~4x cheaper than
+- Inference (no autograd) runs the blocks through ``_fast_block`` (token-0-only attention of the
+  last blocks elementwise). With ``cpu_attention = "blocked"`` (opt-in; the default "sdpa" is
+  PyTorch's fused kernel, faster at 2 threads) the 1001-token level-2 attention is one head at a time, scores in the log2 domain (``exp2`` is ~4x cheaper than
   ``exp`` on CPU), the softmax denominator from a ones column appended to V (no normalising pass
   over the L x L matrix), and the max subtraction skipped where the Cauchy-Schwarz bound
   |q|·|k| shows no overflow is possible. Same function, float32 rounding only (~1e-7). Training
@@ -155,9 +156,9 @@ class RerankTransformer(nn.Module):
         self.num_corr = num_corr
         self.token_dim = token_dim
         self.chunk_pairs = chunk_pairs
-        # "blocked": the per-head CPU attention of ``_self_attention``; "sdpa": PyTorch's fused
-        # kernel everywhere (kept to compare in bench/bench_official.py).
-        self.cpu_attention = "blocked"
+        # "sdpa": PyTorch's fused kernel (default: fastest at 2 threads in bench/bench_official.py);
+        # "blocked": the per-head exp2 CPU attention of ``_self_attention``, faster with 1 thread.
+        self.cpu_attention = "sdpa"
         norm = partial(nn.LayerNorm, eps=1e-6)
         # Names and shapes as in the official module (Reranker.* keys of the release).
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
