@@ -50,10 +50,11 @@ class Sampler(threading.Thread):
         last_store = 0.0
         while not self._halt.is_set():
             self.driver_peak = max(self.driver_peak, self.me.memory_info().rss)
-            for p in self.psutil.process_iter(["cmdline", "memory_info"]):
+            for p in self._ray_processes():
                 cmd = p.info.get("cmdline") or []
                 if cmd and cmd[0].startswith("ray::") and p.info.get("memory_info"):
-                    kind = cmd[0].split()[0][5:].split(".")[0]
+                    # "ray::Class.method" or, for a named actor, "ray::name:Class.method"
+                    kind = cmd[0].split()[0][5:].split(".")[0].split(":")[-1]
                     if kind in ("IDLE", ""):
                         continue
                     self.kinds[kind] = max(self.kinds.get(kind, 0), p.info["memory_info"].rss)
@@ -61,6 +62,17 @@ class Sampler(threading.Thread):
                 self.store_peak = max(self.store_peak, _object_store_used())
                 last_store = time.time()
             self._halt.wait(self.period)
+
+    def _ray_processes(self):
+        """This driver's embedded Ray (its descendants) only: other Ray sessions on the machine do not count."""
+        out = []
+        for p in self.me.children(recursive=True):
+            try:
+                p.info = {"cmdline": p.cmdline(), "memory_info": p.memory_info()}
+                out.append(p)
+            except self.psutil.Error:
+                continue
+        return out
 
     def stop(self) -> None:
         self._halt.set()
