@@ -86,14 +86,20 @@ class PairScorer:
         if self.reranker == "token-similarity":
             return token_similarity_scores(q, c)
         import contextlib
+        import inspect
 
         import torch
         dev = self.input_device
-        # float32 unless asked: top-5 choices are sensitive to reduced precision
-        ctx = torch.autocast(device_type=dev.type, dtype=torch.bfloat16) if self.rerank_dtype == "bfloat16" \
-            else contextlib.nullcontext()
+        # float32 unless asked: top-5 choices are sensitive to reduced precision. A model whose
+        # rerank_logits takes ``dtype`` runs bf16 itself; otherwise bf16 autocast, only when asked.
+        kwargs, ctx = {}, contextlib.nullcontext()
+        if self.rerank_dtype == "bfloat16":
+            if "dtype" in inspect.signature(self.model.rerank_logits).parameters:
+                kwargs["dtype"] = torch.bfloat16
+            else:
+                ctx = torch.autocast(device_type=dev.type, dtype=torch.bfloat16)
         with torch.inference_mode(), ctx:
-            logits = self.model.rerank_logits(torch.from_numpy(q).to(dev), torch.from_numpy(c).to(dev))
+            logits = self.model.rerank_logits(torch.from_numpy(q).to(dev), torch.from_numpy(c).to(dev), **kwargs)
         return torch.softmax(logits.float(), dim=1)[:, 1].cpu().numpy().astype(np.float32)
 
     def read(self, query_rows: np.ndarray, candidate_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
