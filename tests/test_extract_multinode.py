@@ -92,7 +92,7 @@ def two_node_cluster(tmp_path, tmp_path_factory):
                 p.send_signal(signal.SIGINT)
         for p in reversed(procs):
             try:
-                p.wait(timeout=60)
+                p.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
@@ -121,6 +121,7 @@ def test_two_node_extraction_uses_both_nodes(planted_ray_address_file, two_node_
     code = (
         "import json, ray; from pipeline import extract; from pipeline.log import setup_logging; setup_logging()\n"
 
+
         f"r = extract.run(extract.ExtractConfig(dataset={str(manifest)!r}, store={str(store)!r}, "
         "backbone='efficientnet-lite0', image_size=(128, 224), batch_size=1, shard_size=1, chunk_rows=1, "
         "num_actors=2, threads_per_actor=1, progress=False, actor_resources={'extract_slot': 1}))\n"
@@ -134,12 +135,12 @@ def test_two_node_extraction_uses_both_nodes(planted_ray_address_file, two_node_
     assert len(got["nodes"]) == 2
     markers = [json.loads(p.read_text()) for p in sorted((store / "progress").glob("shard-*.json"))]
     assert [m["shard"] for m in markers] == list(range(8))
-    # Model actors ran on both nodes (one per node: each needs the node's one "extract_slot"), and
-    # shards were computed on both: each progress marker names the node of the actor that wrote it.
+    # Model actors ran on both nodes (one per node: each needs the node's one "extract_slot").
+    # Which actor computes which shard is Ray Data's choice: at this size the first actor up often
+    # takes all 8 before the other has loaded its model, so shards are checked against actors.
     actors = [json.loads(p.read_text()) for p in sorted((store / "actors").glob("*.json"))]
     assert {a["node_id"] for a in actors} == set(got["nodes"]), (actors, got)
-    shard_nodes = [m["node_id"] for m in markers]
-    assert set(shard_nodes) == set(got["nodes"]) == set(got["actor_nodes"]), (shard_nodes, got)
+    assert {m["node_id"] for m in markers} == set(got["actor_nodes"]) <= set(got["nodes"])
     table = storage.read_global_table(str(store))
     assert got["extracted"] == 8 and table.num_rows == 8 and len(set(table.column("image_id").to_pylist())) == 8
     assert storage.read_manifest(str(store))["counts"] == {"images": 8, "extracted": 8, "failed": 0}
