@@ -60,3 +60,19 @@ def write_frame_manifest(path, folder, frames) -> str:
         for i in frames:
             w.writerow([str(folder / f"Image{i:03d}.jpg"), i, 0])
     return str(path)
+
+
+def indexed_city(root, db_rows: int, queries: int, part: int):
+    """A synthetic city (``bench/city.py``, T = 64 tokens) under ``root``: database store ``db``
+    (160-row parts), query store ``q`` (``part``-row parts, positions stripped) and its index."""
+    import sys
+    from pathlib import Path
+
+    from pipeline import index
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from bench.city import write_city
+
+    write_city(str(root / "db"), db_rows, tokens=64, part_rows=160)
+    write_city(str(root / "q"), queries, tokens=64, part_rows=part, queries_of=db_rows, strip_positions=True)
+    index.build(index.IndexConfig(store=str(root / "db"), index_dir=str(root / "index")))
+    return root

@@ -87,17 +87,23 @@ def two_node_cluster(tmp_path, tmp_path_factory):
         _wait_nodes(address, env, 2)
         yield address, env
     finally:
-        for p in reversed(procs):
-            if p.poll() is None:
-                p.send_signal(signal.SIGINT)
-        for p in reversed(procs):
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-        for f in logs:
-            f.close()
+        stop_nodes(procs, logs)
+
+
+def stop_nodes(procs: list[subprocess.Popen], logs: list, timeout: float = 10) -> None:
+    """Stop the ``ray start --block`` processes a test started (newest first): SIGINT makes each
+    tear down its own daemons; one that does not within ``timeout`` is killed."""
+    for p in reversed(procs):
+        if p.poll() is None:
+            p.send_signal(signal.SIGINT)
+    for p in reversed(procs):
+        try:
+            p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+    for f in logs:
+        f.close()
 
 
 def _wait_nodes(address: str, env: dict, n: int, timeout: float = 180) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import signal
 import subprocess
 import sys
 import tempfile
@@ -15,11 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from test_extract_multinode import RAY, _free_ports, _node_args, _wait_nodes
+from test_extract_multinode import RAY, _free_ports, _node_args, _wait_nodes, stop_nodes
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from bench.city import write_city  # noqa: E402
+from helpers_store import indexed_city
 
 DB_ROWS, QUERIES, PART, K = 1600, 640, 16, 20  # 40 partitions
 
@@ -32,12 +30,7 @@ def _args(taken, cpus):
 
 @pytest.fixture(scope="module")
 def city(tmp_path_factory, ray_session):
-    from pipeline import index
-    root = tmp_path_factory.mktemp("city_nodes")
-    write_city(str(root / "db"), DB_ROWS, tokens=64, part_rows=160)
-    write_city(str(root / "q"), QUERIES, tokens=64, part_rows=PART, queries_of=DB_ROWS, strip_positions=True)
-    index.build(index.IndexConfig(store=str(root / "db"), index_dir=str(root / "index")))
-    return root
+    return indexed_city(tmp_path_factory.mktemp("city_nodes"), DB_ROWS, QUERIES, PART)
 
 
 def test_partitions_scored_on_a_node_that_joined_mid_job(city, tmp_path, tmp_path_factory):
@@ -78,17 +71,7 @@ def test_partitions_scored_on_a_node_that_joined_mid_job(city, tmp_path, tmp_pat
         assert driver.returncode == 0, err[-4000:]
         got = json.loads(out.split("RESULT ", 1)[1])
     finally:
-        for p in reversed(procs):
-            if p.poll() is None:
-                p.send_signal(signal.SIGINT)
-        for p in reversed(procs):
-            try:
-                p.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-        for f in logs:
-            f.close()
+        stop_nodes(procs, logs)
     markers = [json.loads(p.read_text()) for p in sorted((results / "progress").glob("*.json"))]
     assert len(markers) == QUERIES // PART and got["pairs"] == QUERIES * K
     nodes = {m["node_id"] for m in markers}

@@ -17,8 +17,7 @@ from pipeline import storage
 from ray_head import RayHead
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from bench.city import write_city  # noqa: E402
+from helpers_store import indexed_city
 
 DB_ROWS, QUERIES, PART, K = 1600, 224, 16, 20  # 14 partitions of 16 queries x 20 candidates
 
@@ -40,12 +39,7 @@ KILL_ONE_SCORER = (
 
 @pytest.fixture(scope="module")
 def city(tmp_path_factory, ray_session):
-    from pipeline import index
-    root = tmp_path_factory.mktemp("city_resume")
-    write_city(str(root / "db"), DB_ROWS, tokens=64, part_rows=160)
-    write_city(str(root / "q"), QUERIES, tokens=64, part_rows=PART, queries_of=DB_ROWS, strip_positions=True)
-    index.build(index.IndexConfig(store=str(root / "db"), index_dir=str(root / "index")))
-    return root
+    return indexed_city(tmp_path_factory.mktemp("city_resume"), DB_ROWS, QUERIES, PART)
 
 
 def _config(city: Path, results: Path) -> str:
