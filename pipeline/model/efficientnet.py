@@ -328,6 +328,12 @@ class EfficientNetLite0VPR(nn.Module):
                                chunk_pairs=chunk_pairs)
         return logits.float().to(dev)
 
+    def explain(self, query_tokens: torch.Tensor, candidate_tokens: torch.Tensor, top: int = 20):
+        """The reranker's most relied-on token pairs for one pair (``RerankTransformer.explain``);
+        for the report only, separate from ``rerank_logits``."""
+        return self.reranker.explain(torch.as_tensor(query_tokens).to(self._device()),
+                                     torch.as_tensor(candidate_tokens).to(self._device()), top=top)
+
     # ------------------------------------------------------------------ loading
     @classmethod
     def pretrained(cls, **overrides: Any) -> "EfficientNetLite0VPR":

@@ -288,6 +288,12 @@ class R2Former(nn.Module):
                                    chunk_pairs=chunk_pairs, dtype=dtype)
         return logits.float().to(dev)
 
+    def explain(self, query_tokens: torch.Tensor, candidate_tokens: torch.Tensor, top: int = 20):
+        """The reranker's most relied-on token pairs for one pair (``RerankTransformer.explain``);
+        for the report only, separate from ``rerank_logits``."""
+        return self.reranker.explain(torch.as_tensor(query_tokens).to(self.device),
+                                     torch.as_tensor(candidate_tokens).to(self.device), top=top)
+
     # ------------------------------------------------------------------ loading
     def _finish(self, path: Path | None, layout: str) -> "R2Former":
         if path is not None:

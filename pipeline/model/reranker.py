@@ -28,8 +28,10 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
+from dataclasses import dataclass
 from functools import partial
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -287,3 +289,95 @@ class RerankTransformer(nn.Module):
         The official ranking does not use it; kept for completeness."""
         c = self.ratio.clamp(0.1, 0.9)
         return F.cosine_similarity(global_q, global_c, dim=1) * c + logits.softmax(dim=1)[:, 1] * (1 - c)
+
+    # ------------------------------------------------------------------ explanation (report only)
+    def explain(self, query_tokens: torch.Tensor, candidate_tokens: torch.Tensor, top: int = 20) -> "TokenPairs":
+        """The token pairs the match logit of ONE (query, candidate) pair relies on most.
+
+        (N, 131) and (M, 131) tokens (or (1, N, 131) / (1, M, 131)) -> ``TokenPairs`` of at most
+        ``top`` (query token index, candidate token index, weight), highest weight first::
+
+            tokens -> top-k correspondences -> e (one 32-d embedding per correspondence: a query
+            token i with candidate token idx_q[i, k], or a candidate token j with query token
+            idx_c[j, k]) -> level 1 -> level 2 -> logits -> margin = logit[1] - logit[0]
+            weight(i, j) = sum over the correspondences e of (i, j) of  <d margin / d e, e>
+
+        The weight is gradient x input of the match margin with respect to the pair's
+        correspondence embeddings: to first order, how much the margin (log-odds of "same
+        place") would drop if the reranker did not see that pair. Positive: the pair argues for a
+        match; a pair proposed from both sides (i's best candidate is j and j's best query is i)
+        sums both. Weights compare pairs within one pair of images, not across image pairs.
+
+        Separate from ``forward``: float32, autograd on, the timm blocks (the training path,
+        the same function as the fast inference path to float32 rounding); parameters get no
+        ``.grad`` and the fast path is not touched. The front half mirrors ``_forward_chunk``
+        (tests/test_report.py checks ``margin`` against ``forward``).
+        """
+        q = torch.as_tensor(query_tokens)
+        c = torch.as_tensor(candidate_tokens)
+        q = q.unsqueeze(0) if q.ndim == 2 else q
+        c = c.unsqueeze(0) if c.ndim == 2 else c
+        self._check(q, c)
+        if q.shape[0] != 1:
+            raise ValueError(f"explain takes one pair, got {q.shape[0]}")
+        W = self.pair_head.weight
+        q = q.to(W.device, W.dtype)
+        c = c.to(W.device, W.dtype)
+        # inference_mode(False): callers may sit inside inference_mode (the scorers do).
+        with torch.inference_mode(False), torch.enable_grad(), \
+                torch.autocast(device_type=W.device.type, enabled=False):
+            q, c = q.clone(), c.clone()
+            qf = F.normalize(q[:, :, COORD_DIM:], p=2, dim=2)
+            cf = F.normalize(c[:, :, COORD_DIM:], p=2, dim=2)
+            qc = q[:, :, :COORD_DIM].clamp(0, 1)
+            cc = c[:, :, :COORD_DIM].clamp(0, 1)
+            corr = torch.bmm(qf, cf.transpose(1, 2))[0]                       # (N, M)
+            N, M = corr.shape
+            val_q, idx_q = corr.topk(min(self.num_corr, M), dim=1)            # (N, kq)
+            val_c, idx_c = corr.t().topk(min(self.num_corr, N), dim=1)        # (M, kc)
+            proj_q = (qc @ W[:, :COORD_DIM].t())[0]                           # (N, C)
+            proj_c = (cc @ W[:, COORD_DIM:2 * COORD_DIM].t()
+                      + sincos_embed_2d(cc[:, :, :2], self.embed_dim))[0]       # (M, C)
+            w_corr, bias = W[:, 2 * COORD_DIM], self.pair_head.bias
+            side_q = (proj_q.unsqueeze(1) + proj_c[idx_q] + val_q.unsqueeze(-1) * w_corr + bias)
+            side_c = (proj_q[idx_c] + proj_c.unsqueeze(1) + val_c.unsqueeze(-1) * w_corr + bias)
+            side_q = side_q.detach().requires_grad_(True)
+            side_c = side_c.detach().requires_grad_(True)
+            emb_q = sincos_embed_2d(qc[:, :, :2], self.embed_dim)
+            logits = self._levels(side_q.unsqueeze(0), side_c.unsqueeze(0), emb_q, idx_c[None, :, 0])[0]
+            margin = logits[1] - logits[0]
+            g_q, g_c = torch.autograd.grad(margin, (side_q, side_c))
+        rel_q = (g_q * side_q).sum(-1).detach()                               # (N, kq)
+        rel_c = (g_c * side_c).sum(-1).detach()                               # (M, kc)
+        # Every correspondence as a (query token, candidate token) pair; duplicates summed.
+        qi = torch.cat([torch.arange(N, device=W.device).repeat_interleave(idx_q.shape[1]), idx_c.flatten()])
+        ci = torch.cat([idx_q.flatten(), torch.arange(M, device=W.device).repeat_interleave(idx_c.shape[1])])
+        key = qi * M + ci
+        uniq, inv = key.unique(return_inverse=True)
+        w = torch.zeros(len(uniq), dtype=torch.float32, device=W.device)
+        w.index_add_(0, inv, torch.cat([rel_q.flatten(), rel_c.flatten()]).float())
+        order = torch.argsort(w, descending=True)[:max(0, int(top))]
+        uq, uc = (uniq[order] // M), (uniq[order] % M)
+        return TokenPairs(query_index=uq.cpu().numpy(), candidate_index=uc.cpu().numpy(),
+                          weight=w[order].cpu().numpy(),
+                          similarity=corr.detach()[uq, uc].float().cpu().numpy(),
+                          margin=float(margin.detach()))
+
+
+@dataclass
+class TokenPairs:
+    """What ``RerankTransformer.explain`` returns: parallel arrays, highest ``weight`` first.
+    ``similarity``: cosine of the two tokens' features; ``margin``: logit[1] - logit[0] explained
+    (the match score is sigmoid(margin) = softmax(logits)[1])."""
+    query_index: np.ndarray       # (K,) int64, rows of the query's tokens
+    candidate_index: np.ndarray   # (K,) int64, rows of the candidate's tokens
+    weight: np.ndarray            # (K,) float32, gradient x input of the margin (see explain)
+    similarity: np.ndarray        # (K,) float32
+    margin: float
+
+    def __len__(self) -> int:
+        return len(self.weight)
+
+    def __iter__(self):
+        """(query index, candidate index, weight) tuples."""
+        return iter(zip(self.query_index.tolist(), self.candidate_index.tolist(), self.weight.tolist()))
