@@ -136,6 +136,7 @@ def write_city(store: str, num_images: int, *, tokens: int = 64, dim: int = stor
             "shard": pa.array(np.full(n, s, np.int32)),
             "row": pa.array(rows),
             "content_hash": pa.array([f"city-{seed}-{role}-{r}" for r in rows], pa.string()),
+            "tag": pa.nulls(n, pa.string()),
         }, schema=storage.global_schema(dim))
         storage.write_parquet(layout.global_part(s), table, {"layout_version": storage.LAYOUT_VERSION})
         if zarr_tokens is not None:

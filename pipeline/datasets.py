@@ -8,6 +8,7 @@
     image_id   ``pipeline.storage.image_id_for(key)``
     utm_east, utm_north, heading   float64, null when unknown
     timestamp, place_id            string, null when unknown
+    tag        string: the image's condition (night, season, viewpoint), null when the source names none
 
 Accepted sources (``kind="auto"`` picks by the string):
 
@@ -16,7 +17,8 @@ Accepted sources (``kind="auto"`` picks by the string):
   "positives within radius r" means "within r frames"; use radius 2 for Gardens Point
   (``default_radius``).
 - ``*.csv`` / ``*.parquet``: a manifest with ``path`` and optional ``utm_east``/``utm_north``
-  (or ``lat``/``lon``), ``heading``, ``timestamp``, ``place_id``. Relative paths are relative to
+  (or ``lat``/``lon``), ``heading``, ``timestamp``, ``place_id``, and ``tag`` or ``condition``
+  (copied into the store's ``tag``; ``tag`` wins when both are given). Relative paths are relative to
   the manifest's folder. Latitude/longitude become WGS84 UTM metres, all rows in the zone of
   the median longitude so distances stay consistent across a zone border.
 - any other folder or URL (local or ``s3://``): walked recursively for images. If every file
@@ -49,7 +51,11 @@ DATASET_SCHEMA = pa.schema([
     ("heading", pa.float64()),
     ("timestamp", pa.string()),
     ("place_id", pa.string()),
+    ("tag", pa.string()),
 ])
+
+# Manifest columns that name an image's condition, in order of preference.
+TAG_COLUMNS = ("tag", "condition")
 
 Kind = Literal["auto", "folder", "vg", "manifest", "sequence"]
 _KINDS = ("auto", "folder", "vg", "manifest", "sequence")
@@ -186,7 +192,8 @@ def _manifest_rows(source: str) -> list[dict]:
             import pyarrow.csv as pcsv
             # Strings stay strings (place ids like "007" must not become ints).
             table = pcsv.read_csv(f, convert_options=pcsv.ConvertOptions(
-                column_types={"path": pa.string(), "place_id": pa.string(), "timestamp": pa.string()},
+                column_types={"path": pa.string(), "place_id": pa.string(), "timestamp": pa.string(),
+                              **{c: pa.string() for c in TAG_COLUMNS}},
                 strings_can_be_null=True))
     cols = set(table.column_names)
     if "path" not in cols:
@@ -201,6 +208,7 @@ def _manifest_rows(source: str) -> list[dict]:
         east, north = latlon_to_utm(data["lat"], data["lon"])
     else:
         east = north = [None] * n
+    tag_col = next((c for c in TAG_COLUMNS if c in cols), None)
     rows = []
     for i in range(n):
         raw = data["path"][i]
@@ -220,6 +228,7 @@ def _manifest_rows(source: str) -> list[dict]:
             heading=_float_or_none(data["heading"][i]) if "heading" in cols else None,
             timestamp=_str_or_none(data["timestamp"][i]) if "timestamp" in cols else None,
             place_id=_str_or_none(data["place_id"][i]) if "place_id" in cols else None,
+            tag=_tag_or_none(data[tag_col][i]) if tag_col else None,
         ))
     return rows
 
@@ -236,6 +245,12 @@ def _float_or_none(v) -> float | None:
 
 def _str_or_none(v) -> str | None:
     return None if v is None or (isinstance(v, float) and math.isnan(v)) else str(v)
+
+
+def _tag_or_none(v) -> str | None:
+    """A condition label; blank cells are no label."""
+    v = _str_or_none(v)
+    return None if v is None or not v.strip() else v.strip()
 
 
 def latlon_to_utm(lat, lon, zone: int | None = None) -> tuple[list, list]:

@@ -42,7 +42,7 @@ log = get_logger(__name__)
 _META_SCHEMA = pa.schema([
     ("image_id", pa.int64()), ("path", pa.string()), ("utm_east", pa.float64()), ("utm_north", pa.float64()),
     ("heading", pa.float64()), ("timestamp", pa.string()), ("place_id", pa.string()), ("width", pa.int32()),
-    ("height", pa.int32()), ("row", pa.int64()), ("content_hash", pa.string()),
+    ("height", pa.int32()), ("row", pa.int64()), ("content_hash", pa.string()), ("tag", pa.string()),
 ])
 
 
@@ -201,10 +201,12 @@ def decode_shard(batch: pa.Table, image_size: tuple[int, int], io_threads: int =
         ok = [j for j, r in enumerate(loaded) if not isinstance(r, ImageReadError)]
         meta = rows.select(["image_id", "path", "utm_east", "utm_north", "heading", "timestamp", "place_id"])
         meta = meta.take(pa.array(ok, pa.int64()))
+        tags = rows.column("tag").take(pa.array(ok, pa.int64()))
         meta = meta.append_column("width", pa.array([loaded[j][1] for j in ok], pa.int32()))
         meta = meta.append_column("height", pa.array([loaded[j][2] for j in ok], pa.int32()))
         meta = meta.append_column("row", pa.array([row_start + j for j in ok], pa.int64()))
         meta = meta.append_column("content_hash", pa.array([loaded[j][3] for j in ok], pa.string()))
+        meta = meta.append_column("tag", tags)
         errors = pa.table({
             "path": [paths[j] for j, r in enumerate(loaded) if isinstance(r, ImageReadError)],
             "stage": [r.stage for r in loaded if isinstance(r, ImageReadError)],
@@ -298,6 +300,7 @@ class ShardExtractor:
         table = table.append_column("shard", pa.array([shard] * meta.num_rows, pa.int32()))
         table = table.append_column("row", meta.column("row"))
         table = table.append_column("content_hash", meta.column("content_hash"))
+        table = table.append_column("tag", meta.column("tag"))
         table = table.cast(storage.global_schema(dim))
         storage.write_parquet(self.layout.global_part(shard), table, self.file_metadata)
         storage.write_parquet(self.layout.errors_part(shard), errors, self.file_metadata)
@@ -356,6 +359,12 @@ def _check_or_write_plan(layout: storage.StoreLayout, plan: dict[str, Any]) -> N
         keys = ("layout_version", "num_images", "keys_digest", "backbone", "checkpoint_hash", "image_size",
                 "shard_size", "chunk_rows")
         diff = [k for k in keys if old.get(k) != plan.get(k)]
+        if "layout_version" in diff and old.get("layout_version") in storage.RESUMABLE_LAYOUTS:
+            # Layout 2 only adds the optional ``tag``: finished shards of layout 1 stay as they are
+            # (their tags read as null); an extraction into a new store gets every tag.
+            diff.remove("layout_version")
+            log.info("%s was started with store layout %s; resuming it (tags of its finished shards read as "
+                     "null)", layout.root, old.get("layout_version"))
         if diff:
             raise storage.StoreError(
                 f"{layout.root} already holds an extraction with different {', '.join(diff)} "
@@ -422,6 +431,8 @@ def extract_dataset(table: pa.Table, store: str, config: ExtractConfig | None = 
     config = ExtractConfig(**{**asdict(config), "store": store})
     _check(config)
     t_start = time.perf_counter()
+    if "tag" not in table.column_names:  # dataset tables built before tags: no condition named
+        table = table.append_column(pa.field("tag", pa.string()), pa.nulls(table.num_rows, pa.string()))
     missing = [c for c in DATASET_SCHEMA.names if c not in table.column_names]
     if missing:
         raise ValueError(f"dataset table lacks columns {missing}")

@@ -16,6 +16,11 @@ A store is a folder or URL (local path or ``s3://``, through fsspec)::
 Shard ``s`` owns Zarr rows ``[s * shard_size, (s + 1) * shard_size)``; the row chunk size divides
 ``shard_size``, so every writer owns whole chunks (concurrent partial writes to one chunk lose
 data). The ``row`` column of the Parquet table is the Zarr row of that image.
+
+Layout versions: 2 adds the nullable string column ``tag`` (the image's condition as the dataset
+names it: night, season, viewpoint; null when the dataset gives none). A version-1 part has no
+``tag``; ``read_global_part`` / ``read_global_table`` read it as all-null, so old stores, and stores
+whose reindexed generations mix both versions, read as one table.
 """
 from __future__ import annotations
 
@@ -30,7 +35,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2  # 2: optional ``tag`` column
+# Layouts an extraction of this version resumes (their parts differ only in optional columns).
+RESUMABLE_LAYOUTS = (1, 2)
 # R2Former's descriptor width, the default of an empty table. A store's own width is the model's
 # (``manifest["global_dim"]``, the Parquet list size): 1280 for EfficientNet-Lite0's plain GeM.
 GLOBAL_DIM = 256
@@ -53,7 +60,12 @@ def global_schema(dim: int = GLOBAL_DIM) -> pa.Schema:
         ("shard", pa.int32()),
         ("row", pa.int64()),
         ("content_hash", pa.string()),
+        ("tag", pa.string()),  # layout 2; null when the dataset names no condition
     ])
+
+
+# Columns a part written by an older layout may lack, with the type they are read as (all null).
+OPTIONAL_GLOBAL_COLUMNS = {"tag": pa.string()}
 
 
 ERROR_SCHEMA = pa.schema([
@@ -245,12 +257,36 @@ def global_part_urls(store: str, manifest: dict[str, Any] | None = None) -> list
     return [layout.global_part(s) for s in manifest["shards"]]
 
 
+def read_global_part(url: str, columns: Iterable[str] | None = None) -> pa.Table:
+    """One global Parquet part, any layout version: a column of ``OPTIONAL_GLOBAL_COLUMNS`` that
+    the part predates is returned as all-null (in the asked order, or appended at the end)."""
+    fs, path = filesystem(url)
+    wanted = list(columns) if columns is not None else None
+    try:
+        with fs.open(path, "rb") as f:
+            part = pq.ParquetFile(f)
+            present = set(part.schema_arrow.names)
+            absent = [c for c in (wanted if wanted is not None else OPTIONAL_GLOBAL_COLUMNS)
+                      if c not in present and c in OPTIONAL_GLOBAL_COLUMNS]
+            table = part.read(columns=[c for c in wanted if c not in absent] if wanted is not None else None)
+    except FileNotFoundError:
+        raise StoreError(f"missing Parquet file {url}") from None
+    except pa.ArrowInvalid as exc:
+        raise StoreError(f"corrupt Parquet file {url}: {exc}") from None
+    for c in absent:
+        table = table.append_column(pa.field(c, OPTIONAL_GLOBAL_COLUMNS[c]),
+                                    pa.nulls(table.num_rows, OPTIONAL_GLOBAL_COLUMNS[c]))
+    return table.select(wanted) if wanted is not None else table
+
+
 def read_global_table(store: str, columns: Iterable[str] | None = None,
                       manifest: dict[str, Any] | None = None) -> pa.Table:
     """All rows of a finished store (sorted by shard, then position), as one Arrow table; with
-    ``manifest`` (a pinned store generation, ``pipeline.published``) the rows of that generation."""
+    ``manifest`` (a pinned store generation, ``pipeline.published``) the rows of that generation.
+    Parts of older layouts read with their missing optional columns as nulls."""
     manifest = manifest or read_manifest(store)
-    tables = [read_parquet(u, columns) for u in global_part_urls(store, manifest)]
+    columns = list(columns) if columns is not None else None
+    tables = [read_global_part(u, columns) for u in global_part_urls(store, manifest)]
     # Parts with no rows (every image of the shard failed) may carry a default descriptor width.
     tables = [t for t in tables if t.num_rows] or tables[:1]
     if not tables:

@@ -49,7 +49,8 @@ def write_hand_store(store: str, source: str, tokens: int = 8, dim: int = 64, sh
             "global_descriptor": pa.FixedSizeListArray.from_arrays(pa.array(desc.ravel(), pa.float32()), dim),
             "shard": pa.array([s] * k, pa.int32()), "row": pa.array(rows, pa.int64()),
             "content_hash": pa.array([content_hash(read_bytes(p)) for p in part.column("path").to_pylist()],
-                                     pa.string())}, schema=storage.global_schema(dim)),
+                                     pa.string()),
+            "tag": pa.nulls(k, pa.string())}, schema=storage.global_schema(dim)),
             {"layout_version": storage.LAYOUT_VERSION})
         zarr_tokens[s * shard_size:s * shard_size + k] = \
             rng.standard_normal((k, tokens, storage.TOKEN_DIM)).astype(np.float16)

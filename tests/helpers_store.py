@@ -32,6 +32,7 @@ def write_tiny_store(root: str, shards: Sequence[np.ndarray], keys: Sequence[Seq
             "timestamp": [None] * n, "place_id": [None] * n, "width": [64] * n, "height": [48] * n,
             "global_descriptor": pa.FixedSizeListArray.from_arrays(pa.array(desc.ravel(), pa.float32()), dim),
             "shard": [s] * n, "row": list(range(s * size, s * size + n)), "content_hash": ["test"] * n,
+            "tag": [None] * n,
         }, schema=storage.global_schema(dim))
         storage.write_parquet(layout.global_part(s), table, {"layout_version": storage.LAYOUT_VERSION})
         all_ids.append(np.asarray(ids, np.int64))

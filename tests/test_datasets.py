@@ -68,6 +68,19 @@ def test_latlon_to_utm_is_metric():
     assert latlon_to_utm([None], [None]) == ([None], [None])
 
 
+@pytest.mark.parametrize("column", ["condition", "tag"])
+def test_manifest_condition_or_tag_column_becomes_tag(tmp_path, column):
+    (tmp_path / "m.csv").write_text(f"path,utm_east,utm_north,{column}\n"
+                                    "a.jpg,1,0,night\nb.jpg,2,0,\nc.jpg,3,0, winter \n")
+    t = load_dataset(str(tmp_path / "m.csv"))
+    assert t.schema == DATASET_SCHEMA
+    assert t.column("tag").to_pylist() == ["night", None, "winter"]  # blank: no tag; spaces trimmed
+    (tmp_path / "both.csv").write_text("path,tag,condition\na.jpg,dusk,night\n")
+    assert load_dataset(str(tmp_path / "both.csv")).column("tag").to_pylist() == ["dusk"]
+    (tmp_path / "none.csv").write_text("path\na.jpg\n")
+    assert load_dataset(str(tmp_path / "none.csv")).column("tag").to_pylist() == [None]
+
+
 @pytest.mark.parametrize("fmt", ["csv", "parquet"])
 def test_manifest_relative_paths_and_latlon(gardens_point, tmp_path, fmt):
     _copy(gardens_point, [("day_left/Image000.jpg", "a.jpg"), ("day_left/Image001.jpg", "b.jpg")],

@@ -53,7 +53,8 @@ def test_s3_store_with_bad_inputs_matches_direct_model(ray_session, s3_bucket, g
     rel = [f"imgs/{p.name}" for p in good] + ["imgs/corrupt.jpg", "imgs/empty.jpg", "imgs/truncated.jpg",
                                                "imgs/missing.jpg", "s3://r2f-no-such-bucket-x/a.jpg"]
     fs.pipe(f"{s3_bucket}/data/manifest.csv",
-            ("path,utm_east,utm_north\n" + "".join(f"{p},{i}.0,0.0\n" for i, p in enumerate(rel))).encode())
+            ("path,utm_east,utm_north,condition\n"
+             + "".join(f"{p},{i}.0,0.0,{'night' if i % 2 else ''}\n" for i, p in enumerate(rel))).encode())
     dataset, store = f"{s3_bucket}/data/manifest.csv", f"{s3_bucket}/stores/db"
 
     result = extract.run(_config(dataset=dataset, store=store))
@@ -87,6 +88,8 @@ def test_s3_store_with_bad_inputs_matches_direct_model(ray_session, s3_bucket, g
     np.testing.assert_allclose(tokens, ref_tokens.astype(np.float16).astype(np.float32), atol=2e-3, rtol=2e-3)
     assert table.column("width").to_pylist()[0] == 960 and table.column("height").to_pylist()[0] == 540
     assert table.column("utm_east").to_pylist() == [float(i) for i in range(8)]
+    # The manifest's condition column is the store's tag (blank cells: null).
+    assert table.column("tag").to_pylist() == ["night" if i % 2 else None for i in range(8)]
     meta = storage.parquet_metadata(storage.StoreLayout(store).global_part(0))
     assert meta["layout_version"] == storage.LAYOUT_VERSION and meta["preprocessing"]["image_size"] == list(SIZE)
     assert meta["checkpoint_hash"] == manifest["model"]["checkpoint_hash"]

@@ -39,6 +39,7 @@ def make_store(root: str, positions: np.ndarray, descriptors: np.ndarray, shard_
             "global_descriptor": pa.FixedSizeListArray.from_arrays(
                 pa.array(descriptors[sl].reshape(-1).astype(np.float32)), descriptors.shape[1]),
             "shard": [s] * m, "row": np.arange(sl.start, sl.stop), "content_hash": ["x"] * m,
+            "tag": [None] * m,
         }, schema=storage.global_schema(descriptors.shape[1]))
         storage.write_parquet(layout.global_part(s), table)
         shards.append(s)

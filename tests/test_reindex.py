@@ -216,7 +216,8 @@ def test_reindex_on_s3_drops_deleted_and_moves_without_extraction(ray_session, s
             "width": pa.array([64] * n, pa.int32()), "height": pa.array([48] * n, pa.int32()),
             "global_descriptor": pa.FixedSizeListArray.from_arrays(pa.array(desc.ravel(), pa.float32()), 256),
             "shard": pa.array([s] * n, pa.int32()), "row": pa.array(rows, pa.int64()),
-            "content_hash": pa.array(hashes, pa.string())}, schema=storage.global_schema(256)))
+            "content_hash": pa.array(hashes, pa.string()), "tag": pa.nulls(n, pa.string())},
+            schema=storage.global_schema(256)))
         tokens[4 * s:4 * s + n] = rng.standard_normal((n, 4, storage.TOKEN_DIM)).astype(np.float16)
     storage.write_json(lay.manifest, dict(
         layout_version=storage.LAYOUT_VERSION, shards=[0, 1], shard_size=4, chunk_rows=2, image_size=[128, 224],
