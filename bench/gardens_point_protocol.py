@@ -1,0 +1,267 @@
+"""Gardens Point, one protocol for every method: global retrieval, RANSAC and the learned reranker.
+
+Splits (places = frame indices, the ``utm_east`` of a ``sequence:`` dataset; every image is
+extracted once, into the one store of its traverse and split)::
+
+    day_left [0, 80)  ──► train_q  ─┐
+    day_right[0, 80)  ──► train_db ─┴► pipeline.mine (soft positives 2 frames, top 100)
+                                       ──► pipeline.train stage rerank (stored tokens, 2 Ray Train workers)
+    day_right  [80, 200) ──► eval_db ─┐  validation: places 80-99  (choose settings here)
+    night_right[80, 200) ──► eval_q  ─┴► test:       places 100-199 (reported once per change)
+
+Validation and test use the same protocol: database day_right, queries night_right of the split's
+places only, tolerance 2 frames. Per split: global top-20 by the stored global descriptors
+(exact FAISS), then each reranker (``pipeline.rerank.score.PairScorer``: ``ransac`` =
+``pipeline.ransac`` inlier counts, ``r2former`` = the trained EfficientNet-Lite0 reranker) scores
+the same candidates; K = 10 reorders the first 10 of them (pair scores do not depend on the other
+candidates). Recalls by ``pipeline.evaluate`` (``correct_matrix``, ``has_positive``, ``recall_at``).
+
+Model: EfficientNet-Lite0 (ImageNet weights, frozen) at 272x480, 500 stride-16 tokens per image.
+Training: day_left queries, day_right database, positives within ``--positive-radius`` frames
+(best by global descriptor, as bench/train_gardens_point.py), negatives drawn from the
+``--negatives-top`` hardest mined ones.
+
+    .venv/bin/python bench/gardens_point_protocol.py [--work /tmp/r2f_gp_protocol] [--epochs 8]
+
+Stores, mined negatives and training runs are cached under ``--work``, keyed by their settings,
+so a rerun with other training flags extracts and mines nothing again.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.compute as pc
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pipeline import storage  # noqa: E402
+from pipeline.datasets import load_dataset  # noqa: E402
+from pipeline.evaluate import correct_matrix, has_positive, recall_at  # noqa: E402
+from pipeline.extract import ExtractConfig, extract_dataset  # noqa: E402
+from pipeline.log import setup_logging  # noqa: E402
+from pipeline.mine import MineConfig, run as mine  # noqa: E402
+from pipeline.model import EfficientNetLite0VPR  # noqa: E402
+from pipeline.ransac import RansacConfig  # noqa: E402
+from pipeline.rerank.score import PairScorer  # noqa: E402
+from pipeline.train import DataConfig, TrainConfig, nearest_rows, read_state, run as train  # noqa: E402
+
+BACKBONE = "efficientnet-lite0"
+SIZE = (272, 480)
+TOL = 2.0            # frames: a retrieved image within 2 places of the query is right
+MINE_RADIUS = 2.0    # frames: soft positives left out of the mined negatives
+KS = (10, 20)        # candidates reranked
+NS = (1, 5, 10)
+# name, traverse, first place, end place (exclusive)
+SPLITS = [("train_q", "day_left", 0, 80), ("train_db", "day_right", 0, 80),
+          ("eval_db", "day_right", 80, 200), ("eval_q", "night_right", 80, 200)]
+EVAL = {"val": (80, 100), "test": (100, 200)}
+
+
+def key(obj) -> str:
+    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def load_avg() -> str:
+    return "/".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def subset(folder: Path, lo: int, hi: int):
+    t = load_dataset(f"sequence:{folder}")
+    east = t.column("utm_east")
+    return t.filter(pc.and_(pc.greater_equal(east, lo), pc.less(east, hi)))
+
+
+def extract_stores(work: Path, data: Path) -> dict[str, str]:
+    """One store per (traverse, places) under a folder named by its settings; a finished store is
+    reused as it is (the extraction skips shards already written)."""
+    cfg = ExtractConfig(backbone=BACKBONE, image_size=SIZE, batch_size=16, shard_size=64, chunk_rows=16,
+                        progress=False, num_actors=1, threads_per_actor=2)
+    stores = {}
+    for name, folder, lo, hi in SPLITS:
+        path = work / "stores" / f"{name}-{key([folder, lo, hi, BACKBONE, SIZE, cfg.checkpoint])}"
+        stores[name] = str(path)
+        done = path.parent / f"{path.name}.done"
+        if done.exists():
+            continue
+        t0 = time.perf_counter()
+        res = extract_dataset(subset(data / folder, lo, hi), str(path), cfg, source=f"{folder}[{lo}:{hi}]")
+        if res.num_failed:
+            raise RuntimeError(f"extraction of {name} failed for {res.num_failed} images")
+        done.write_text(json.dumps({"images": res.num_images}))
+        print(f"extract {name} ({folder} places {lo}-{hi - 1}): {res.num_extracted} images, "
+              f"{time.perf_counter() - t0:.1f} s", flush=True)
+    return stores
+
+
+def mined(work: Path, stores: dict[str, str]) -> str:
+    out = work / "mined" / key([stores["train_q"], stores["train_db"], MINE_RADIUS, 100])
+    if not (out / "hardest_negatives.parquet").exists():
+        t0 = time.perf_counter()
+        m = mine(MineConfig(queries=stores["train_q"], database=stores["train_db"], output=str(out),
+                            soft_positive_radius=MINE_RADIUS, top_k=100))
+        print(f"mine: {m.queries} queries, {time.perf_counter() - t0:.1f} s", flush=True)
+    return str(out)
+
+
+def start_checkpoint(work: Path, seed: int) -> str:
+    """ImageNet backbone and a reranker at its seeded random initialisation."""
+    path = work / f"start-seed{seed}.pt"
+    if not path.exists():
+        torch.manual_seed(seed)
+        EfficientNetLite0VPR.pretrained().save_checkpoint(path)
+    return str(path)
+
+
+def train_reranker(work: Path, stores: dict[str, str], negatives: str, args) -> tuple[str, dict]:
+    """The learned reranker for these flags: (model.pt, summary). A finished run is reused."""
+    start = start_checkpoint(work, args.seed)
+    data_cfg = DataConfig(queries_store=stores["train_q"], database_store=stores["train_db"],
+                          hardest_negatives=negatives)
+    settings = dict(epochs=args.epochs, lr=args.lr, positive_radius=args.positive_radius,
+                    negatives_top=args.negatives_top, seed=args.seed, augment=args.augment)
+    if args.augment != "none":
+        settings["augment_scale"] = args.augment_scale
+    name = f"gp_rerank-{key([settings, stores['train_q'], stores['train_db']])}"
+    extra = {"augment": args.augment, "augment_scale": args.augment_scale} if args.augment != "none" else {}
+    cfg = TrainConfig(stage="rerank", name=name, output=str(work / "runs"), backbone=BACKBONE, checkpoint=start,
+                      train=data_cfg, image_size=list(SIZE), epochs=args.epochs, batch_size=16, lr=args.lr,
+                      weight_decay=0.05, warmup_epochs=1, positive_radius=args.positive_radius,
+                      negatives_top=args.negatives_top, num_workers=2, seed=args.seed, **extra)
+    summary_path = work / "runs" / name / "protocol-summary.json"
+    if summary_path.exists():
+        summary = json.loads(summary_path.read_text())
+        print(f"train: reusing {name} ({summary['epochs']} epochs, {summary['seconds']:.1f} s when trained)",
+              flush=True)
+        return summary["model_path"], summary
+    load0, t0 = load_avg(), time.perf_counter()
+    result = train(cfg)
+    secs = time.perf_counter() - t0
+    history = read_state(result.checkpoint)["history"]
+    summary = {"model_path": result.model_path, "epochs": result.epochs_run, "seconds": secs,
+               "load_before": load0, "load_after": load_avg(), "settings": settings,
+               "loss_per_epoch": [round(h["loss"], 4) for h in history]}
+    summary_path.write_text(json.dumps(summary, indent=2))
+    print(f"train {name}: {result.epochs_run} epochs, {secs:.1f} s (load average {load0} -> {summary['load_after']}); "
+          f"loss per epoch {summary['loss_per_epoch']}", flush=True)
+    return result.model_path, summary
+
+
+def read_split(store: str, lo: int, hi: int):
+    """(zarr rows, positions (N, 2), unit global descriptors) of a store's images at places [lo, hi)."""
+    t = storage.read_global_table(store, ["row", "utm_east", "global_descriptor"])
+    east = t.column("utm_east").to_numpy().astype(np.float64)
+    keep = np.flatnonzero((east >= lo) & (east < hi))
+    rows = t.column("row").to_numpy().astype(np.int64)[keep]
+    xy = np.stack([east[keep], np.zeros(len(keep))], 1)  # a sequence: position = frame index
+    return rows, xy, storage.descriptors_of(t)[keep]
+
+
+def score_candidates(scorer: PairScorer, q_rows: np.ndarray, db_rows: np.ndarray, cand: np.ndarray) -> np.ndarray:
+    """(Q, K) scores of every (query, candidate) pair, one query's K pairs per batch."""
+    out = np.zeros(cand.shape, np.float32)
+    for i in range(len(cand)):
+        q, c = scorer.read(np.full(cand.shape[1], q_rows[i]), db_rows[cand[i]])
+        out[i] = scorer.score(q, c)
+    return out
+
+
+def recalls(q_xy, db_xy, ranked: np.ndarray) -> dict[int, float]:
+    correct = correct_matrix(q_xy, db_xy[ranked], TOL)
+    r = recall_at(correct, has_positive(q_xy, db_xy, TOL), NS)
+    return {n: 100.0 * r[f"recall@{n}"] for n in NS}
+
+
+def evaluate_split(split: str, stores: dict[str, str], scorers: dict[str, PairScorer]) -> list[dict]:
+    lo, hi = EVAL[split]
+    db_rows, db_xy, db_desc = read_split(stores["eval_db"], lo, hi)
+    q_rows, q_xy, q_desc = read_split(stores["eval_q"], lo, hi)
+    kmax = max(KS)
+    glob = nearest_rows(q_desc, db_desc, len(db_desc))  # full global ranking (indices into the split)
+    rows = [{"method": "global retrieval", "K": "-", **recalls(q_xy, db_xy, glob), "seconds": None,
+             "load": load_avg()}]
+    for label, scorer in scorers.items():
+        load0, t0 = load_avg(), time.perf_counter()
+        scores = score_candidates(scorer, q_rows, db_rows, glob[:, :kmax])
+        secs = time.perf_counter() - t0
+        for k in KS:
+            order = np.argsort(-scores[:, :k], axis=1, kind="stable")  # ties keep the global order
+            ranked = np.concatenate([np.take_along_axis(glob[:, :k], order, 1), glob[:, k:]], 1)
+            rows.append({"method": label, "K": k, **recalls(q_xy, db_xy, ranked),
+                         "seconds": secs * k / kmax, "load": f"{load0} -> {load_avg()}"})
+    return rows, len(q_rows)
+
+
+def format_table(split: str, rows: list[dict], queries: int) -> str:
+    lo, hi = EVAL[split]
+    lines = [f"{split}: places {lo}-{hi - 1}, database day_right, {queries} night_right queries, tolerance {TOL:g} frames",
+             "| method | K | R@1 | R@5 | R@10 | rerank wall s | load average (1/5/15 min) |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        secs = "-" if r["seconds"] is None else f"{r['seconds']:.1f}"
+        lines.append(f"| {r['method']} | {r['K']} | {r[1]:.1f} | {r[5]:.1f} | {r[10]:.1f} | {secs} | {r['load']} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "gardens_point"))
+    ap.add_argument("--work", default="/tmp/r2f_gp_protocol")
+    ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--positive-radius", type=float, default=1.0, help="frames (training positives)")
+    ap.add_argument("--negatives-top", type=int, default=100,
+                    help="training negatives drawn from this many hardest mined ones")
+    ap.add_argument("--augment", default="none", choices=["none", "homography"],
+                    help="augmentation of the training pairs' candidate tokens (pipeline.augment)")
+    ap.add_argument("--augment-scale", type=float, default=0.08,
+                    help="homography corner offsets, fraction of the longer image side")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--splits", default="val,test", help="which evaluation splits to print")
+    ap.add_argument("--no-ransac", action="store_true", help="skip RANSAC (the same for every training flag)")
+    args = ap.parse_args()
+    setup_logging("WARNING")
+    os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
+    from pipeline.cluster import ensure_ray
+    ensure_ray(num_cpus=2)
+    torch.set_num_threads(2)
+    work, data = Path(args.work), Path(args.data)
+    work.mkdir(parents=True, exist_ok=True)
+    t_all = time.perf_counter()
+    print(f"command: {' '.join(sys.argv)}", flush=True)
+    print(f"load average at start: {load_avg()}", flush=True)
+
+    stores = extract_stores(work, data)
+    negatives = mined(work, stores)
+    model_path, summary = train_reranker(work, stores, negatives, args)
+
+    scorers = {}
+    if not args.no_ransac:
+        scorers["RANSAC"] = PairScorer("ransac", BACKBONE, None, stores["eval_q"], stores["eval_db"],
+                                       RansacConfig(image_scale=float(max(SIZE))), threads=2)
+    scorers["learned reranker"] = PairScorer("r2former", BACKBONE, model_path, stores["eval_q"], stores["eval_db"],
+                                             RansacConfig(), threads=2)
+    report = {"command": sys.argv, "train": summary}
+    for split in args.splits.split(","):
+        rows, queries = evaluate_split(split, stores, scorers)
+        print(format_table(split, rows, queries), flush=True)
+        report[split] = rows
+    print(f"training: {summary['epochs']} epochs in {summary['seconds']:.1f} s (load average "
+          f"{summary['load_before']} -> {summary['load_after']}); total wall {time.perf_counter() - t_all:.1f} s",
+          flush=True)
+    out = work / f"report-{key(vars(args))}.json"
+    out.write_text(json.dumps(report, indent=2, default=str))
+    print(f"report: {out}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
