@@ -158,17 +158,19 @@ def test_failing_partition_is_recorded_and_the_job_goes_on(city, tmp_path):
     from pipeline.rerank import read_results, run
     q = tmp_path / "q"
     shutil.copytree(city / "q", q)
-    part = storage.StoreLayout(str(q)).global_part(2)  # query shard 2 = partition 2: wrong descriptor width
+    part = storage.StoreLayout(str(q)).global_part(2)  # query shard 2 = search partition 2: wrong descriptor width
     t = storage.read_parquet(part)
     bad = pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(t.num_rows * 8, np.float32)), 8)
     t = t.drop_columns(["global_descriptor"]).append_column("global_descriptor", bad)
     storage.write_parquet(part, t)
     res = run(_cfg(city, tmp_path / "res", query_store=str(q), reranker="none"))
-    assert res.failed_partitions == [2] and res.num_failed_queries == PART
-    failure = storage.read_json(str(tmp_path / "res" / "failures" / "part-00002.json"))
+    assert res.failed_search_partitions == [2] and res.failed_partitions == [] and not res.ok
+    assert res.num_failed_queries == PART
+    failure = storage.read_json(str(tmp_path / "res" / "routes" / "failures" / "search-00002.json"))
     assert failure["query_ids"] == t.column("image_id").to_pylist() and "queries must be" in failure["reason"]
     assert read_results(str(tmp_path / "res")).num_rows == (QUERIES - PART) * 10
-    assert storage.read_json(str(tmp_path / "res" / "manifest.json"))["failed_partitions"] == [2]
+    manifest = storage.read_json(str(tmp_path / "res" / "manifest.json"))
+    assert manifest["failed_search_partitions"] == [2] and not manifest["complete"]
 
 
 def test_chunk_cache_reads_whole_chunks_once(city):

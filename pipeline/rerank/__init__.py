@@ -7,35 +7,51 @@
                                                 a lease on it, recorded in the manifest
     index shards ──► Ray actors (ShardedSearcher(use_actors=True)); never loaded in the driver
     database table ──► catalog (id -> Zarr row, path, position) built by a Ray task, in the object store
-    partitions 0..P-1 (runs of query-store shards; see partitions.py) minus the committed ones
+    phase 1, search partitions 0..S-1 (runs of query-store shards; partitions.py) minus the routed ones
+        ──► Ray Data, ActorPoolStrategy(min 1, max = num_actors or the cluster as it grows)
+            SearchWorker (score.py): top-K from the shard actors ─► routes/search-SSSSS.parquet,
+            sorted by the global top-1 candidate's Zarr row, + a histogram of route bins (route.py)
+    barrier: routes/bounds.json ── score partitions = runs of bins with ~partition_queries queries
+    phase 2, score partitions 0..P-1 minus the committed ones
         ──► Ray Data, ActorPoolStrategy(min 1, max = num_actors or the cluster as it grows)
             PartitionWorker (score.py), one partition per call:
-                search the shard actors ─► pairs ─► locality order ─► PairScorer batches
-                (tokens.py: whole Zarr chunks through a bounded LRU)
+                its route rows from every search part ─► pairs ─► locality order ─► batches;
+                tokens read once per batch (tokens.py: whole Zarr chunks through a bounded LRU),
+                scored by every reranker of the run
                 ─► results/part-NNNNN.parquet, then progress/part-NNNNN.json (results.py)
             a partition that fails ``max_attempts`` times ─► failures/part-NNNNN.json, job goes on
     driver: small summaries only ─► manifest.json, written last
 
-Memory: the driver holds O(partitions) (numbers and markers) and one byte per database row for
-the distinct-candidate count; each scorer actor one partition's pairs plus its chunk cache; no
-process and not the object store holds anything proportional to the query set or the pairs.
+Memory: the driver holds O(partitions) (numbers and markers), the bins' histogram (512 KB) and
+one byte per database row for the distinct-candidate count; each worker one partition's pairs
+plus its chunk cache; no process and not the object store holds anything proportional to the
+query set or the pairs.
+
+Token locality: a score partition holds the queries whose top-1 candidate lies in one stretch of
+database rows, so its candidates share chunks and another partition rarely needs them: each
+chunk is fetched about once per job (the summary counts fetched and distinct bytes).
 
 Resume, exactly once: ``plan.json`` fixes what the folder is the result of (query store, pinned
-state, K, reranker, batch and partition sizes); a rerun skips partitions with a progress marker,
-rewrites any part without one, and refuses another plan. Batches are a deterministic function of
-the partition, so rescored partitions are bit-equal.
+state, K, rerankers, batch and partition sizes); a rerun skips routed search partitions and
+committed score partitions, rewrites any part without a marker, and refuses another plan. The
+bounds are written once, and batches are a deterministic function of the partition, so
+rescored partitions are bit-equal.
 
 Rerankers: ``r2former`` (the learned transformer; score = softmax(logits)[:, 1]), ``ransac``
 (pipeline.ransac: mutual nearest neighbours + a robust homography, score = inlier count),
 ``none`` (the global order), ``auto`` (r2former when the model's weights include a trained
 reranker, otherwise ransac). Candidates are reordered by rerank score; ties keep global order.
+A comma list (``ransac,r2former``) runs each over the same candidates in one job: ``rank`` /
+``rerank_score`` are the first's, ``rank_<name>`` / ``rerank_score_<name>`` every one's.
 """
 from ..extract import extract_into
-from .results import RESULTS_SCHEMA, iter_parts, read_results, results_metadata
+from .results import (RESULTS_SCHEMA, iter_parts, rank_column, read_results, rerankers_of, results_metadata,
+                      results_schema, score_column)
 from .score import PairScorer
-from .stage import (RERANKERS, RerankConfig, RerankError, RerankResult, register_cli, reranked_order,
+from .stage import (RERANKERS, RerankConfig, RerankError, RerankResult, register_cli, reranked_order, resolve_rerankers,
                     resolve_reranker, run)
 
 __all__ = ["RERANKERS", "RESULTS_SCHEMA", "PairScorer", "RerankConfig", "RerankError", "RerankResult",
-           "extract_into", "iter_parts", "read_results", "register_cli", "reranked_order", "resolve_reranker",
+           "extract_into", "iter_parts", "rank_column", "read_results", "register_cli", "reranked_order",
+           "rerankers_of", "resolve_reranker", "resolve_rerankers", "results_schema", "score_column",
            "results_metadata", "run"]

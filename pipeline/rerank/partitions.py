@@ -1,9 +1,10 @@
 """What work a rerank job has (partitions of the query set) and what of it is done.
 
-A partition is a run of consecutive query-store shards holding about ``partition_queries``
-queries: partition ``p`` is shards ``[p * S, (p + 1) * S)`` of the query manifest, with
-``S = max(1, partition_queries // shard_size)``. It is described by its number alone, so the
-driver's state is O(partitions) (a list of numbers and the markers' small dicts), never
+A search partition (phase 1, route.py) is a run of consecutive query-store shards holding about
+``partition_queries`` queries: search partition ``s`` is shards ``[s * S, (s + 1) * S)`` of the
+query manifest, with ``S = max(1, partition_queries // shard_size)``. A score partition (phase 2)
+is a run of route bins (``routes/bounds.json``). Both are described by their number alone, so
+the driver's state is O(partitions) (a list of numbers and the markers' small dicts), never
 O(queries) or O(pairs).
 
 The job's identity is ``plan.json`` (``job_plan``): the query store's key digest and shards, the
@@ -37,7 +38,7 @@ def partition_shards(query_manifest: dict[str, Any], partition_queries: int, p: 
     return [int(x) for x in sorted(query_manifest["shards"])[p * s:(p + 1) * s]]
 
 
-def job_plan(config, reranker: str, k: int, state, query_manifest: dict[str, Any], ransac: dict) -> dict[str, Any]:
+def job_plan(config, rerankers: list[str], k: int, state, query_manifest: dict[str, Any], ransac: dict) -> dict[str, Any]:
     """Everything a results row depends on. ``config`` is a RerankConfig."""
     plan = {
         "query_store": config.query_store,
@@ -46,14 +47,15 @@ def job_plan(config, reranker: str, k: int, state, query_manifest: dict[str, Any
         "query_rows": query_manifest.get("rows"),
         "database": state.metadata(),
         "candidates": int(k),
-        "reranker": reranker,
+        "reranker": rerankers[0],
+        "rerankers": list(rerankers),
         "backbone": config.backbone,
         "checkpoint": config.checkpoint,
         "batch_pairs": int(config.batch_pairs),
         "partition_queries": int(config.partition_queries),
         "rerank_dtype": config.rerank_dtype,
     }
-    if reranker == "ransac":
+    if "ransac" in rerankers:
         plan["ransac"] = ransac
     return plan
 

@@ -7,7 +7,15 @@ A results location is a folder (the streaming job) or, for runs made before it, 
     <results>/progress/part-00012.json  partition 12 committed (written after its part): counts, token bytes
     <results>/attempts/part-00012.json  tries of partition 12 by the current run (a crash counts as one)
     <results>/failures/part-00012.json  partition 12 failed every attempt: its query ids and the reason
+    <results>/routes/search-00003.parquet          phase 1: search partition 3's queries and top-K (route.py)
+    <results>/routes/progress/search-00003.json    committed, with its histogram of route bins
+    <results>/routes/bounds.json        the barrier: which bins each score partition covers (fixed once written)
     <results>/manifest.json             written last: the parts of a finished job and the state it read
+
+A part carries ``rank`` / ``rerank_score`` of the first reranker of the run and, for every
+reranker ``n`` of the run (the first included), ``rank_<n>`` / ``rerank_score_<n>``: one top-K
+search, several rerankers over the same candidates. Results written before that have only
+``rank`` / ``rerank_score`` (``rerankers_of`` and ``rank_column`` read both).
 
 A part holds whole queries, rows ordered by (query, reranked rank). ``iter_parts`` yields one
 part at a time, so readers hold one partition's rows, never the whole result set.
@@ -20,7 +28,7 @@ import pyarrow as pa
 
 from .. import storage
 
-RESULTS_LAYOUT_VERSION = 2
+RESULTS_LAYOUT_VERSION = 3  # 3: per-reranker rank_<n> / rerank_score_<n> columns, query_tag
 
 RESULTS_SCHEMA = pa.schema([
     ("query_id", pa.int64()),
@@ -36,6 +44,29 @@ RESULTS_SCHEMA = pa.schema([
     ("candidate_utm_east", pa.float64()),
     ("candidate_utm_north", pa.float64()),
 ])
+
+
+def results_schema(rerankers: list[str]) -> pa.Schema:
+    """RESULTS_SCHEMA, the query's tag, and one rank / score column pair per reranker."""
+    fields = list(RESULTS_SCHEMA) + [pa.field("query_tag", pa.string())]
+    for n in rerankers:
+        fields += [pa.field(f"rank_{n}", pa.int32()), pa.field(f"rerank_score_{n}", pa.float32())]
+    return pa.schema(fields)
+
+
+def rank_column(name: str, rerankers: list[str], columns: list[str] | None = None) -> str:
+    """The column holding reranker ``name``'s ranks: ``rank_<name>``, or ``rank`` for results of
+    one reranker written before per-reranker columns."""
+    col = f"rank_{name}"
+    if columns is None or col in columns:
+        return col
+    if rerankers and name == rerankers[0]:
+        return "rank"
+    raise KeyError(f"no ranks of reranker {name!r} in these results (columns {columns})")
+
+
+def score_column(name: str, rerankers: list[str], columns: list[str] | None = None) -> str:
+    return rank_column(name, rerankers, columns).replace("rank", "rerank_score", 1)
 
 
 class ResultsLayout:
@@ -63,6 +94,23 @@ class ResultsLayout:
 
     def failure(self, partition: int) -> str:
         return storage.join(self.root, "failures", f"part-{partition:05d}.json")
+
+    # phase 1 (route.py): search partitions
+    def route(self, s: int) -> str:
+        return storage.join(self.root, "routes", f"search-{s:05d}.parquet")
+
+    def route_progress(self, s: int) -> str:
+        return storage.join(self.root, "routes", "progress", f"search-{s:05d}.json")
+
+    def route_attempts(self, s: int) -> str:
+        return storage.join(self.root, "routes", "attempts", f"search-{s:05d}.json")
+
+    def route_failure(self, s: int) -> str:
+        return storage.join(self.root, "routes", "failures", f"search-{s:05d}.json")
+
+    @property
+    def bounds(self) -> str:
+        return storage.join(self.root, "routes", "bounds.json")
 
 
 def is_single_file(results: str) -> bool:
@@ -121,6 +169,15 @@ def results_metadata(results: str) -> dict[str, Any]:
         if storage.exists(url):
             return storage.read_json(url)
     return {}
+
+
+def rerankers_of(results: str) -> list[str]:
+    """The rerankers of a result set, first one first (its ranks are also in ``rank``)."""
+    meta = results_metadata(results)
+    names = meta.get("rerankers") or (meta.get("plan") or {}).get("rerankers")
+    if names:
+        return list(names)
+    return [meta["reranker"]] if meta.get("reranker") else []
 
 
 def read_results(results: str, max_rows: int | None = None) -> pa.Table:

@@ -1,17 +1,25 @@
 """Scoring: the pair scorer (model, RANSAC or a cheap stand-in) and the Ray Data worker that turns
 one partition of queries into one committed results part.
 
-One call of ``PartitionWorker`` handles one partition, start to end, on one actor::
+Two Ray Data UDFs, one partition per call, each committed by a marker written after its part:
 
-    query parts of the partition ──► top-K from every index shard actor (merged exactly)
+``SearchWorker`` (phase 1, search partition s; see route.py)::
+
+    query parts of s ──► top-K from every index shard actor (merged exactly)
         ──► candidate ids -> database rows through the catalog (an object in Ray's store)
-        ──► pairs, queries ordered by their global top-1 candidate's row, pairs by candidate chunk
-        ──► batches of ``batch_pairs`` pairs ──► PairScorer (tokens through the chunk cache)
-        ──► reranked order per query ──► results part + progress marker (pipeline.rerank.results)
+        ──► routes/search-SSSSS.parquet, sorted by the top-1 candidate's row
 
-Memory per actor: one partition's pairs (``partition_queries x K``) plus the chunk cache; nothing
-proportional to the whole query set. The batches are a deterministic function of the partition
-(its queries, the pinned index, K), so a rerun scores the same batches and gets bit-equal scores.
+``PartitionWorker`` (phase 2, score partition p)::
+
+    route rows of p's bins from every search part ──► pairs, queries ordered by their top-1 row,
+        pairs by candidate chunk ──► batches of ``batch_pairs`` ──► tokens read once per batch
+        (chunk caches) ──► every reranker of the run scores the batch (PairScorer each)
+        ──► reranked order per query and reranker ──► results part + progress marker
+
+Memory per actor: one partition's pairs (about ``partition_queries x K``), one partition's query
+tokens and the chunk cache; nothing proportional to the whole query set. Batches are a
+deterministic function of the partition (its route rows, fixed by the bounds), so a rerun scores
+the same batches and gets bit-equal scores.
 """
 from __future__ import annotations
 
@@ -26,7 +34,7 @@ import pyarrow as pa
 from .. import storage
 from ..log import get_logger
 from ..ransac import RansacConfig
-from .results import RESULTS_SCHEMA, ResultsLayout, write_part
+from .results import ResultsLayout, results_schema, write_part
 from .tokens import ChunkCache
 
 log = get_logger(__name__)
@@ -52,7 +60,7 @@ class PairScorer:
 
     def __init__(self, reranker: str, backbone: str, checkpoint: str | None, query_store: str,
                  database_store: str, ransac: RansacConfig, threads: int = 1, rerank_dtype: str = "float32",
-                 cache_chunks: int = 256):
+                 cache_chunks: int = 256, caches: tuple[ChunkCache, ChunkCache] | None = None):
         import cv2
 
         from ..device import set_cpu_threads
@@ -65,8 +73,9 @@ class PairScorer:
         self.query_store, self.database_store = query_store, database_store
         self.model = None
         if reranker != "none":
-            self.q_tokens = ChunkCache(query_store, cache_chunks)
-            self.c_tokens = ChunkCache(database_store, cache_chunks)
+            # Several scorers of one worker share the caches: tokens are read once per batch.
+            self.q_tokens, self.c_tokens = caches or (ChunkCache(query_store, cache_chunks),
+                                                      ChunkCache(database_store, cache_chunks))
         if reranker == "r2former":
             from ..device import choose_device, place_model
             from ..model import build_model
@@ -133,7 +142,7 @@ def build_catalog(state_meta: dict[str, Any], database_store: str) -> dict[str, 
             "east": np.ascontiguousarray(xy[:, 0]), "north": np.ascontiguousarray(xy[:, 1]), "path": paths}
 
 
-# ---------------------------------------------------------------- one partition, start to end
+# ---------------------------------------------------------------- both phases: attempts and failures
 def locality_order(top1_rows: np.ndarray) -> np.ndarray:
     """Queries of a partition ordered by their global top-1 candidate's row (stable): neighbouring
     queries then share candidates, which lie in the same chunks. Queries without a candidate last."""
@@ -146,64 +155,107 @@ def pair_schedule(query_order_pos: np.ndarray, candidate_rows: np.ndarray, chunk
     return np.lexsort((candidate_rows, query_order_pos, candidate_rows // max(1, chunk_rows)))
 
 
-class PartitionWorker:
-    """The Ray Data UDF: ``{"partition": [p]}`` -> one summary row; the part itself goes to storage."""
+def reranked_ranks(qi: np.ndarray, scores: np.ndarray, global_rank: np.ndarray) -> np.ndarray:
+    """1-based rank of each pair within its query: by (-score, global rank)."""
+    n = len(qi)
+    order = np.lexsort((global_rank, -scores.astype(np.float64), qi))
+    rank = np.empty(n, np.int32)
+    if n:
+        starts = np.r_[0, np.flatnonzero(np.diff(qi[order])) + 1]
+        counts = np.diff(np.r_[starts, n])
+        rank[order] = np.arange(n) - np.repeat(starts, counts) + 1
+    return rank
+
+
+class _Attempts:
+    """Tries of one partition: counted before each try (a try that kills the actor counts too),
+    ``max_attempts`` per run, then a failure record (query ids, reason) and the job goes on."""
+
+    kind = "part"
+
+    def _paths(self, p: int) -> tuple[str, str]:
+        raise NotImplementedError
+
+    def _query_ids(self, p: int) -> list[int]:
+        raise NotImplementedError
+
+    def attempt(self, p: int, work) -> tuple[str, str, Any]:
+        attempts = max(1, int(self.job["max_attempts"]))
+        reason, tb = "", ""
+        while True:
+            tried = self._count_attempt(p)
+            if tried > attempts:
+                reason = reason or f"{attempts} attempts of this run ended without a result (the worker died)"
+                break
+            try:
+                return "done", "", work(p)
+            except Exception as exc:  # recorded, the job goes on (bad input must not stop a city)
+                reason, tb = f"{type(exc).__name__}: {exc}", traceback.format_exc()
+                log.warning("%s %d attempt %d/%d failed: %s", self.kind, p, tried, attempts, reason)
+        self._record_failure(p, reason, tb)
+        return "failed", reason, None
+
+    def _count_attempt(self, p: int) -> int:
+        url = self._paths(p)[0]
+        rec = storage.read_json(url) if storage.exists(url) else {}
+        n = int(rec.get("attempts", 0)) + 1 if rec.get("run") == self.job["run_id"] else 1
+        storage.write_json(url, {"run": self.job["run_id"], "attempts": n, "node_id": self.node_id, "pid": self.pid})
+        return n
+
+    def _record_failure(self, p: int, reason: str, tb: str) -> None:
+        try:
+            qids = self._query_ids(p)
+        except Exception as exc:  # the inputs themselves are unreadable: say so
+            qids, reason = [], f"{reason}; its queries are unreadable: {exc}"
+        storage.write_json(self._paths(p)[1], {self.kind: p, "query_ids": qids, "reason": reason,
+                                               "traceback": tb[-4000:]})
+
+    def _setup(self, job: dict[str, Any]) -> None:
+        import ray
+        self.job = job
+        self.layout = ResultsLayout(job["results"])
+        ctx = ray.get_runtime_context()
+        self.node_id, self.pid = ctx.get_node_id(), os.getpid()
+
+
+# ---------------------------------------------------------------- phase 1: search and route
+class SearchWorker(_Attempts):
+    """``{"partition": [s]}`` -> one summary row; the route part goes to storage (route.py)."""
+
+    kind = "search partition"
 
     def __init__(self, job: dict[str, Any], catalog: list, shard_actors: list):
         import ray
 
-        self.job = job
+        self._setup(job)
         self.catalog = ray.get(catalog[0])
         self.shard_actors = shard_actors
-        self.layout = ResultsLayout(job["results"])
         self.query_manifest = storage.read_manifest(job["query_store"])
-        self.scorer = None
-        if job["reranker"] != "none":
-            self.scorer = PairScorer(job["reranker"], job["backbone"], job["checkpoint"], job["query_store"],
-                                     job["database_store"], RansacConfig(**job["ransac"]), threads=job["threads"],
-                                     rerank_dtype=job["rerank_dtype"], cache_chunks=job["cache_chunks"])
-        ctx = ray.get_runtime_context()
-        self.node_id, self.pid = ctx.get_node_id(), os.getpid()
+
+    def _paths(self, s: int) -> tuple[str, str]:
+        return self.layout.route_attempts(s), self.layout.route_failure(s)
+
+    def _query_ids(self, s: int) -> list[int]:
+        qt = self._query_table(s, ["image_id"])
+        return [] if qt is None else qt.column("image_id").to_pylist()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out: dict[str, list] = {k: [] for k in ("partition", "status", "pairs", "queries", "fetched_bytes",
-                                                  "candidate_rows", "node_id", "seconds", "reason")}
-        for p in batch["partition"]:
-            p = int(p)
-            t0 = time.perf_counter()
-            attempts = max(1, int(self.job["max_attempts"]))
-            status, reason, last_tb = "failed", "", ""
-            pairs, queries, fetched, cand_rows = 0, 0, 0, np.zeros(0, np.int64)
-            while True:
-                tried = self._count_attempt(p)  # before the try: a try that kills this actor counts too
-                if tried > attempts:
-                    reason = reason or f"{attempts} attempts of this run ended without a result (the scorer died)"
-                    break
-                try:
-                    pairs, queries, fetched, cand_rows = self.run_partition(p)
-                    status = "done"
-                    break
-                except Exception as exc:  # recorded, the job goes on (bad input must not stop a city)
-                    reason = f"{type(exc).__name__}: {exc}"
-                    last_tb = traceback.format_exc()
-                    log.warning("partition %d attempt %d/%d failed: %s", p, tried, attempts, reason)
-            if status == "failed":
-                self._record_failure(p, reason, last_tb)
-            for k, v in (("partition", p), ("status", status), ("pairs", pairs), ("queries", queries),
-                         ("fetched_bytes", fetched), ("candidate_rows", cand_rows), ("node_id", self.node_id),
-                         ("seconds", time.perf_counter() - t0), ("reason", reason)):
+        out: dict[str, list] = {k: [] for k in ("partition", "status", "queries", "node_id", "reason")}
+        for s in batch["partition"]:
+            status, reason, n = self.attempt(int(s), self.route)
+            for k, v in (("partition", int(s)), ("status", status), ("queries", n or 0), ("node_id", self.node_id),
+                         ("reason", reason)):
                 out[k].append(v)
-        return {k: (np.array(v, dtype=object) if k == "candidate_rows" else np.asarray(v)) for k, v in out.items()}
+        return {k: np.asarray(v) for k, v in out.items()}
 
-    # -- the steps
-    def _query_table(self, p: int) -> pa.Table:
+    def _query_table(self, s: int, columns: list[str]) -> pa.Table | None:
         from .partitions import partition_shards
         layout = storage.StoreLayout(self.job["query_store"])
-        tables = [storage.read_parquet(layout.global_part(s), ["image_id", "path", "row", "utm_east", "utm_north",
-                                                               "global_descriptor"])
-                  for s in partition_shards(self.query_manifest, self.job["partition_queries"], p)]
+        tables = []
+        for shard in partition_shards(self.query_manifest, self.job["partition_queries"], s):
+            tables.append(_read_with_optional(layout.global_part(shard), columns, optional=("tag",)))
         tables = [t for t in tables if t.num_rows]
-        return pa.concat_tables(tables) if tables else None
+        return pa.concat_tables(tables, promote_options="default") if tables else None
 
     def _search(self, descriptors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         import ray
@@ -216,86 +268,177 @@ class PartitionWorker:
         scores, ids = merge_topk(parts, k)
         return ids, scores
 
-    def run_partition(self, p: int):
-        qt = self._query_table(p)
+    def route(self, s: int) -> int:
+        from ..evaluate import positions_of
+        from .route import ROUTE_SCHEMA, route_bin, write_route
+
+        qt = self._query_table(s, ["image_id", "path", "row", "utm_east", "utm_north", "global_descriptor", "tag"])
         if qt is None:
-            write_part(self.job["results"], p, RESULTS_SCHEMA.empty_table(), self._marker(0, 0, 0))
-            return 0, 0, 0, np.zeros(0, np.int64)
+            write_route(self.job["results"], s, ROUTE_SCHEMA.empty_table(), {"node_id": self.node_id})
+            return 0
         ids, gscores = self._search(storage.descriptors_of(qt))
         cat = self.catalog
-        pos = np.searchsorted(cat["image_id"], ids)
-        pos = np.minimum(pos, len(cat["image_id"]) - 1)
+        pos = np.minimum(np.searchsorted(cat["image_id"], ids), len(cat["image_id"]) - 1)
+        known = (ids >= 0) & (cat["image_id"][pos] == ids)
+        first = np.where(known.any(axis=1), known.argmax(axis=1), -1)
+        top1 = np.where(first >= 0, cat["row"][pos[np.arange(len(ids)), np.maximum(first, 0)]], -1)
+        bins = route_bin(top1, self.job["database_rows"])
+        key = np.where(top1 < 0, np.iinfo(np.int64).max, top1)
+        order = np.lexsort((key, bins))  # stable: ties keep query-store order
+        qxy = positions_of(qt)
+        k = ids.shape[1]
+        tag = qt.column("tag") if "tag" in qt.column_names else pa.nulls(qt.num_rows, pa.string())
+        table = pa.table({
+            "query_id": qt.column("image_id"), "query_path": qt.column("path"), "query_row": qt.column("row"),
+            "query_utm_east": qxy[:, 0], "query_utm_north": qxy[:, 1], "query_tag": tag.cast(pa.string()),
+            "top1_row": top1.astype(np.int64), "route_bin": bins,
+            "candidate_id": pa.ListArray.from_arrays(np.arange(0, len(ids) * k + 1, k, dtype=np.int32),
+                                                     pa.array(ids.astype(np.int64).ravel())),
+            "global_score": pa.ListArray.from_arrays(np.arange(0, len(ids) * k + 1, k, dtype=np.int32),
+                                                     pa.array(gscores.astype(np.float32).ravel())),
+        }, schema=ROUTE_SCHEMA).take(pa.array(order))
+        write_route(self.job["results"], s, table, {"node_id": self.node_id, "pid": self.pid})
+        return qt.num_rows
+
+
+def _read_with_optional(url: str, columns: list[str], optional: tuple[str, ...]) -> pa.Table:
+    """``columns`` of a Parquet part; those in ``optional`` only when the part has them (stores
+    written before a column was added stay readable)."""
+    import pyarrow.parquet as pq
+    fs, path = storage.filesystem(url)
+    try:
+        with fs.open(path, "rb") as f:
+            names = set(pq.read_schema(f).names)
+    except FileNotFoundError:
+        raise storage.StoreError(f"missing Parquet file {url}") from None
+    return storage.read_parquet(url, [c for c in columns if c not in optional or c in names])
+
+
+# ---------------------------------------------------------------- phase 2: score one partition
+class PartitionWorker(_Attempts):
+    """``{"partition": [p]}`` -> one summary row; the part itself goes to storage."""
+
+    kind = "partition"
+
+    def __init__(self, job: dict[str, Any], catalog: list):
+        import ray
+
+        from .route import read_bounds
+        from .tokens import ChunkCache
+
+        self._setup(job)
+        self.catalog = ray.get(catalog[0])
+        self.bounds = read_bounds(job["results"])
+        self.rerankers = [r for r in job["rerankers"] if r != "none"]
+        self.scorers: dict[str, PairScorer] = {}
+        self.caches = None
+        if self.rerankers:
+            self.caches = (ChunkCache(job["query_store"], job["cache_chunks"]),
+                           ChunkCache(job["database_store"], job["cache_chunks"]))
+            for name in self.rerankers:
+                self.scorers[name] = PairScorer(name, job["backbone"], job["checkpoint"], job["query_store"],
+                                                job["database_store"], RansacConfig(**job["ransac"]),
+                                                threads=job["threads"], rerank_dtype=job["rerank_dtype"],
+                                                caches=self.caches)
+
+    def _paths(self, p: int) -> tuple[str, str]:
+        return self.layout.attempts(p), self.layout.failure(p)
+
+    def _query_ids(self, p: int) -> list[int]:
+        from .route import partition_routes
+        return partition_routes(self.job["results"], self.bounds, p).column("query_id").to_pylist()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out: dict[str, list] = {k: [] for k in ("partition", "status", "pairs", "queries", "fetched_bytes",
+                                                  "candidate_rows", "node_id", "seconds", "reason")}
+        for p in batch["partition"]:
+            t0 = time.perf_counter()
+            status, reason, got = self.attempt(int(p), self.run_partition)
+            pairs, queries, fetched, cand_rows = got or (0, 0, 0, np.zeros(0, np.int64))
+            for k, v in (("partition", int(p)), ("status", status), ("pairs", pairs), ("queries", queries),
+                         ("fetched_bytes", fetched), ("candidate_rows", cand_rows), ("node_id", self.node_id),
+                         ("seconds", time.perf_counter() - t0), ("reason", reason)):
+                out[k].append(v)
+        return {k: (np.array(v, dtype=object) if k == "candidate_rows" else np.asarray(v)) for k, v in out.items()}
+
+    def run_partition(self, p: int):
+        from .route import partition_routes
+
+        rt = partition_routes(self.job["results"], self.bounds, p)
+        names = self.job["rerankers"]
+        schema = results_schema(names)
+        if rt.num_rows == 0:
+            write_part(self.job["results"], p, schema.empty_table(), self._marker(0, 0, 0, 0, {}))
+            return 0, 0, 0, np.zeros(0, np.int64)
+        nq = rt.num_rows
+        k = len(rt.column("candidate_id")[0])
+        ids = rt.column("candidate_id").combine_chunks().flatten().to_numpy().reshape(nq, k)
+        gscores = rt.column("global_score").combine_chunks().flatten().to_numpy().reshape(nq, k)
+        cat = self.catalog
+        pos = np.minimum(np.searchsorted(cat["image_id"], ids), len(cat["image_id"]) - 1)
         known = (ids >= 0) & (cat["image_id"][pos] == ids)  # -1 and unknown ids are dropped
         qi, gi = np.nonzero(known)  # row-major: by query, in global rank order
         cand = pos[qi, gi]
         global_rank = ((np.cumsum(known, axis=1) - 1)[qi, gi] + 1).astype(np.int32)
         cand_rows = cat["row"][cand]
         n = len(qi)
-
         gs = gscores[qi, gi].astype(np.float32)
-        fetched_before = self._fetched()
-        if self.scorer is None:
-            scores = gs
-        else:
+
+        scores = {name: gs for name in names if name == "none"}
+        seconds: dict[str, float] = {}
+        fetched = (0, 0)
+        if self.scorers:
+            qc, cc = self.caches
+            before = (qc.fetched_bytes, cc.fetched_bytes)
             # Token locality: queries by their top-1 candidate's row, pairs by candidate chunk.
-            top1 = np.full(qt.num_rows, -1, np.int64)
-            first = np.r_[True, qi[1:] != qi[:-1]] if n else np.zeros(0, bool)
-            top1[qi[first]] = cand_rows[first]
-            qpos = np.empty(qt.num_rows, np.int64)
-            qpos[locality_order(top1)] = np.arange(qt.num_rows)
-            sched = pair_schedule(qpos[qi], cand_rows, self.scorer.c_tokens.chunk_rows)
-            q_rows = qt.column("row").to_numpy().astype(np.int64)[qi]
-            scores = np.empty(n, np.float32)
+            top1 = rt.column("top1_row").to_numpy()
+            qpos = np.empty(nq, np.int64)
+            qpos[locality_order(top1)] = np.arange(nq)
+            sched = pair_schedule(qpos[qi], cand_rows, cc.chunk_rows)
+            # This partition's query tokens, read once in row order (each query chunk once).
+            q_rows_all = rt.column("query_row").to_numpy().astype(np.int64)
+            q_tokens = qc.read_rows_once(q_rows_all)
+            for name in self.scorers:
+                scores[name] = np.empty(n, np.float32)
+                seconds[name] = 0.0
             step = max(1, int(self.job["batch_pairs"]))
             for s in range(0, n, step):
                 sel = sched[s:s + step]
-                qtok, ctok = self.scorer.read(q_rows[sel], cand_rows[sel])
-                scores[sel] = self.scorer.score(qtok, ctok)
-        fetched = self._fetched() - fetched_before
+                qtok, ctok = q_tokens[qi[sel]].astype(np.float32), cc.read(cand_rows[sel])
+                for name, scorer in self.scorers.items():
+                    t = time.perf_counter()
+                    scores[name][sel] = scorer.score(qtok, ctok)
+                    seconds[name] += time.perf_counter() - t
+            fetched = (qc.fetched_bytes - before[0], cc.fetched_bytes - before[1])
 
-        # reranked rank within each query: (query, -score, global rank)
-        order = np.lexsort((global_rank, -scores.astype(np.float64), qi))
-        rank = np.empty(n, np.int32)
-        if n:
-            starts = np.r_[0, np.flatnonzero(np.diff(qi[order])) + 1]
-            counts = np.diff(np.r_[starts, n])
-            rank[order] = np.arange(n) - np.repeat(starts, counts) + 1
-        from ..evaluate import positions_of
-        qxy = positions_of(qt)
-        table = pa.table({
-            "query_id": qt.column("image_id").to_numpy()[qi],
-            "query_path": qt.column("path").take(pa.array(qi)),
-            "rank": rank, "global_rank": global_rank,
+        from ..evaluate import positions_of  # noqa: F401  (positions come from the route rows)
+        ranks = {name: reranked_ranks(qi, scores[name], global_rank) for name in names}
+        first = names[0]
+        order = np.lexsort((ranks[first], qi))  # rows in (query, first reranker's rank) order
+        cols = {
+            "query_id": rt.column("query_id").to_numpy()[qi],
+            "query_path": rt.column("query_path").take(pa.array(qi)),
+            "rank": ranks[first], "global_rank": global_rank,
             "image_id": cat["image_id"][cand],
             "candidate_path": pa.array(cat["path"][cand].astype(str), pa.string()),
-            "global_score": gs, "rerank_score": scores.astype(np.float32),
-            "query_utm_east": qxy[qi, 0], "query_utm_north": qxy[qi, 1],
+            "global_score": gs, "rerank_score": scores[first].astype(np.float32),
+            "query_utm_east": rt.column("query_utm_east").to_numpy(zero_copy_only=False)[qi],
+            "query_utm_north": rt.column("query_utm_north").to_numpy(zero_copy_only=False)[qi],
             "candidate_utm_east": cat["east"][cand], "candidate_utm_north": cat["north"][cand],
-        }, schema=RESULTS_SCHEMA).take(pa.array(order))  # rows in (query, reranked rank) order
-        distinct = np.unique(cand_rows) if self.scorer is not None else np.zeros(0, np.int64)
-        write_part(self.job["results"], p, table, self._marker(qt.num_rows, n, fetched, len(distinct)))
-        return n, qt.num_rows, fetched, distinct
+            "query_tag": rt.column("query_tag").take(pa.array(qi)),
+        }
+        for name in names:
+            cols[f"rank_{name}"] = ranks[name]
+            cols[f"rerank_score_{name}"] = scores[name].astype(np.float32)
+        table = pa.table(cols, schema=schema).take(pa.array(order))
+        distinct = np.unique(cand_rows) if self.scorers else np.zeros(0, np.int64)
+        write_part(self.job["results"], p, table, self._marker(nq, n, fetched[1], len(distinct), seconds,
+                                                               query_fetched=fetched[0]))
+        return n, nq, fetched[1], distinct
 
-    def _fetched(self) -> int:
-        return self.scorer.c_tokens.fetched_bytes if self.scorer is not None else 0
-
-    def _marker(self, queries: int, pairs: int, fetched: int, distinct: int = 0) -> dict[str, Any]:
+    def _marker(self, queries: int, pairs: int, fetched: int, distinct: int, seconds: dict[str, float],
+                query_fetched: int = 0) -> dict[str, Any]:
         return {"queries": queries, "pairs": pairs, "fetched_token_bytes": fetched,
-                "distinct_candidates": distinct, "node_id": self.node_id, "pid": self.pid,
+                "fetched_query_token_bytes": query_fetched, "distinct_candidates": distinct,
+                "rerank_seconds": seconds, "node_id": self.node_id, "pid": self.pid,
                 "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-
-    def _count_attempt(self, p: int) -> int:
-        url = self.layout.attempts(p)
-        rec = storage.read_json(url) if storage.exists(url) else {}
-        n = int(rec.get("attempts", 0)) + 1 if rec.get("run") == self.job["run_id"] else 1
-        storage.write_json(url, {"run": self.job["run_id"], "attempts": n, "node_id": self.node_id, "pid": self.pid})
-        return n
-
-    def _record_failure(self, p: int, reason: str, tb: str) -> None:
-        try:
-            qt = self._query_table(p)
-            qids = [] if qt is None else qt.column("image_id").to_pylist()
-        except Exception as exc:  # the query parts themselves are unreadable: say so
-            qids, reason = [], f"{reason}; query parts unreadable: {exc}"
-        storage.write_json(self.layout.failure(p), {"partition": p, "query_ids": qids, "reason": reason,
-                                                    "traceback": tb[-4000:]})

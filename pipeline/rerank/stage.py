@@ -63,16 +63,22 @@ class RerankResult:
     distinct_candidate_bytes: int = 0        # bytes of the distinct candidates they served (this run)
     scorer_nodes: list[str] = field(default_factory=list)
     state: dict[str, Any] = field(default_factory=dict)
+    rerankers: list[str] = field(default_factory=list)       # every reranker of the run, first = ``reranker``
+    rerank_seconds: dict[str, float] = field(default_factory=dict)  # scoring time per reranker (committed parts)
+    failed_search_partitions: list[int] = field(default_factory=list)  # phase 1 partitions that failed
 
     @property
     def ok(self) -> bool:
         """False when a partition failed every attempt (the job's exit code is then 1)."""
-        return not self.failed_partitions
+        return not self.failed_partitions and not self.failed_search_partitions
 
     @property
     def message(self) -> str:
-        return (f"partitions {self.failed_partitions} failed every attempt; their query ids and reasons are in "
-                f"{self.results}/failures/" if self.failed_partitions else "")
+        if self.ok:
+            return ""
+        return (f"score partitions {self.failed_partitions} and search partitions {self.failed_search_partitions} "
+                f"failed every attempt; their query ids and reasons are in {self.results}/failures/ and "
+                f"{self.results}/routes/failures/")
 
     @property
     def token_ratio(self) -> float | None:
@@ -100,6 +106,32 @@ def resolve_reranker(name: str, backbone: str, checkpoint: str | None, model=Non
     log.info("reranker auto -> %s (%s)", chosen,
              "weights include a trained reranker" if trained else "no trained reranker in these weights")
     return chosen
+
+
+def resolve_rerankers(spec: str | list[str], backbone: str, checkpoint: str | None, model=None) -> list[str]:
+    """A comma list of rerankers (``"ransac,r2former"``) -> names in order; ``none`` is always
+    implied (the global order is every result's ``global_rank``) and is kept only when alone.
+    ``auto`` resolves as ``resolve_reranker``. A listed ``r2former`` whose weights have no trained
+    reranker is an error naming the checkpoint: its scores would be noise."""
+    items = [x.strip() for x in (spec.split(",") if isinstance(spec, str) else spec) if x.strip()]
+    if not items:
+        raise ValueError("no reranker given")
+    names: list[str] = []
+    for item in items:
+        name = resolve_reranker(item, backbone, checkpoint, model=model)
+        if name not in names:
+            names.append(name)
+    if len(names) > 1:
+        names = [n for n in names if n != "none"]
+    if "r2former" in names and "auto" not in items and len(names) > 1:
+        if model is None:
+            from ..model import build_model
+            model = build_model(backbone, checkpoint)
+        if not getattr(model, "has_trained_reranker", False):
+            raise ValueError(f"--reranker lists r2former, but the weights of {backbone} from "
+                             f"{checkpoint or '(no --checkpoint: pretrained backbone only)'} include no trained "
+                             f"reranker; train one (r2f train --stage rerank) or drop r2former from the list")
+    return names
 
 
 def reranked_order(rerank_score: np.ndarray, global_rank: np.ndarray) -> np.ndarray:
@@ -131,7 +163,6 @@ def run(config: RerankConfig) -> RerankResult:
     from ..cluster import ensure_ray
     from ..extract import extract_into
     from ..index import layout as L
-    from ..index.search import ShardedSearcher
     from ..published import resolve
 
     for name in ("query_store", "database_store", "index_dir", "results"):
@@ -145,7 +176,8 @@ def run(config: RerankConfig) -> RerankResult:
         raise RerankError(f"{config.results} is a single results file of an older run; the streaming job writes "
                           f"a folder: name a new --results folder")
     seconds: dict[str, float] = {}
-    reranker = resolve_reranker(config.reranker, config.backbone, config.checkpoint)
+    rerankers = resolve_rerankers(config.reranker, config.backbone, config.checkpoint)
+    reranker = rerankers[0]
 
     t = time.perf_counter()
     if config.queries:
@@ -166,101 +198,158 @@ def run(config: RerankConfig) -> RerankResult:
     if k < config.candidates:
         log.info("candidates capped at the database size: %d", k)
     # Refuse a changed plan before any actor starts.
-    plan = job_plan(config, reranker, k, state, query_manifest, ransac)
+    plan = job_plan(config, rerankers, k, state, query_manifest, ransac)
     resuming = check_plan(config.results, plan)
-    total = num_partitions(query_manifest, config.partition_queries)
-    pending, done_before = pending_partitions(config.results, total)
-    if resuming:
-        log.info("resuming %s: %d of %d partitions already committed", config.results, len(done_before), total)
+    searches = num_partitions(query_manifest, config.partition_queries)
     with _hold_lease(config.index_dir, lease_job, state):
-        t = time.perf_counter()
-        searcher = ShardedSearcher(config.index_dir, version=version, use_actors=True) if pending else None
-        seconds["open_index"] = time.perf_counter() - t
-        try:
-            res = _score(config, reranker, k, state, searcher, pending, total, seconds, ransac)
-        finally:
-            if searcher is not None:
-                searcher.close()
-    res.skipped_partitions = len(done_before)
-    _write_manifest(config, res, plan, state, total)
+        res = _two_phases(config, rerankers, k, state, version, searches, seconds, ransac, resuming)
+    _write_manifest(config, res, plan, state, res.partitions)
     res.num_failed_queries += failed_queries  # queries that could not be extracted count too
     return res
 
 
-def _score(config, reranker, k, state, searcher, pending, total, seconds, ransac) -> RerankResult:
+def _two_phases(config, rerankers, k, state, version, searches, seconds, ransac, resuming) -> RerankResult:
+    """Phase 1 (search and route), the barrier (bounds), phase 2 (score); each phase skips what an
+    earlier run committed."""
     import ray
 
     from ..cluster import cluster_gpus
+    from ..index.search import ShardedSearcher
+    from .route import read_bounds, searched_partitions, write_bounds
     from .score import build_catalog
 
-    t = time.perf_counter()
-    gpus = cluster_gpus() if reranker == "r2former" else 0
     job = dict(results=config.results, query_store=config.query_store, database_store=config.database_store,
-               reranker=reranker, backbone=config.backbone, checkpoint=config.checkpoint, candidates=k,
+               rerankers=rerankers, backbone=config.backbone, checkpoint=config.checkpoint, candidates=k,
                batch_pairs=config.batch_pairs, partition_queries=config.partition_queries,
                threads=config.threads_per_actor, rerank_dtype=config.rerank_dtype, cache_chunks=config.cache_chunks,
-               max_attempts=config.max_attempts, ransac=ransac, run_id=uuid.uuid4().hex,
-               index=dict(dim=searcher.dim, normalize=searcher.normalize, num_vectors=searcher.num_vectors)
-               if searcher is not None else {})
-    failed: list[int] = []
-    nodes: set[str] = set()
-    pairs = fetched = 0
-    seen = np.zeros(0, bool)  # one byte per database row: distinct candidates served by this run
-    if pending:
-        catalog = ray.remote(num_cpus=0)(build_catalog).remote(state.metadata(), config.database_store)
-        restarts = 0
-        while pending:
+               max_attempts=config.max_attempts, ransac=ransac, run_id=uuid.uuid4().hex)
+    lay = ResultsLayout(config.results)
+    bounds = read_bounds(config.results)
+    catalog = None
+    failed_searches: list[int] = []
+    t = time.perf_counter()
+    if bounds is None:
+        done = searched_partitions(config.results)
+        pending = [s for s in range(searches) if s not in done]
+        if resuming:
+            log.info("resuming %s: %d of %d search partitions already routed", config.results, len(done), searches)
+        if pending:
+            catalog = ray.remote(num_cpus=0)(build_catalog).remote(state.metadata(), config.database_store)
+            job["database_rows"] = ray.get(ray.remote(num_cpus=0)(_catalog_rows).remote(catalog))
+            searcher = ShardedSearcher(config.index_dir, version=version, use_actors=True)
+            job["index"] = dict(dim=searcher.dim, normalize=searcher.normalize, num_vectors=searcher.num_vectors)
             try:
-                for row in _pool(config, job, catalog, searcher, pending, gpus).iter_rows():
-                    p = int(row["partition"])
-                    nodes.add(str(row["node_id"]))
-                    if row["status"] != "done":
-                        failed.append(p)
-                        log.error("partition %d failed every attempt and is recorded in %s: %s", p,
-                                  ResultsLayout(config.results).failure(p), row["reason"])
-                        continue
-                    pairs += int(row["pairs"])
-                    fetched += int(row["fetched_bytes"])
-                    rows = np.asarray(row["candidate_rows"], np.int64)
-                    if len(rows):
-                        if rows.max() >= len(seen):
-                            seen = np.concatenate([seen, np.zeros(int(rows.max()) + 1 - len(seen), bool)])
-                        seen[rows] = True
-                pending = []
-            except ray.exceptions.RayError as exc:
-                # A scorer actor was lost for good (ray.kill, a node gone): Ray Data gives up on the
-                # dataset. Committed parts stand; a new pool takes the partitions that are left, and
-                # the one that was in flight counts an attempt (attempts/), so a partition that kills
-                # its actor every time ends up recorded as failed instead of looping.
-                restarts += 1
-                if restarts > config.max_pool_restarts:
-                    raise
-                done = committed_partitions(config.results)
-                pending = [p for p in pending if p not in done and p not in failed]
-                log.warning("scorer pool lost an actor (%s); restarting it on %d remaining partition(s) (%d/%d)",
-                            type(exc).__name__, len(pending), restarts, config.max_pool_restarts)
-        del catalog
+                failed_searches = _run_pool(config, "search", pending, lambda todo: _search_pool(
+                    config, job, catalog, searcher, todo))[0]
+            finally:
+                searcher.close()
+        bounds = write_bounds(config.results, searched_partitions(config.results), config.partition_queries)
+    seconds["search"] = time.perf_counter() - t
+    failed_searches = sorted(set(failed_searches) | {s for s in range(searches)
+                                                     if s not in bounds["searched"] and storage.exists(lay.route_failure(s))})
+
+    total = int(bounds["partitions"])
+    pending, done_before = pending_partitions(config.results, total)
+    if resuming and done_before:
+        log.info("resuming %s: %d of %d score partitions already committed", config.results, len(done_before), total)
+    t = time.perf_counter()
+    gpus = cluster_gpus() if "r2former" in rerankers else 0
+    failed: list[int] = []
+    summary = dict(nodes=set(), pairs=0, fetched=0, seen=np.zeros(0, bool))
+    if pending:
+        if catalog is None:
+            catalog = ray.remote(num_cpus=0)(build_catalog).remote(state.metadata(), config.database_store)
+        failed = _run_pool(config, "score", pending, lambda todo: _score_pool(config, job, catalog, todo, gpus),
+                           summary)[0]
+    del catalog
     seconds["rerank"] = time.perf_counter() - t
+
     markers = committed_partitions(config.results)
-    row_bytes = _row_bytes(config.database_store) if reranker != "none" else 0
+    row_bytes = _row_bytes(config.database_store) if any(r != "none" for r in rerankers) else 0
     num_queries = sum(int(m.get("queries", 0)) for m in markers.values())
     num_pairs = sum(int(m.get("pairs", 0)) for m in markers.values())
+    pairs, seen = summary["pairs"], summary["seen"]
     pps = pairs / seconds["rerank"] if pairs and seconds["rerank"] > 0 else 0.0
-    res = RerankResult(results=config.results, reranker=reranker, num_queries=num_queries, num_pairs=num_pairs,
+    rerank_seconds = {r: sum(float((m.get("rerank_seconds") or {}).get(r, 0.0)) for m in markers.values())
+                      for r in rerankers}
+    res = RerankResult(results=config.results, reranker=rerankers[0], num_queries=num_queries, num_pairs=num_pairs,
                        candidates=k, num_failed_queries=0, stage_seconds=seconds, pairs_per_second=pps,
-                       partitions=total, failed_partitions=sorted(failed), fetched_token_bytes=fetched,
-                       distinct_candidate_bytes=int(seen.sum()) * row_bytes, scorer_nodes=sorted(nodes),
-                       state=state.metadata())
+                       partitions=total, skipped_partitions=len(done_before), failed_partitions=sorted(failed),
+                       fetched_token_bytes=summary["fetched"], distinct_candidate_bytes=int(seen.sum()) * row_bytes,
+                       scorer_nodes=sorted(summary["nodes"]), state=state.metadata(), rerankers=list(rerankers),
+                       rerank_seconds=rerank_seconds, failed_search_partitions=failed_searches)
     ratio = f"{res.token_ratio:.2f}x" if res.token_ratio else "-"
     log.info("reranked %d queries x %d candidates with %s: %d pairs this run in %.1f s (%.0f pairs/s); "
              "tokens fetched %.1f MB for %.1f MB of distinct candidates (%s); %d partition(s) failed",
-             num_queries, k, reranker, pairs, seconds["rerank"], pps, fetched / 1e6,
-             res.distinct_candidate_bytes / 1e6, ratio, len(failed))
+             num_queries, k, ",".join(rerankers), pairs, seconds["rerank"], pps, summary["fetched"] / 1e6,
+             res.distinct_candidate_bytes / 1e6, ratio, len(failed) + len(failed_searches))
     return res
 
 
-def _pool(config, job, catalog, searcher, pending, gpus):
-    """The dataflow over the pending partitions: one Ray Data map over an autoscaling actor pool."""
+def _catalog_rows(catalog: dict) -> int:
+    return int(catalog["row"].max()) + 1 if len(catalog["row"]) else 1
+
+
+def _run_pool(config, phase: str, pending: list[int], make, summary: dict | None = None) -> tuple[list[int]]:
+    """Stream ``pending`` partitions through the pool ``make(todo)`` builds; a pool that loses an
+    actor for good (ray.kill, a node gone) is rebuilt on what is left, up to max_pool_restarts.
+    The partition that was in flight counted an attempt, so one that kills its actor every time
+    ends up recorded as failed instead of looping. Returns the failed partitions."""
+    import ray
+
+    lay = ResultsLayout(config.results)
+    failed: list[int] = []
+    restarts = 0
+    while pending:
+        try:
+            for row in make(pending).iter_rows():
+                p = int(row["partition"])
+                if summary is not None:
+                    summary["nodes"].add(str(row["node_id"]))
+                if row["status"] != "done":
+                    failed.append(p)
+                    log.error("%s partition %d failed every attempt and is recorded in %s: %s", phase, p,
+                              lay.route_failure(p) if phase == "search" else lay.failure(p), row["reason"])
+                    continue
+                if summary is not None:
+                    summary["pairs"] += int(row["pairs"])
+                    summary["fetched"] += int(row["fetched_bytes"])
+                    rows = np.asarray(row["candidate_rows"], np.int64)
+                    if len(rows):
+                        seen = summary["seen"]
+                        if rows.max() >= len(seen):
+                            seen = np.concatenate([seen, np.zeros(int(rows.max()) + 1 - len(seen), bool)])
+                        seen[rows] = True
+                        summary["seen"] = seen
+            pending = []
+        except ray.exceptions.RayError as exc:
+            restarts += 1
+            if restarts > config.max_pool_restarts:
+                raise
+            from .route import searched_partitions
+            done = searched_partitions(config.results) if phase == "search" else committed_partitions(config.results)
+            pending = [p for p in pending if p not in done and p not in failed]
+            log.warning("%s pool lost an actor (%s); restarting it on %d remaining partition(s) (%d/%d)", phase,
+                        type(exc).__name__, len(pending), restarts, config.max_pool_restarts)
+    return (failed,)
+
+
+def _search_pool(config, job, catalog, searcher, pending):
+    """Phase 1 over the pending search partitions: Ray Data over an autoscaling actor pool whose
+    workers call the index shard actors (the search itself runs there)."""
+    import ray
+
+    from .score import SearchWorker
+
+    ds = ray.data.from_items([{"partition": p} for p in pending], override_num_blocks=len(pending))
+    return ds.map_batches(
+        SearchWorker, batch_size=1, batch_format="numpy",
+        fn_constructor_kwargs=dict(job=job, catalog=[catalog], shard_actors=list(searcher._actors)),
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=config.num_actors), num_cpus=1)
+
+
+def _score_pool(config, job, catalog, pending, gpus):
+    """Phase 2 over the pending score partitions: one Ray Data map over an autoscaling actor pool."""
     import ray
 
     from .score import PartitionWorker
@@ -270,7 +359,7 @@ def _pool(config, job, catalog, searcher, pending, gpus):
     ds = ray.data.from_items([{"partition": p} for p in pending], override_num_blocks=len(pending))
     return ds.map_batches(
         PartitionWorker, batch_size=1, batch_format="numpy",
-        fn_constructor_kwargs=dict(job=job, catalog=[catalog], shard_actors=list(searcher._actors)),
+        fn_constructor_kwargs=dict(job=job, catalog=[catalog]),
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=config.num_actors),
         num_cpus=config.threads_per_actor, num_gpus=1 if gpus else 0, ray_remote_args_fn=_scorer_name)
 
@@ -286,15 +375,20 @@ def _write_manifest(config: RerankConfig, res: RerankResult, plan: dict, state, 
     parts = sorted(committed_partitions(config.results))
     failures = [p for p in range(total) if p not in parts]
     storage.write_json(lay.manifest, {
-        "parts": parts, "partitions": total, "failed_partitions": failures, "complete": not failures,
-        "state": state.metadata(), "plan": plan, "reranker": res.reranker, "candidates": res.candidates,
+        "parts": parts, "partitions": total, "failed_partitions": failures,
+        "failed_search_partitions": res.failed_search_partitions,
+        "complete": not failures and not res.failed_search_partitions,
+        "state": state.metadata(), "plan": plan, "reranker": res.reranker, "rerankers": res.rerankers,
+        "rerank_seconds": res.rerank_seconds, "candidates": res.candidates,
         "backbone": config.backbone, "database_store": config.database_store, "query_store": config.query_store,
         "index_dir": config.index_dir, "num_queries": res.num_queries, "num_pairs": res.num_pairs,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     })
     res.failed_partitions = failures
-    res.num_failed_queries = sum(len(storage.read_json(lay.failure(p)).get("query_ids", []))
-                                 for p in failures if storage.exists(lay.failure(p)))
+    res.num_failed_queries = sum(len(storage.read_json(url).get("query_ids", []))
+                                 for url in [lay.failure(p) for p in failures]
+                                 + [lay.route_failure(s) for s in res.failed_search_partitions]
+                                 if storage.exists(url))
 
 
 def register_cli(subparsers) -> None:
@@ -309,7 +403,8 @@ def register_cli(subparsers) -> None:
     p.add_argument("--results", help="output folder (parts, progress markers, manifest)")
     p.add_argument("--backbone")
     p.add_argument("--checkpoint")
-    p.add_argument("--reranker", choices=RERANKERS)
+    p.add_argument("--reranker", help=f"one of {', '.join(RERANKERS)}, or a comma list run over the same "
+                   "candidates (ransac,r2former); results get rank_<name> / rerank_score_<name> per reranker")
     p.add_argument("--candidates", type=int)
     p.add_argument("--partition-queries", type=int)
     p.add_argument("--rerank-dtype", choices=("float32", "bfloat16"))
@@ -328,4 +423,4 @@ def _cli(args: argparse.Namespace) -> int:
     print(f"{res.num_queries} queries x {res.candidates} candidates reranked with {res.reranker}: "
           f"{res.num_pairs} pairs, {res.pairs_per_second:.0f} pairs/s, token bytes fetched/distinct {ratio}, "
           f"{len(res.failed_partitions)} failed partition(s) -> {res.results}")
-    return 1 if res.failed_partitions else 0
+    return 0 if res.ok else 1

@@ -58,3 +58,23 @@ class ChunkCache:
             sel = np.nonzero(chunk_of == c)[0]
             out[sel] = self._chunk(int(c))[rows[sel] - c * self.chunk_rows]
         return out
+
+    def read_rows_once(self, rows: np.ndarray) -> np.ndarray:
+        """Rows in the order asked, as stored (float16), each of their chunks fetched once and not
+        kept in the LRU: for a partition's query tokens (O(partition queries) memory)."""
+        rows = np.asarray(rows, np.int64)
+        out = np.empty((len(rows),) + tuple(self.array.shape[1:]), self.array.dtype)
+        chunk_of = rows // self.chunk_rows
+        order = np.argsort(chunk_of, kind="stable")
+        bounds = np.flatnonzero(np.r_[True, np.diff(chunk_of[order]) != 0, True])
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            sel = order[a:b]
+            c = int(chunk_of[sel[0]])
+            got = self._chunks.get(c)
+            if got is None:
+                lo, hi = c * self.chunk_rows, min(self.rows, (c + 1) * self.chunk_rows)
+                got = np.asarray(self.array[lo:hi])
+                self.fetched_bytes += got.nbytes
+                self.fetched_chunks += 1
+            out[sel] = got[rows[sel] - c * self.chunk_rows]
+        return out

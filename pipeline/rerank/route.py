@@ -1,0 +1,144 @@
+"""Routing: the top-K search of every query, and the score partitions cut by database row.
+
+Scoring reads each candidate's local tokens, and a city's candidates are neighbours in the
+database (rows are in extraction order, so one street is a run of rows). If a score partition
+held random queries, every partition would fetch most of the city's chunks again. So the job
+runs in two phases, with a barrier between them::
+
+    phase 1, search partition s (a run of query-store shards; partitions.py):
+        query parts ─► top-K from every index shard actor (merged exactly) ─► catalog rows
+        ─► route key = the global top-1 candidate's row (no candidate: after the last row)
+        ─► routes/search-SSSSS.parquet   sorted by key, small row groups (min/max stats)
+           routes/progress/search-SSSSS.json   after it: a sparse histogram of keys in BINS bins
+    barrier (driver): sum of the histograms (O(BINS)) ─► routes/bounds.json: score partitions as
+        runs of whole bins holding about ``partition_queries`` queries each (fixed once written)
+    phase 2, score partition p (score.py): the route rows with bin in [bounds[p], bounds[p+1]) of
+        every search part (row groups outside the range are skipped by their statistics)
+
+Real query sets have no positions; the top-1 candidate stands in for where a query is, so a
+score partition covers one stretch of database rows and the chunks of that stretch are fetched
+about once per job. A partition holds at least one bin; a bin holds the queries whose top-1 falls
+in ``rows / BINS`` consecutive rows (153 rows at 10^7 images), so only a hot spot denser than
+``partition_queries`` queries per bin makes a partition larger than asked.
+
+Memory: a search worker holds one search partition's queries and their K candidates; the driver
+holds one dense histogram of BINS int64 (512 KB) and the bounds (O(partitions)).
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .. import storage
+from .results import ResultsLayout
+
+BINS = 65536
+ROW_GROUP = 256
+
+ROUTE_SCHEMA = pa.schema([
+    ("query_id", pa.int64()),
+    ("query_path", pa.string()),
+    ("query_row", pa.int64()),
+    ("query_utm_east", pa.float64()),
+    ("query_utm_north", pa.float64()),
+    ("query_tag", pa.string()),
+    ("top1_row", pa.int64()),          # -1: no candidate
+    ("route_bin", pa.int32()),
+    ("candidate_id", pa.list_(pa.int64())),     # K ids in global rank order (-1: none)
+    ("global_score", pa.list_(pa.float32())),
+])
+
+
+def route_bin(top1_rows: np.ndarray, num_rows: int) -> np.ndarray:
+    """Bin of each query's route key; queries without a candidate go to the last bin."""
+    key = np.where(np.asarray(top1_rows) < 0, num_rows, top1_rows).astype(np.int64)
+    return np.minimum(key * BINS // (int(num_rows) + 1), BINS - 1).astype(np.int32)
+
+
+def write_route(results: str, s: int, table: pa.Table, marker: dict[str, Any]) -> None:
+    """Commit search partition ``s``: its route part (sorted by bin, then key), then its marker
+    with the sparse histogram of bins."""
+    lay = ResultsLayout(results)
+    fs, path = storage.filesystem(lay.route(s))
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    with fs.open(path, "wb") as f:
+        pq.write_table(table, f, row_group_size=ROW_GROUP)
+    bins, counts = np.unique(table.column("route_bin").to_numpy(), return_counts=True)
+    storage.write_json(lay.route_progress(s), {**marker, "search_partition": s, "queries": table.num_rows,
+                                               "bins": bins.tolist(), "counts": counts.tolist()})
+
+
+def searched_partitions(results: str) -> dict[int, dict[str, Any]]:
+    """Progress markers of the committed search partitions: ``{s: marker}``. O(partitions)."""
+    lay = ResultsLayout(results)
+    fs, path = storage.filesystem(lay.route_progress(0).rsplit("/", 1)[0])
+    if not fs.exists(path):
+        return {}
+    return {int(f.rsplit("search-", 1)[1].split(".")[0]): storage.read_json(storage.join(
+        lay.root, "routes", "progress", f.rsplit("/", 1)[1])) for f in sorted(fs.glob(path + "/search-*.json"))}
+
+
+def cut_bounds(histogram: np.ndarray, partition_queries: int) -> list[int]:
+    """Bin edges ``[0, e1, ..., BINS]``: ``ceil(queries / partition_queries)`` runs of whole bins
+    with about equal numbers of queries (each cut after the bin where the running count reaches
+    its share; a bin denser than a share makes fewer, larger partitions)."""
+    total = int(histogram.sum())
+    parts = max(1, -(-total // max(1, int(partition_queries))))
+    cum = np.cumsum(histogram)
+    edges = [0]
+    for i in range(1, parts):
+        e = int(np.searchsorted(cum, total * i / parts, side="left")) + 1
+        if edges[-1] < e < BINS:
+            edges.append(e)
+    edges.append(BINS)
+    return edges
+
+
+def write_bounds(results: str, markers: dict[int, dict[str, Any]], partition_queries: int) -> dict[str, Any]:
+    """The barrier: the score partitions of the whole job, from the search markers' histograms.
+    Written once; a rerun reads it back, so partitions (and their batches) never change."""
+    hist = np.zeros(BINS, np.int64)
+    for m in markers.values():
+        np.add.at(hist, np.asarray(m["bins"], np.int64), np.asarray(m["counts"], np.int64))
+    bounds = {"bins": BINS, "edges": cut_bounds(hist, partition_queries), "searched": sorted(markers),
+              "queries": int(hist.sum()), "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    bounds["partitions"] = len(bounds["edges"]) - 1
+    storage.write_json(ResultsLayout(results).bounds, bounds)
+    return bounds
+
+
+def read_bounds(results: str) -> dict[str, Any] | None:
+    url = ResultsLayout(results).bounds
+    return storage.read_json(url) if storage.exists(url) else None
+
+
+def read_route_rows(url: str, lo: int, hi: int) -> pa.Table:
+    """Rows of one route part with ``lo <= route_bin < hi``; row groups outside by their min/max
+    statistics are not read."""
+    fs, path = storage.filesystem(url)
+    with fs.open(path, "rb") as f:
+        pf = pq.ParquetFile(f)
+        col = pf.schema_arrow.get_field_index("route_bin")
+        keep = []
+        for g in range(pf.num_row_groups):
+            st = pf.metadata.row_group(g).column(col).statistics
+            if st is None or not st.has_min_max or (st.max >= lo and st.min < hi):
+                keep.append(g)
+        if not keep:
+            return ROUTE_SCHEMA.empty_table()
+        t = pf.read_row_groups(keep)
+    b = t.column("route_bin").to_numpy()
+    return t.filter(pa.array((b >= lo) & (b < hi)))
+
+
+def partition_routes(results: str, bounds: dict[str, Any], p: int) -> pa.Table:
+    """All route rows of score partition ``p``, in (search partition, key) order: deterministic."""
+    lay = ResultsLayout(results)
+    lo, hi = bounds["edges"][p], bounds["edges"][p + 1]
+    tables = [read_route_rows(lay.route(s), lo, hi) for s in bounds["searched"]]
+    tables = [t for t in tables if t.num_rows]
+    return pa.concat_tables(tables) if tables else ROUTE_SCHEMA.empty_table()
