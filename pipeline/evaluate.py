@@ -5,9 +5,21 @@ Queries with no database image within the radius at all (or with no position) ca
 answered right; they are reported and excluded from the recalls, as the VG benchmark does.
 Recall@N for N larger than the number of results K is computed over the K results.
 
+Every reranker of a run is scored from its own columns of the same candidates::
+
+    results parts (one at a time) ──► global_rank        ──► "global"
+                                  ──► rank_<n>, per n    ──► "rerankers": {n: recall@N}  ("reranked" = first n)
+                                  ──► query_tag groups   ──► "by_tag": {tag: global + rerankers}
+                                  ──► rerank_score_<n> within the global top-K ──► sweep rows (n, K)
+
+Results written before per-reranker columns have one reranker, in ``rank`` / ``rerank_score``.
+
 ``r2f evaluate`` scores a finished run folder (or a results file plus the database store), and
-``--sweep-candidates 20,50,100,200`` prints the paper's candidate-count study: the recalls when
-only the top-K global candidates are reranked, for each K.
+``--sweep-candidates 20,50,100,200`` prints the paper's candidate-count study (table 2): one block
+per reranker, the recalls when only the top-K global candidates are reranked, for each K, and the
+rerank milliseconds per query. Those come from one run at the largest K (the manifest's
+``rerank_seconds[n] / num_queries``) and are scaled by K / K_run for a smaller K, since scoring
+costs the same per pair whatever K is.
 """
 from __future__ import annotations
 
@@ -15,7 +27,7 @@ import argparse
 import json
 import sys
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -103,39 +115,92 @@ def has_positive(query_xy: np.ndarray, db_xy: np.ndarray, radius: float) -> np.n
 
 
 # ---------------------------------------------------------------- results tables
-def ranked_lists(results: pa.Table, order: str = "rank", max_candidates: int | None = None):
-    """Per query: ``(query_ids (Q,), query_xy (Q, 2), candidate_xy (Q, K, 2))`` with the candidates in
-    ``order`` ("rank": after reranking, "global_rank": before). ``max_candidates`` keeps only
-    candidates whose global rank is within it, reordered by rerank score (the candidate sweep)."""
-    import pandas as pd
+_POSITION_COLUMNS = ["query_utm_east", "query_utm_north", "candidate_utm_east", "candidate_utm_north"]
 
-    cols = ["query_id", "rank", "global_rank", "rerank_score", "query_utm_east", "query_utm_north",
-            "candidate_utm_east", "candidate_utm_north"]
-    missing = [c for c in cols if c not in results.column_names]
-    if missing:
-        raise ValueError(f"results table lacks column(s) {missing}")
-    df = results.select(cols).to_pandas()
-    for c in cols[4:]:
-        df[c] = pd.to_numeric(df[c], errors="coerce").astype(float)
-    df["candidate_utm_north"] = np.where(df["candidate_utm_north"].isna() & df["candidate_utm_east"].notna(), 0.0,
-                                         df["candidate_utm_north"])
-    df["query_utm_north"] = np.where(df["query_utm_north"].isna() & df["query_utm_east"].notna(), 0.0,
-                                     df["query_utm_north"])
-    if max_candidates is not None:
-        df = df[df["global_rank"] <= max_candidates]
-        df = df.sort_values(["query_id", "rerank_score", "global_rank"], ascending=[True, False, True], kind="stable")
-    else:
-        df = df.sort_values(["query_id", order], kind="stable")
-    query_ids = df["query_id"].drop_duplicates().to_numpy()
-    pos_in_query = df.groupby("query_id", sort=False).cumcount().to_numpy()
-    qidx = pd.Index(query_ids).get_indexer(df["query_id"].to_numpy())
-    k = int(pos_in_query.max()) + 1 if len(df) else 0
-    cand = np.full((len(query_ids), k, 2), np.nan)
-    cand[qidx, pos_in_query, 0] = df["candidate_utm_east"].to_numpy()
-    cand[qidx, pos_in_query, 1] = df["candidate_utm_north"].to_numpy()
-    first = df.groupby("query_id", sort=False).first()
-    query_xy = first.loc[query_ids, ["query_utm_east", "query_utm_north"]].to_numpy(dtype=float)
-    return query_ids, query_xy, cand
+
+def reranker_columns(rerankers: Sequence[str], columns: Sequence[str]) -> dict[str, tuple[str, str]]:
+    """``{reranker: (rank column, score column)}`` of a results part: ``rank_<n>`` /
+    ``rerank_score_<n>``, or ``rank`` / ``rerank_score`` for the one reranker of results written
+    before per-reranker columns (pipeline.rerank.results)."""
+    try:
+        from .rerank.results import rank_column, score_column
+    except ImportError:  # a checkout whose results module predates several rerankers
+        def rank_column(name, names, cols):
+            if f"rank_{name}" in cols:
+                return f"rank_{name}"
+            if names and name == names[0]:
+                return "rank"
+            raise KeyError(f"no ranks of reranker {name!r} in these results (columns {list(cols)})")
+
+        def score_column(name, names, cols):
+            return rank_column(name, names, cols).replace("rank", "rerank_score", 1)
+    cols = list(columns)
+    return {n: (rank_column(n, list(rerankers), cols), score_column(n, list(rerankers), cols)) for n in rerankers}
+
+
+def rerankers_in(columns: Sequence[str]) -> list[str]:
+    """The rerankers a part's columns name (``rank_<n>``, in column order); ``["reranked"]`` for
+    results of one unnamed reranker (only ``rank``)."""
+    names = [c[len("rank_"):] for c in columns if c.startswith("rank_")]
+    return names or ["reranked"]
+
+
+class QueryLists:
+    """One results part as per-query ranked lists: converted once, then ordered by the global
+    rank, by each reranker's rank, or re-sorted by a reranker's score within the global top-K
+    (the candidate sweep). Memory: the part's rows (O(queries x K))."""
+
+    def __init__(self, part: pa.Table, extra: Sequence[str] = ()):
+        import pandas as pd
+
+        cols = ["query_id", "global_rank", *_POSITION_COLUMNS]
+        want = list(dict.fromkeys(cols + [c for c in extra if c in part.column_names]))
+        missing = [c for c in cols + list(extra) if c not in part.column_names and c != "query_tag"]
+        if missing:
+            raise ValueError(f"results table lacks column(s) {missing}")
+        df = part.select(want).to_pandas()
+        for c in _POSITION_COLUMNS:
+            df[c] = pd.to_numeric(df[c], errors="coerce").astype(float)
+        for kind in ("candidate", "query"):  # a missing north (frame index only) counts as 0
+            east, north = f"{kind}_utm_east", f"{kind}_utm_north"
+            df[north] = np.where(df[north].isna() & df[east].notna(), 0.0, df[north])
+        self.df = df
+        first = df.sort_values("query_id", kind="stable").groupby("query_id", sort=True).first()
+        self.query_ids = first.index.to_numpy()
+        self.query_xy = first[["query_utm_east", "query_utm_north"]].to_numpy(dtype=float)
+        tags = first["query_tag"].tolist() if "query_tag" in first.columns else [None] * len(first)
+        self.tags = np.array([None if t is None or pd.isna(t) else str(t) for t in tags], dtype=object)
+        self._qindex = pd.Index(self.query_ids)
+
+    def _candidates(self, df) -> np.ndarray:
+        pos_in_query = df.groupby("query_id", sort=False).cumcount().to_numpy()
+        qidx = self._qindex.get_indexer(df["query_id"].to_numpy())
+        k = int(pos_in_query.max()) + 1 if len(df) else 0
+        cand = np.full((len(self.query_ids), k, 2), np.nan)
+        cand[qidx, pos_in_query, 0] = df["candidate_utm_east"].to_numpy()
+        cand[qidx, pos_in_query, 1] = df["candidate_utm_north"].to_numpy()
+        return cand
+
+    def ordered_by(self, rank: str) -> np.ndarray:
+        """(Q, K, 2) candidate positions in the order of column ``rank`` (1-based)."""
+        return self._candidates(self.df.sort_values(["query_id", rank], kind="stable"))
+
+    def reranked_within(self, k: int, score: str) -> np.ndarray:
+        """(Q, k, 2) candidate positions when only the global top-``k`` are reranked by ``score``
+        (higher first, ties in global order, as the rerank job orders them)."""
+        df = self.df[self.df["global_rank"] <= k]
+        return self._candidates(df.sort_values(["query_id", score, "global_rank"], ascending=[True, False, True],
+                                               kind="stable"))
+
+
+def ranked_lists(results: pa.Table, order: str = "rank", max_candidates: int | None = None,
+                 score: str = "rerank_score"):
+    """Per query: ``(query_ids (Q,), query_xy (Q, 2), candidate_xy (Q, K, 2))`` with the candidates in
+    ``order`` ("rank": after reranking, "global_rank": before, "rank_<n>": reranker n). ``max_candidates``
+    keeps only candidates whose global rank is within it, reordered by ``score`` (the candidate sweep)."""
+    lists = QueryLists(results, [order, score] if max_candidates is not None else [order])
+    cand = lists.ordered_by(order) if max_candidates is None else lists.reranked_within(max_candidates, score)
+    return lists.query_ids, lists.query_xy, cand
 
 
 def correct_matrix(query_xy: np.ndarray, candidate_xy: np.ndarray, radius: float) -> np.ndarray:
@@ -167,61 +232,112 @@ class RecallCounter:
                 for n, h in zip(self.ns, self.hits)}
 
 
+class _Counters:
+    """Global and per-reranker recall counters of one group of queries (all, or one tag)."""
+
+    def __init__(self, rerankers: Sequence[str], ns: Sequence[int]):
+        self.glob = RecallCounter(ns)
+        self.rerankers = {n: RecallCounter(ns) for n in rerankers}
+        self.num_queries = 0
+        self.without = 0
+
+    def add(self, correct_global, correct_by: dict[str, np.ndarray], pos, keep=None) -> None:
+        keep = np.ones(len(pos), bool) if keep is None else keep
+        self.num_queries += int(keep.sum())
+        self.without += int((keep & ~pos).sum())
+        self.glob.add(correct_global[keep], pos[keep])
+        for n, c in correct_by.items():
+            self.rerankers[n].add(c[keep], pos[keep])
+
+
 def evaluate_parts(parts: Iterable[pa.Table], db_positions: np.ndarray, radius: float,
                    ns: Sequence[int] = RECALL_NS, sweep: Sequence[int] = (),
-                   sweep_ns: Sequence[int] = (1, 5, 10)) -> tuple[dict, list[dict] | None]:
+                   sweep_ns: Sequence[int] = (1, 5, 10),
+                   rerankers: Sequence[str] | None = None) -> tuple[dict, list[dict] | None]:
     """Metrics (and the candidate sweep) of a result set read part by part. Each part holds whole
-    queries (pipeline.rerank.results). Memory: one part plus the database positions' index."""
+    queries (pipeline.rerank.results). Memory: one part plus the database positions' index.
+
+    ``rerankers`` (first = the run's "reranked"; default: the ``rank_<n>`` columns of the first
+    part, or the one unnamed reranker of older results) are each scored from their own rank
+    column. Metrics::
+
+        {"global": {recall@N}, "reranked": {recall@N} (first reranker), "rerankers": {name: {recall@N}},
+         "by_tag": {tag: {"global", "rerankers", "num_queries", "num_queries_without_positive"}}
+                   (only when some part's ``query_tag`` is not null; untagged queries are in no group),
+         "num_queries", "num_queries_without_positive", "queries_without_positive": [ids]}
+
+    Sweep rows, reranker by reranker then K: ``{"reranker", "candidates", "reranked_from" (K, or the
+    run's K when smaller), "run_candidates", recall@N...}``."""
     if radius <= 0:
         raise ValueError(f"positive radius must be > 0, got {radius}")
     for k in sweep:
         if k < 1:
             raise ValueError(f"candidate counts must be >= 1, got {k}")
     index = PositiveIndex(db_positions)
-    glob, rer = RecallCounter(ns), RecallCounter(ns)
-    sweeps = [RecallCounter(sweep_ns) for _ in sweep]
+    names = list(rerankers) if rerankers else None
+    total: _Counters | None = None
+    by_tag: dict[str, _Counters] = {}
+    sweeps: dict[str, list[RecallCounter]] = {}
     have = 0
-    num_queries, without = 0, []
+    without: list[int] = []
     for part in parts:
         if part.num_rows == 0:
             continue
-        qids, qxy, cand_global = ranked_lists(part, "global_rank")
-        _, _, cand_reranked = ranked_lists(part, "rank")
+        if names is None:
+            names = rerankers_in(part.column_names)
+        if total is None:
+            total = _Counters(names, ns)
+            sweeps = {n: [RecallCounter(sweep_ns) for _ in sweep] for n in names}
+        columns = reranker_columns(names, part.column_names)
+        lists = QueryLists(part, [c for pair in columns.values() for c in pair] + ["query_tag"])
+        qxy = lists.query_xy
         pos = index.has_positive(qxy, radius)
-        num_queries += len(qids)
-        without.extend(int(q) for q, p in zip(qids, pos) if not p)
-        glob.add(correct_matrix(qxy, cand_global, radius), pos)
-        rer.add(correct_matrix(qxy, cand_reranked, radius), pos)
+        without.extend(int(q) for q, p in zip(lists.query_ids, pos) if not p)
+        correct_global = correct_matrix(qxy, lists.ordered_by("global_rank"), radius)
+        correct_by = {n: correct_matrix(qxy, lists.ordered_by(rank), radius) for n, (rank, _) in columns.items()}
+        total.add(correct_global, correct_by, pos)
+        for tag in sorted({t for t in lists.tags if t is not None}):
+            group = by_tag.setdefault(tag, _Counters(names, ns))
+            group.add(correct_global, correct_by, pos, keep=lists.tags == tag)
         have = max(have, int(pc.max(part.column("global_rank")).as_py() or 0))
-        for k, counter in zip(sweep, sweeps):
-            q2, qxy2, cand = ranked_lists(part, max_candidates=k)
-            assert np.array_equal(q2, qids)
-            counter.add(correct_matrix(qxy2, cand, radius), pos)
+        for n, (_, score) in columns.items():
+            for k, counter in zip(sweep, sweeps[n]):
+                counter.add(correct_matrix(qxy, lists.reranked_within(k, score), radius), pos)
+    names = names or ["reranked"]
+    total = total or _Counters(names, ns)
+    num_queries = total.num_queries
     if without:
         log.info("%d of %d queries have no database image within %g; excluded from the recalls",
                  len(without), num_queries, radius)
-    metrics = {"global": glob.recalls(), "reranked": rer.recalls(), "num_queries": int(num_queries),
-               "num_queries_without_positive": len(without), "queries_without_positive": without}
+    per_reranker = {n: c.recalls() for n, c in total.rerankers.items()}
+    metrics: dict = {"global": total.glob.recalls(), "reranked": per_reranker[names[0]], "rerankers": per_reranker}
+    if by_tag:
+        metrics["by_tag"] = {tag: {"global": g.glob.recalls(), "rerankers": {n: c.recalls() for n, c in g.rerankers.items()},
+                                   "num_queries": g.num_queries, "num_queries_without_positive": g.without}
+                             for tag, g in sorted(by_tag.items())}
+    metrics.update({"num_queries": int(num_queries), "num_queries_without_positive": len(without),
+                    "queries_without_positive": without})
     rows = None
     if sweep:
-        rows = [{"candidates": int(k), "reranked_from": int(min(k, have)), **c.recalls()}
-                for k, c in zip(sweep, sweeps)]
+        rows = [{"reranker": n, "candidates": int(k), "reranked_from": int(min(k, have)), "run_candidates": have,
+                 **c.recalls()}
+                for n in names for k, c in zip(sweep, sweeps.get(n) or [RecallCounter(sweep_ns) for _ in sweep])]
     return metrics, rows
 
 
 def evaluate_results(results: pa.Table, db_positions: np.ndarray, radius: float,
-                     ns: Sequence[int] = RECALL_NS, all_query_ids: Sequence[int] | None = None) -> dict:
-    """``{"global": {recall@N}, "reranked": {recall@N}, "num_queries", "num_queries_without_positive",
-    "queries_without_positive": [ids]}`` for a results table (see pipeline.rerank)."""
-    return evaluate_parts([results], db_positions, radius, ns)[0]
+                     ns: Sequence[int] = RECALL_NS, all_query_ids: Sequence[int] | None = None,
+                     rerankers: Sequence[str] | None = None) -> dict:
+    """The metrics of ``evaluate_parts`` for one results table (see pipeline.rerank)."""
+    return evaluate_parts([results], db_positions, radius, ns, rerankers=rerankers)[0]
 
 
 def candidate_sweep(results: pa.Table, db_positions: np.ndarray, radius: float, candidates: Sequence[int],
-                    ns: Sequence[int] = (1, 5, 10)) -> list[dict]:
-    """The paper's candidate-count study: recalls when only the top-K global candidates are
-    reranked. Pair scores do not depend on the other candidates, so every K <= the run's K is
-    read from one run's scores."""
-    return evaluate_parts([results], db_positions, radius, RECALL_NS, candidates, ns)[1]
+                    ns: Sequence[int] = (1, 5, 10), rerankers: Sequence[str] | None = None) -> list[dict]:
+    """The paper's candidate-count study (table 2): per reranker, the recalls when only the top-K
+    global candidates are reranked. Pair scores do not depend on the other candidates, so every
+    K <= the run's K is read from one run's scores."""
+    return evaluate_parts([results], db_positions, radius, RECALL_NS, candidates, ns, rerankers)[1]
 
 
 # ---------------------------------------------------------------- stage API
@@ -239,6 +355,8 @@ class EvaluateConfig:
 class EvaluateResult:
     metrics: dict
     sweep: list[dict] | None = None
+    # {reranker: ms per query spent scoring pairs, measured at the run's K}; None when not recorded
+    rerank_ms: dict[str, float] | None = None
 
 
 def run_results(out: str) -> str:
@@ -279,6 +397,50 @@ def results_state(results_url: str) -> tuple[dict | None, str | None]:
     return state, meta.get("database_store") or (state or {}).get("store")
 
 
+def results_rerankers(results_url: str) -> list[str]:
+    """The rerankers recorded with the results, first one first ([] when none is recorded)."""
+    try:
+        from .rerank.results import rerankers_of
+    except ImportError:  # a checkout whose results module predates several rerankers
+        from .rerank.results import results_metadata
+
+        def rerankers_of(url):
+            meta = results_metadata(url)
+            names = meta.get("rerankers") or (meta.get("plan") or {}).get("rerankers")
+            return list(names) if names else ([meta["reranker"]] if meta.get("reranker") else [])
+    return list(rerankers_of(results_url))
+
+
+def _part_columns(results_url: str) -> list[str]:
+    """Column names of the result set's parts (every part of a run has the same), [] without parts."""
+    import pyarrow.parquet as pq
+
+    from .rerank.results import part_urls
+    urls = part_urls(results_url)
+    if not urls:
+        return []
+    fs, path = storage.filesystem(urls[0])
+    with fs.open(path, "rb") as f:
+        return list(pq.read_schema(f).names)
+
+
+def rerank_ms_per_query(results_url: str, num_queries: int, rerankers: Sequence[str],
+                        out: str | None = None) -> dict[str, float] | None:
+    """``{reranker: ms per query}`` spent scoring pairs at the run's K: the manifest's
+    ``rerank_seconds[name] / num_queries``; for runs made before it, the whole rerank stage's
+    seconds of ``OUT/metrics.json``, counted to the one reranker."""
+    from .rerank.results import results_metadata
+    meta = results_metadata(results_url)
+    n = meta.get("num_queries") or num_queries
+    secs = meta.get("rerank_seconds")
+    if not secs and out and storage.exists(storage.join(out, "metrics.json")) and rerankers:
+        stage = (storage.read_json(storage.join(out, "metrics.json")).get("stage_seconds") or {}).get("rerank")
+        secs = {rerankers[0]: stage} if stage else None
+    if not secs or not n:
+        return None
+    return {name: 1000.0 * float(v) / n for name, v in secs.items() if v is not None}
+
+
 def run(config: EvaluateConfig) -> EvaluateResult:
     from .rerank.results import iter_parts
 
@@ -288,27 +450,54 @@ def run(config: EvaluateConfig) -> EvaluateResult:
     if not db_store:
         raise ValueError(f"{results_url} records no database store: pass --database-store")
     db_xy = database_positions(db_store, state)
-    cols = ["query_id", "rank", "global_rank", "rerank_score", "query_utm_east", "query_utm_north",
-            "candidate_utm_east", "candidate_utm_north"]
-    metrics, sweep = evaluate_parts(iter_parts(results_url, cols), db_xy, config.positive_radius,
-                                    config.recall_ns, config.sweep_candidates)
-    return EvaluateResult(metrics, sweep)
+    available = _part_columns(results_url)
+    names = results_rerankers(results_url) or rerankers_in(available)
+    cols = ["query_id", "global_rank", *_POSITION_COLUMNS]
+    cols += [c for pair in reranker_columns(names, available).values() for c in pair]
+    cols += ["query_tag"] if "query_tag" in available else []
+    metrics, sweep = evaluate_parts(iter_parts(results_url, list(dict.fromkeys(cols))), db_xy,
+                                    config.positive_radius, config.recall_ns, config.sweep_candidates,
+                                    rerankers=names)
+    ms = rerank_ms_per_query(results_url, metrics["num_queries"], names, config.out) if sweep else None
+    return EvaluateResult(metrics, sweep, ms)
 
 
-def format_sweep(rows: list[dict], seconds_per_pair: float | None = None) -> str:
-    """The candidate-count table as text (recalls in percent)."""
-    ns = [k for k in rows[0] if k.startswith("recall@")] if rows else []
-    head = ["top-K reranked"] + [n.replace("recall", "R") for n in ns] + (["rerank ms/query"] if seconds_per_pair else [])
-    lines = ["  ".join(f"{h:>14}" for h in head)]
+def format_sweep(rows: list[dict], rerank_ms: Mapping[str, float] | None = None) -> str:
+    """Table 2's layout as text: one block per reranker, one row per candidate count K, R@N in
+    percent, and with ``rerank_ms`` ({reranker: ms per query measured at the run's K}) the
+    rerank ms per query at each K, estimated as ``rerank_ms * min(K, run K) / run K``: a pair
+    costs the same whatever K is, so a smaller K costs its share of the measured pairs."""
+    blocks: dict[str, list[dict]] = {}
     for r in rows:
-        k = r["candidates"] if r["reranked_from"] == r["candidates"] else f"{r['candidates']}({r['reranked_from']})"
-        cells = [str(k)] + ["-" if r[n] is None else f"{100 * r[n]:.1f}" for n in ns]
-        if seconds_per_pair:
-            cells.append(f"{1000 * seconds_per_pair * r['reranked_from']:.1f}")
-        lines.append("  ".join(f"{c:>14}" for c in cells))
+        blocks.setdefault(r.get("reranker", "reranked"), []).append(r)
+    lines: list[str] = []
+    scaled = False
+    for name, group in blocks.items():
+        ns = [k for k in group[0] if k.startswith("recall@")]
+        run_k = max(int(r.get("run_candidates") or r["reranked_from"]) for r in group)
+        ms = (rerank_ms or {}).get(name)
+        head = ["top-K reranked"] + [n.replace("recall", "R") for n in ns] + (["rerank ms/query"] if ms else [])
+        lines.append(f"reranker {name}")
+        lines.append("  ".join(f"{h:>14}" for h in head))
+        for r in group:
+            k = r["candidates"] if r["reranked_from"] == r["candidates"] else f"{r['candidates']}({r['reranked_from']})"
+            cells = [str(k)] + ["-" if r[n] is None else f"{100 * r[n]:.1f}" for n in ns]
+            if ms:
+                cells.append(f"{ms * r['reranked_from'] / run_k:.1f}" if run_k else "-")
+                scaled = scaled or r["reranked_from"] < run_k
+            lines.append("  ".join(f"{c:>14}" for c in cells))
     if any(r["reranked_from"] < r["candidates"] for r in rows):
         lines.append("K(n): the run retrieved only n candidates per query; rerun with --candidates K for the rest")
+    if rerank_ms and any(n in rerank_ms for n in blocks):
+        run_k = max(int(r.get("run_candidates") or r["reranked_from"]) for r in rows)
+        lines.append(f"rerank ms/query: that reranker's pair-scoring seconds / queries of one run at K = {run_k}"
+                     + (f"; smaller K scaled by K/{run_k} (the cost is per pair)" if scaled else ""))
     return "\n".join(lines)
+
+
+def _reranker_list(text: str) -> str:
+    from .run import reranker_list
+    return reranker_list(text)
 
 
 def _int_list(text: str) -> list[int]:
@@ -329,7 +518,8 @@ def register_cli(subparsers) -> None:
     p.add_argument("--queries")
     p.add_argument("--backbone", default="r2former")
     p.add_argument("--checkpoint")
-    p.add_argument("--reranker", default="auto")
+    p.add_argument("--reranker", default="auto", type=_reranker_list,
+                   help="with --database: rerankers of the run, comma-separated (see `r2f run`)")
     add_image_size_argument(p)
     p.add_argument("--positive-radius", type=float, default=25.0)
     p.add_argument("--sweep-candidates", type=_int_list, default=[], metavar="K1,K2,...")
@@ -337,6 +527,11 @@ def register_cli(subparsers) -> None:
     p.set_defaults(func=_cli)
     from .benchmarks import register_cli as register_benchmarks
     register_benchmarks(subparsers)
+
+
+def _recall_line(label: str, recalls: dict) -> str:
+    return f"{label:>9}: " + "  ".join(f"{k.replace('recall', 'R')}={'-' if v is None else f'{100 * v:.1f}'}"
+                                       for k, v in recalls.items())
 
 
 def _cli(args) -> int:
@@ -354,21 +549,20 @@ def _cli(args) -> int:
                          positive_radius=args.positive_radius, sweep_candidates=args.sweep_candidates)
     res = run(cfg)
     if args.json:
-        print(json.dumps({"metrics": res.metrics, "sweep": res.sweep}, indent=2))
+        print(json.dumps({"metrics": res.metrics, "sweep": res.sweep, "rerank_ms_per_query": res.rerank_ms},
+                         indent=2))
         return 0
     m = res.metrics
     print(f"queries: {m['num_queries']} ({m['num_queries_without_positive']} without a positive, excluded)")
-    for kind in ("global", "reranked"):
-        print(f"{kind:>9}: " + "  ".join(f"{k.replace('recall', 'R')}={'-' if v is None else f'{100 * v:.1f}'}"
-                                         for k, v in m[kind].items()))
+    print(_recall_line("global", m["global"]))
+    for name, recalls in m["rerankers"].items():
+        print(_recall_line(name, recalls))
+    for tag, group in (m.get("by_tag") or {}).items():
+        print(f"tag {tag}: {group['num_queries']} queries ({group['num_queries_without_positive']} without a positive)")
+        print(_recall_line("global", group["global"]))
+        for name, recalls in group["rerankers"].items():
+            print(_recall_line(name, recalls))
     if res.sweep:
-        spp = None
-        if cfg.out and storage.exists(storage.join(cfg.out, "metrics.json")):
-            saved = storage.read_json(storage.join(cfg.out, "metrics.json"))
-            pairs = saved.get("settings", {}).get("num_pairs")
-            secs = saved.get("stage_seconds", {}).get("rerank")
-            if pairs and secs:
-                spp = secs / pairs
-        print(format_sweep(res.sweep, spp))
+        print(format_sweep(res.sweep, res.rerank_ms))
     sys.stdout.flush()
     return 0

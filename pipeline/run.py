@@ -2,14 +2,19 @@
 
     extract database -> index -> extract queries -> retrieve + rerank -> evaluate -> report
 
+``--reranker ransac,r2former`` (any comma list of ``RERANKERS``; the global order is always
+there): one query extraction, one index, one top-K search, then each reranker over the same
+candidates; metrics.json has every reranker's recalls.
+
 ``OUT`` receives::
 
     database_store/  query_store/   extraction stores (pipeline.storage layout)
     index/           FAISS index with infos.json (pipeline.index)
     results/         one row per (query, candidate), in parts (pipeline.rerank.results)
     errors.parquet   every bad input: path, stage, reason (empty when none)
-    metrics.json     {"global": {recall@N}, "reranked": {...}, "num_queries", "num_queries_without_positive",
-                      "settings", "stage_seconds"}
+    metrics.json     {"global": {recall@N}, "reranked": {...} (the first reranker), "rerankers": {name: {...}},
+                      ["by_tag": {tag: {...}} when queries carry tags,] "num_queries",
+                      "num_queries_without_positive", "settings", "stage_seconds"}
     report.html      + report_assets/
     run.json         what the stores were built with
 
@@ -90,7 +95,7 @@ def run(cfg: RunConfig) -> RunOutput:
     from . import evaluate, index, report
     from .model import build_model
     from .extract import extract_into
-    from .rerank import RerankConfig, resolve_reranker
+    from .rerank import RerankConfig
     from .rerank import run as rerank_run
 
     for name in ("database", "queries", "out"):
@@ -102,10 +107,14 @@ def run(cfg: RunConfig) -> RunOutput:
         raise ValueError(f"--positive-radius must be > 0, got {cfg.positive_radius}")
     if cfg.candidates < 1:
         raise ValueError(f"--candidates must be >= 1, got {cfg.candidates}")
+    try:  # a config file's value is checked as the option's is
+        reranker_list(cfg.reranker)
+    except argparse.ArgumentTypeError as exc:
+        raise ValueError(str(exc)) from None
     t_all = time.perf_counter()
     # Fails fast (before any extraction) on a backbone without weights, naming the options.
     model = build_model(cfg.backbone, cfg.checkpoint)
-    reranker = resolve_reranker(cfg.reranker, cfg.backbone, cfg.checkpoint, model=model)
+    rerankers = _resolve_rerankers(cfg.reranker, cfg.backbone, cfg.checkpoint, model)
     del model
     _prepare_out(cfg)
     seconds: dict[str, float] = {}
@@ -124,7 +133,8 @@ def run(cfg: RunConfig) -> RunOutput:
     rr = rerank_run(RerankConfig(query_store=q_store, database_store=db_store, index_dir=index_dir,
                                  results=_fresh_results(cfg.out), queries=cfg.queries,
                                  backbone=cfg.backbone, checkpoint=cfg.checkpoint, image_size=list(cfg.image_size),
-                                 reranker=reranker, candidates=cfg.candidates, batch_pairs=cfg.batch_pairs,
+                                 reranker=",".join(rerankers), candidates=cfg.candidates,
+                                 batch_pairs=cfg.batch_pairs,
                                  extract=dict(cfg.extract)))
     seconds.update(rr.stage_seconds)
 
@@ -141,14 +151,18 @@ def run(cfg: RunConfig) -> RunOutput:
 
     settings = {
         "database": cfg.database, "queries": cfg.queries, "backbone": cfg.backbone, "checkpoint": cfg.checkpoint,
-        "reranker": cfg.reranker, "reranker_used": rr.reranker, "candidates": cfg.candidates,
+        "reranker": cfg.reranker, "reranker_used": rr.reranker,
+        "rerankers_used": list(getattr(rr, "rerankers", None) or [rr.reranker]),
+        "rerank_seconds": {k: round(v, 3) for k, v in (getattr(rr, "rerank_seconds", None) or {}).items()},
+        "candidates": cfg.candidates,
         "candidates_used": rr.candidates, "positive_radius": cfg.positive_radius,
         "image_size": list(cfg.image_size), "num_database_images": _num_images(db_store), "num_pairs": rr.num_pairs,
         "num_errors": int(errors.num_rows), "pairs_per_second": round(rr.pairs_per_second, 2),
     }
-    metrics = {"global": m["global"], "reranked": m["reranked"], "num_queries": m["num_queries"],
-               "num_queries_without_positive": m["num_queries_without_positive"], "settings": settings,
-               "stage_seconds": {k: round(v, 3) for k, v in seconds.items()}}
+    metrics = {"global": m["global"], "reranked": m["reranked"], "rerankers": m["rerankers"],
+               **({"by_tag": m["by_tag"]} if m.get("by_tag") else {}),
+               "num_queries": m["num_queries"], "num_queries_without_positive": m["num_queries_without_positive"],
+               "settings": settings, "stage_seconds": {k: round(v, 3) for k, v in seconds.items()}}
     metrics_url = storage.join(cfg.out, "metrics.json")
     write_metrics(metrics_url, metrics)
 
@@ -160,9 +174,40 @@ def run(cfg: RunConfig) -> RunOutput:
     seconds["total"] = time.perf_counter() - t_all
     metrics["stage_seconds"] = {k: round(v, 3) for k, v in seconds.items()}
     write_metrics(metrics_url, metrics)
-    log.info("run finished in %.1f s: global R@1 %s, reranked (%s) R@1 %s -> %s", seconds["total"],
-             _pct(m["global"]["recall@1"]), rr.reranker, _pct(m["reranked"]["recall@1"]), cfg.out)
+    log.info("run finished in %.1f s: global R@1 %s, %s -> %s", seconds["total"], _pct(m["global"].get("recall@1")),
+             ", ".join(f"{name} R@1 {_pct(r.get('recall@1'))}" for name, r in m["rerankers"].items()), cfg.out)
     return RunOutput(out=cfg.out, metrics=metrics, report=report_url, num_errors=int(errors.num_rows))
+
+
+def reranker_list(text: str) -> str:
+    """``--reranker`` value: a comma list of ``pipeline.rerank.RERANKERS`` names, returned joined
+    without spaces; an unknown or empty item is an error naming the choices."""
+    from .rerank import RERANKERS
+
+    items = [x.strip() for x in str(text).split(",")]
+    bad = [x for x in items if x not in RERANKERS]
+    if not items or bad:
+        raise argparse.ArgumentTypeError(f"unknown reranker(s) {bad or [text]} in {text!r}; "
+                                         f"give a comma list of {', '.join(RERANKERS)}")
+    return ",".join(items)
+
+
+def _resolve_rerankers(spec: str, backbone: str, checkpoint: str | None, model) -> list[str]:
+    """The run's rerankers in order (``auto`` resolved); a listed ``r2former`` without trained
+    reranker weights stops the run here, before any extraction, naming the checkpoint."""
+    from . import rerank
+
+    if hasattr(rerank, "resolve_rerankers"):
+        names = list(rerank.resolve_rerankers(spec, backbone, checkpoint, model=model))
+    else:  # a rerank stage of one reranker: resolve each name the way it resolves one
+        names = list(dict.fromkeys(rerank.resolve_reranker(x, backbone, checkpoint, model=model)
+                                   for x in spec.split(",")))
+    # (auto only resolves to r2former when the weights have a trained reranker)
+    if "r2former" in names and not getattr(model, "has_trained_reranker", False):
+        raise ValueError(f"--reranker lists r2former, but the weights of {backbone} from "
+                         f"{checkpoint or '(no --checkpoint)'} include no trained reranker; "
+                         "train one (r2f train) or drop r2former from --reranker")
+    return names
 
 
 def _fresh_results(out: str) -> str:
@@ -204,7 +249,9 @@ def register_cli(subparsers) -> None:
     p.add_argument("--out", help="output folder")
     p.add_argument("--backbone", choices=("r2former", "efficientnet-lite0"))
     p.add_argument("--checkpoint", help="R2Former weights (official release or `r2f train` layout)")
-    p.add_argument("--reranker", choices=("auto", "r2former", "ransac", "none"))
+    p.add_argument("--reranker", type=reranker_list, metavar="NAME[,NAME...]",
+                   help="rerankers over the same candidates, comma-separated: auto, r2former, ransac, none "
+                        "(default auto); the first is 'reranked'")
     p.add_argument("--candidates", type=int, help="top-K global candidates reranked per query (default 100)")
     p.add_argument("--positive-radius", type=float, help="in the units of the position columns (default 25)")
     add_image_size_argument(p)
@@ -219,7 +266,7 @@ def _cli(args: argparse.Namespace) -> int:
     res = run(cfg)
     m = res.metrics
     print(f"{m['num_queries']} queries ({m['num_queries_without_positive']} without a positive)")
-    for kind in ("global", "reranked"):
-        print(f"{kind:>9}: " + "  ".join(f"{k.replace('recall', 'R')}={_pct(v)}" for k, v in m[kind].items()))
+    for kind, recalls in (("global", m["global"]), *m["rerankers"].items()):
+        print(f"{kind:>9}: " + "  ".join(f"{k.replace('recall', 'R')}={_pct(v)}" for k, v in recalls.items()))
     print(f"report: {res.report}")
     return 0

@@ -52,3 +52,26 @@ def test_one_image_size_form_for_every_subcommand(capsys):
         with pytest.raises(SystemExit):
             sp.parse_known_args(["--image-size", "272"])
     assert "height and a width" in capsys.readouterr().err
+
+
+def test_run_takes_a_list_of_rerankers_and_checks_each(tmp_path, capsys):
+    """`r2f run --reranker ransac,r2former`: a comma list of known names (no fixed choices); a
+    listed r2former without trained reranker weights stops the run before it touches OUT."""
+    from pipeline.run import RunConfig, run
+
+    parser = build_parser()
+    args = parser.parse_args(["run", "--reranker", "ransac, r2former", "--database", "d", "--queries", "q"])
+    assert args.reranker == "ransac,r2former"
+    for bad in ("ransac,magsac", "ransac,,none"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["run", "--reranker", bad])
+        assert "give a comma list of auto, r2former, ransac, none" in capsys.readouterr().err
+    args = parser.parse_args(["evaluate", "--out", "o", "--reranker", "none,ransac"])
+    assert args.reranker == "none,ransac"
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match="include no trained reranker"):
+        run(RunConfig(database="sequence:db", queries="sequence:q", out=str(out), backbone="efficientnet-lite0",
+                      reranker="ransac,r2former"))
+    with pytest.raises(ValueError, match="unknown reranker"):
+        run(RunConfig(database="sequence:db", queries="sequence:q", out=str(out), reranker="ransac,magsac"))
+    assert not out.exists()
