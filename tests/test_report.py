@@ -1,4 +1,5 @@
-"""report.html opened in headless Chromium: not blank, every image loaded, table == metrics.json."""
+"""report.html opened in headless Chromium: not blank, every image loaded, table == metrics.json;
+one row per method per sampled query, grouped by tag; the learned reranker's ``explain``."""
 from __future__ import annotations
 
 import json
@@ -60,13 +61,40 @@ def check_report_in_chromium(report: Path, metrics: dict) -> dict:
     total = int(re.search(r'data-images-total="(\d+)"', dom).group(1))
     loaded = int(re.search(r'data-images-loaded="(\d+)"', dom).group(1))
     assert total > 0 and loaded == total, f"{loaded} of {total} images loaded"
-    cells = re.findall(r'<td data-key="(\w+)\.(recall@\d+)" data-value="([^"]*)">([^<]*)</td>', dom)
-    assert len(cells) == 2 * len(metrics["global"]), cells
-    for kind, key, value, text in cells:
-        want = metrics[kind][key]
-        assert json.loads(value) == want
+    cells = re.findall(r'<td data-key="([^"]+)" data-value="([^"]*)">([^<]*)</td>', dom)
+    assert len(cells) == expected_cells(metrics), cells
+    for key, value, text in cells:
+        want = metric_at(metrics, key)
+        assert json.loads(value) == want, key
         assert text == ("–" if want is None else f"{100 * want:.2f}")
-    return {"images": total, "colours": colours, "cells": len(cells)}
+    return {"images": total, "colours": colours, "cells": len(cells), "dom": dom}
+
+
+def metric_at(metrics: dict, key: str):
+    """The metrics.json value at a report cell's ``data-key`` ("rerankers.ransac.recall@1"; a tag
+    of ``by_tag`` may itself hold dots, so the longest key that leads somewhere wins)."""
+    def walk(d, parts):
+        if not parts:
+            return True, d
+        for i in range(len(parts), 0, -1):
+            k = ".".join(parts[:i])
+            if isinstance(d, dict) and k in d:
+                found, v = walk(d[k], parts[i:])
+                if found:
+                    return True, v
+        return False, None
+    found, v = walk(metrics, key.split("."))
+    assert found, f"{key} is not in metrics.json"
+    return v
+
+
+def expected_cells(metrics: dict) -> int:
+    """Table cells a report shows: per N, global plus each reranker (``rerankers``, else the one
+    ``reranked``), and the same for every tag of ``by_tag``."""
+    n = len(metrics["global"]) * (1 + (len(metrics["rerankers"]) if metrics.get("rerankers") else 1))
+    for t in (metrics.get("by_tag") or {}).values():
+        n += len(t["global"]) * (1 + len(t.get("rerankers") or {}))
+    return n
 
 
 def _image(path: Path, seed: int):
@@ -140,3 +168,132 @@ def test_report_reads_a_results_folder(tmp_path):
     html_folder = Path(write_report(str(tmp_path / "a"), metrics, folder, radius=1, image_size=(272, 480))).read_text()
     html_table = Path(write_report(str(tmp_path / "b"), metrics, table, radius=1, image_size=(272, 480))).read_text()
     assert html_folder.count("<figure") == html_table.count("<figure") == 2 * (1 + 5 + 5)
+
+
+# ---------------------------------------------------------------- several rerankers, tags, explain
+MULTI_SCHEMA = pa.schema(list(RESULTS_SCHEMA) + [
+    ("rank_ransac", pa.int32()), ("rerank_score_ransac", pa.float32()),
+    ("rank_r2former", pa.int32()), ("rerank_score_r2former", pa.float32()), ("query_tag", pa.string())])
+TAGS = ["night", "night", "day", "day", None]
+
+
+def _stores_with_tokens(root: Path, paths: list[str], seed: int, tokens: int = 24) -> tuple[str, np.ndarray]:
+    """A one-shard store keyed by ``paths`` with random local tokens; returns (store, image ids)."""
+    from helpers_store import write_tiny_store
+    from pipeline import storage
+    store = str(root)
+    rng = np.random.default_rng(seed)
+    ids, _ = write_tiny_store(store, [rng.standard_normal((len(paths), 8)).astype(np.float32)], keys=[paths])
+    arr = storage.create_local_tokens(store, len(paths), tokens, len(paths))
+    tok = np.concatenate([rng.uniform(0, 0.55, (len(paths), tokens, 2)), rng.uniform(0, 1, (len(paths), tokens, 1)),
+                          rng.standard_normal((len(paths), tokens, 128))], 2)
+    arr[:] = tok.astype(np.float16)
+    return store, ids
+
+
+def _multi_results(imgs: Path, q_ids: np.ndarray, d_ids: np.ndarray) -> pa.Table:
+    rows = []
+    for q in range(len(q_ids)):
+        for j in range(6):
+            c = (q * 2 + j) % len(d_ids)
+            ransac, learned = 6 - j, (j + 2) % 6 + 1    # reversed / rotated global order
+            rows.append({"query_id": int(q_ids[q]), "query_path": str(imgs / f"q{q}.jpg"), "rank": ransac,
+                         "global_rank": j + 1, "image_id": int(d_ids[c]), "candidate_path": str(imgs / f"{c}.jpg"),
+                         "global_score": 1.0 - j / 10, "rerank_score": float(j), "query_utm_east": float(2 * q + 5),
+                         "query_utm_north": 0.0, "candidate_utm_east": float(c), "candidate_utm_north": 0.0,
+                         "rank_ransac": ransac, "rerank_score_ransac": float(j), "rank_r2former": learned,
+                         "rerank_score_r2former": 1.0 / learned, "query_tag": TAGS[q]})
+    rows.sort(key=lambda r: (r["query_id"], r["rank"]))
+    return pa.Table.from_pylist(rows, schema=MULTI_SCHEMA)
+
+
+def _recalls(a: float) -> dict:
+    return {"recall@1": a, "recall@5": min(1.0, a + 0.25), "recall@10": 1.0}
+
+
+def test_report_one_row_per_method_grouped_by_tag(tmp_path):
+    import torch
+
+    from pipeline.model import R2Former
+    imgs = tmp_path / "images"
+    imgs.mkdir()
+    for i in range(12):
+        _image(imgs / f"{i}.jpg", i)
+    for q in range(len(TAGS)):
+        _image(imgs / f"q{q}.jpg", 50 + q)
+    q_store, q_ids = _stores_with_tokens(tmp_path / "q_store", [str(imgs / f"q{q}.jpg") for q in range(len(TAGS))], 1)
+    d_store, d_ids = _stores_with_tokens(tmp_path / "d_store", [str(imgs / f"{i}.jpg") for i in range(12)], 2)
+    results = _multi_results(imgs, q_ids, d_ids)
+    rerankers = {"ransac": _recalls(0.4), "r2former": _recalls(0.6)}
+    metrics = {"global": _recalls(0.2), "reranked": rerankers["ransac"], "rerankers": rerankers,
+               "by_tag": {"night": {"global": _recalls(0.0), "rerankers": {"ransac": _recalls(0.5),
+                                                                           "r2former": _recalls(0.5)},
+                                    "num_queries": 2},
+                          "day": {"global": _recalls(0.5), "rerankers": {"ransac": _recalls(0.5),
+                                                                         "r2former": _recalls(1.0)},
+                                  "num_queries": 2}},
+               "num_queries": 5, "num_queries_without_positive": 0, "settings": {"reranker": "ransac,r2former"},
+               "stage_seconds": {"rerank": 1.0}}
+    torch.manual_seed(0)
+    model = R2Former(init_weights=False)   # random weights: the test checks the drawing, not the pairs
+    model.has_trained_reranker = True
+    out = tmp_path / "out"
+    write_report(str(out), metrics, results, radius=2, image_size=(272, 480), query_store=q_store,
+                 database_store=d_store, samples=6, match_pairs=2, model=model)
+    seen = check_report_in_chromium(out / "report.html", metrics)
+    dom = seen["dom"]
+    methods = ["none", "ransac", "r2former"]
+    # The plot has one curve per method and the table one column per method.
+    assert re.search(r'id="recall-plot"[^>]*data-methods="none,ransac,r2former"', dom)
+    head = re.search(r'<table class="recalls" id="recalls">(.*?)</table>', dom).group(1)
+    assert re.findall(r'<th data-method="([^"]+)"', head) == methods
+    # Every sampled query: one row per method, in order, each its top-5.
+    samples = re.findall(r'<div class="sample" data-query="(\d+)"(?: data-tag="([^"]*)")?>(.*?)(?=<div class="sample"|</section>)',
+                         dom, re.S)
+    assert len(samples) == len(TAGS)           # 6 samples over 3 groups (night, day, untagged): 2 + 2 + 1
+    for qid, tag, body in samples:
+        assert re.findall(r'<div class="group" data-method="([^"]+)"', body) == methods, qid
+        assert body.count("<figure") == 1 + 3 * 5
+    # Examples grouped by tag, tags in order, the untagged query last.
+    assert [t for _, t, _ in samples] == ["day", "day", "night", "night", ""]
+    assert re.findall(r'<section class="tag-group"(?: data-tag="([^"]*)")?>', dom) == ["day", "night", ""]
+    # Recalls per tag: a table each (their cells are checked against metrics.json above).
+    assert re.findall(r'<table class="recalls" data-tag="([^"]+)"', dom) == ["day", "night"]
+    # The RANSAC inliers beside the learned reranker's pairs, for each of the two matched pairs.
+    assert dom.count('data-panel="ransac"') == dom.count('data-panel="r2former"') == 2
+    assert seen["images"] == 1 + len(TAGS) * (1 + 3 * 5) + 2 * 2
+    # Without a model (or a learned reranker) only RANSAC's panel is drawn.
+    html = Path(write_report(str(tmp_path / "plain"), metrics, results, radius=2, image_size=(272, 480),
+                             query_store=q_store, database_store=d_store, samples=1, match_pairs=1)).read_text()
+    assert html.count('data-panel="ransac"') == 1 and 'data-panel="r2former"' not in html
+
+
+def test_explain_returns_sorted_pairs_and_leaves_the_fast_path_alone():
+    import torch
+
+    from pipeline.model.reranker import RerankTransformer
+    torch.manual_seed(3)
+    rr = RerankTransformer(num_local=40, depth=2, depth_corr=1).eval()
+    g = torch.Generator().manual_seed(4)
+    q = torch.cat([torch.rand(2, 30, 3, generator=g), torch.randn(2, 30, 128, generator=g)], 2)
+    c = torch.cat([torch.rand(2, 26, 3, generator=g), torch.randn(2, 26, 128, generator=g)], 2)
+    with torch.no_grad():
+        before = rr(q, c).clone()
+    with torch.inference_mode():                 # as callers inside the scorers would
+        pairs = rr.explain(q[1], c[1], top=12)
+    with torch.no_grad():
+        after = rr(q, c)
+    assert torch.equal(before, after)
+    assert all(p.grad is None for p in rr.parameters())
+    assert 0 < len(pairs) <= 12
+    assert np.isfinite(pairs.weight).all() and np.isfinite(pairs.similarity).all()
+    assert np.all(np.diff(pairs.weight) <= 0)                       # highest weight first
+    assert pairs.query_index.min() >= 0 and pairs.query_index.max() < 30
+    assert pairs.candidate_index.min() >= 0 and pairs.candidate_index.max() < 26
+    assert len({(i, j) for i, j, _ in pairs}) == len(pairs)         # a pair once (both sides summed)
+    # It explains the forward's own logits (the mirrored front half has not drifted).
+    assert pairs.margin == pytest.approx(float(before[1, 1] - before[1, 0]), abs=1e-4)
+    # The similarity is the pair's feature cosine.
+    i, j = int(pairs.query_index[0]), int(pairs.candidate_index[0])
+    cos = torch.nn.functional.cosine_similarity(q[1, i, 3:], c[1, j, 3:], dim=0)
+    assert pairs.similarity[0] == pytest.approx(float(cos), abs=1e-5)
