@@ -4,6 +4,8 @@ and the model placement that keeps input and model on one device."""
 from __future__ import annotations
 
 
+import json
+
 import cv2
 import numpy as np
 import pytest
@@ -217,3 +219,36 @@ def test_bfloat16_is_opt_in(city):
     with pytest.raises(ValueError, match="rerank_dtype"):
         PairScorer("ransac", "efficientnet-lite0", None, str(city / "q"), str(city / "db"), RansacConfig(),
                    rerank_dtype="float16")
+
+
+def test_two_rerankers_over_one_search_equal_each_alone(city, ransac_run, tmp_path):
+    """One job with ``ransac,r2former``: each reranker's ranked lists and scores equal a run with
+    that reranker alone, over one top-K search (one route part per search partition, searched once)."""
+    import torch
+
+    from pipeline.model import build_model
+    from pipeline.rerank import read_results, run
+    torch.manual_seed(0)
+    model = build_model("efficientnet-lite0")
+    model.has_trained_reranker = True  # weights stand in for trained ones: equality is what is tested
+    ckpt_path = model.save_checkpoint(tmp_path / "reranker.pt")
+    both = run(_cfg(city, tmp_path / "both", reranker="ransac,r2former", checkpoint=str(ckpt_path)))
+    alone = run(_cfg(city, tmp_path / "r2former", reranker="r2former", checkpoint=str(ckpt_path)))
+    assert both.rerankers == ["ransac", "r2former"] and both.reranker == "ransac"
+    assert set(both.rerank_seconds) == {"ransac", "r2former"} and all(v > 0 for v in both.rerank_seconds.values())
+    # one top-K search: every search partition routed once, by one attempt
+    routes = tmp_path / "both" / "routes"
+    searches = sorted(routes.glob("search-*.parquet"))
+    assert len(searches) == QUERIES // PART == len(list((routes / "progress").glob("*.json")))
+    assert all(json.loads(f.read_text())["attempts"] == 1 for f in (routes / "attempts").glob("*.json"))
+    manifest = storage.read_json(str(tmp_path / "both" / "manifest.json"))
+    assert manifest["rerankers"] == ["ransac", "r2former"] and set(manifest["rerank_seconds"]) == {"ransac", "r2former"}
+
+    df = read_results(both.results).to_pandas()
+    key = ["query_id", "image_id"]
+    for name, single in (("ransac", ransac_run[1].to_pandas()), ("r2former", read_results(alone.results).to_pandas())):
+        mine = df.sort_values(["query_id", f"rank_{name}"])[key + [f"rank_{name}", f"rerank_score_{name}"]]
+        theirs = single.sort_values(["query_id", "rank"])[key + ["rank", "rerank_score"]]
+        assert (mine[key].to_numpy() == theirs[key].to_numpy()).all(), name
+        assert (mine[f"rerank_score_{name}"].to_numpy() == theirs["rerank_score"].to_numpy()).all(), name
+    assert (df["rank"] == df["rank_ransac"]).all() and (df["rerank_score"] == df["rerank_score_ransac"]).all()

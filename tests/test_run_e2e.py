@@ -43,8 +43,8 @@ def test_gardens_point_day_right_to_night_right(gardens_point, pca_checkpoint, t
                         candidates=10, positive_radius=2, image_size=SIZE))
     metrics = json.loads((out / "metrics.json").read_text())
     # Exactly the documented shape.
-    assert list(metrics) == ["global", "reranked", "num_queries", "num_queries_without_positive", "settings",
-                             "stage_seconds"]
+    assert list(metrics) == ["global", "reranked", "rerankers", "num_queries", "num_queries_without_positive",
+                             "settings", "stage_seconds"]
     assert list(metrics["global"]) == RECALL_KEYS and list(metrics["reranked"]) == RECALL_KEYS
     assert metrics["num_queries"] == 200 and metrics["num_queries_without_positive"] == 0
     assert metrics["settings"]["reranker_used"] == "ransac"  # auto: ImageNet weights have no trained reranker

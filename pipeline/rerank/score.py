@@ -253,7 +253,7 @@ class SearchWorker(_Attempts):
         layout = storage.StoreLayout(self.job["query_store"])
         tables = []
         for shard in partition_shards(self.query_manifest, self.job["partition_queries"], s):
-            tables.append(_read_with_optional(layout.global_part(shard), columns, optional=("tag",)))
+            tables.append(storage.read_global_part(layout.global_part(shard), columns))  # old layouts: tag null
         tables = [t for t in tables if t.num_rows]
         return pa.concat_tables(tables, promote_options="default") if tables else None
 
@@ -299,19 +299,6 @@ class SearchWorker(_Attempts):
         }, schema=ROUTE_SCHEMA).take(pa.array(order))
         write_route(self.job["results"], s, table, {"node_id": self.node_id, "pid": self.pid})
         return qt.num_rows
-
-
-def _read_with_optional(url: str, columns: list[str], optional: tuple[str, ...]) -> pa.Table:
-    """``columns`` of a Parquet part; those in ``optional`` only when the part has them (stores
-    written before a column was added stay readable)."""
-    import pyarrow.parquet as pq
-    fs, path = storage.filesystem(url)
-    try:
-        with fs.open(path, "rb") as f:
-            names = set(pq.read_schema(f).names)
-    except FileNotFoundError:
-        raise storage.StoreError(f"missing Parquet file {url}") from None
-    return storage.read_parquet(url, [c for c in columns if c not in optional or c in names])
 
 
 # ---------------------------------------------------------------- phase 2: score one partition
