@@ -107,6 +107,7 @@ def drive(config: dict) -> None:
         "pairs_per_s": res.num_pairs / wall if wall else 0.0, "driver_peak_rss": sampler.driver_peak,
         "actor_peak_rss": sampler.kinds, "object_store_peak": sampler.store_peak,
         "fetched_token_bytes": res.fetched_token_bytes, "distinct_candidate_bytes": res.distinct_candidate_bytes,
+        "fetched_query_token_bytes": res.fetched_query_token_bytes, "search_s": res.stage_seconds.get("search"),
         "failed_partitions": res.failed_partitions, "load": os.getloadavg()[0]}), flush=True)
 
 
@@ -161,8 +162,9 @@ def main() -> int:
         import ray
         ray.shutdown()
 
-    print(f"{'queries':>8} {'pairs':>10} {'wall s':>8} {'pairs/s':>9} {'driver MB':>10} {'store MB':>9} "
-          f"{'fetched GB':>11} {'distinct GB':>12} {'ratio':>6} {'load':>5}  actor peak RSS MB")
+    print(f"{'queries':>8} {'pairs':>10} {'wall s':>8} {'search s':>9} {'pairs/s':>9} {'driver MB':>10} "
+          f"{'store MB':>9} {'fetched GB':>11} {'distinct GB':>12} {'ratio':>6} {'query GB':>9} {'load':>5}  "
+          f"actor peak RSS MB")
     rows = []
     for n in [int(x) for x in args.queries.split(",") if x]:
         q = out / f"queries_{n}"
@@ -185,10 +187,10 @@ def main() -> int:
         rows.append((n, r))
         ratio = r["fetched_token_bytes"] / r["distinct_candidate_bytes"] if r["distinct_candidate_bytes"] else 0
         actors = ", ".join(f"{k} {v / 2**20:.0f}" for k, v in sorted(r["actor_peak_rss"].items()))
-        print(f"{n:>8} {r['pairs']:>10} {r['wall_s']:>8.1f} {r['pairs_per_s']:>9.0f} "
+        print(f"{n:>8} {r['pairs']:>10} {r['wall_s']:>8.1f} {r['search_s'] or 0:>9.1f} {r['pairs_per_s']:>9.0f} "
               f"{r['driver_peak_rss'] / 2**20:>10.0f} {r['object_store_peak'] / 2**20:>9.0f} "
               f"{r['fetched_token_bytes'] / 1e9:>11.2f} {r['distinct_candidate_bytes'] / 1e9:>12.2f} "
-              f"{ratio:>6.2f} {r['load']:>5.1f}  {actors}", flush=True)
+              f"{ratio:>6.2f} {r['fetched_query_token_bytes'] / 1e9:>9.2f} {r['load']:>5.1f}  {actors}", flush=True)
     if len(rows) >= 2:
         (n0, a), (n1, b) = rows[0], rows[-1]
         kinds = sorted(set(a["actor_peak_rss"]) & set(b["actor_peak_rss"]))

@@ -91,6 +91,7 @@ def ray_session(s3_endpoint):
 # /tmp/ray/ray_current_cluster (which a later plain ``ray.init()`` joins) and any Ray the user runs
 # are left exactly as they were. The session fails if the file changed anyway (and puts it back).
 RAY_ADDRESS_FILE = Path("/tmp/ray/ray_current_cluster")
+PLANTED_ADDRESS = "127.0.0.1:9"  # port 9 (discard): nothing answers
 
 
 def _read_address_file() -> str | None:
@@ -107,8 +108,8 @@ def pytest_sessionstart(session):
 def pytest_sessionfinish(session, exitstatus):
     before = getattr(session.config, "_ray_address_file", None)
     after = _read_address_file()
-    if after == before:
-        return
+    if after == before or PLANTED_ADDRESS in (before, after):
+        return  # unchanged, or another pytest session's planted file that it removes itself
     if before is None:
         RAY_ADDRESS_FILE.unlink(missing_ok=True)
     else:
@@ -124,7 +125,7 @@ def planted_ray_address_file():
     it), or the user's own one if present; yields its content, and the test checks it afterwards.
     The planted file is removed again."""
     existing = _read_address_file()
-    content = existing if existing is not None else "127.0.0.1:9"  # port 9 (discard): nothing answers
+    content = existing if existing is not None else PLANTED_ADDRESS
     if existing is None:
         RAY_ADDRESS_FILE.parent.mkdir(parents=True, exist_ok=True)
         RAY_ADDRESS_FILE.write_text(content)

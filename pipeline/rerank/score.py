@@ -337,13 +337,15 @@ class PartitionWorker(_Attempts):
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out: dict[str, list] = {k: [] for k in ("partition", "status", "pairs", "queries", "fetched_bytes",
-                                                  "candidate_rows", "node_id", "seconds", "reason")}
+                                                  "fetched_query_bytes", "candidate_rows", "node_id", "seconds",
+                                                  "reason")}
         for p in batch["partition"]:
             t0 = time.perf_counter()
             status, reason, got = self.attempt(int(p), self.run_partition)
-            pairs, queries, fetched, cand_rows = got or (0, 0, 0, np.zeros(0, np.int64))
+            pairs, queries, fetched, cand_rows, q_fetched = got or (0, 0, 0, np.zeros(0, np.int64), 0)
             for k, v in (("partition", int(p)), ("status", status), ("pairs", pairs), ("queries", queries),
-                         ("fetched_bytes", fetched), ("candidate_rows", cand_rows), ("node_id", self.node_id),
+                         ("fetched_bytes", fetched), ("fetched_query_bytes", q_fetched),
+                         ("candidate_rows", cand_rows), ("node_id", self.node_id),
                          ("seconds", time.perf_counter() - t0), ("reason", reason)):
                 out[k].append(v)
         return {k: (np.array(v, dtype=object) if k == "candidate_rows" else np.asarray(v)) for k, v in out.items()}
@@ -356,7 +358,7 @@ class PartitionWorker(_Attempts):
         schema = results_schema(names)
         if rt.num_rows == 0:
             write_part(self.job["results"], p, schema.empty_table(), self._marker(0, 0, 0, 0, {}))
-            return 0, 0, 0, np.zeros(0, np.int64)
+            return 0, 0, 0, np.zeros(0, np.int64), 0
         nq = rt.num_rows
         k = len(rt.column("candidate_id")[0])
         ids = rt.column("candidate_id").combine_chunks().flatten().to_numpy().reshape(nq, k)
@@ -421,7 +423,7 @@ class PartitionWorker(_Attempts):
         distinct = np.unique(cand_rows) if self.scorers else np.zeros(0, np.int64)
         write_part(self.job["results"], p, table, self._marker(nq, n, fetched[1], len(distinct), seconds,
                                                                query_fetched=fetched[0]))
-        return n, nq, fetched[1], distinct
+        return n, nq, fetched[1], distinct, fetched[0]
 
     def _marker(self, queries: int, pairs: int, fetched: int, distinct: int, seconds: dict[str, float],
                 query_fetched: int = 0) -> dict[str, Any]:

@@ -66,6 +66,7 @@ class RerankResult:
     rerankers: list[str] = field(default_factory=list)       # every reranker of the run, first = ``reranker``
     rerank_seconds: dict[str, float] = field(default_factory=dict)  # scoring time per reranker (committed parts)
     failed_search_partitions: list[int] = field(default_factory=list)  # phase 1 partitions that failed
+    fetched_query_token_bytes: int = 0       # query tokens read (whole chunks, once per partition) this run
 
     @property
     def ok(self) -> bool:
@@ -255,7 +256,7 @@ def _two_phases(config, rerankers, k, state, version, searches, seconds, ransac,
     t = time.perf_counter()
     gpus = cluster_gpus() if "r2former" in rerankers else 0
     failed: list[int] = []
-    summary = dict(nodes=set(), pairs=0, fetched=0, seen=np.zeros(0, bool))
+    summary = dict(nodes=set(), pairs=0, fetched=0, fetched_query=0, seen=np.zeros(0, bool))
     if pending:
         if catalog is None:
             catalog = ray.remote(num_cpus=0)(build_catalog).remote(state.metadata(), config.database_store)
@@ -277,7 +278,8 @@ def _two_phases(config, rerankers, k, state, version, searches, seconds, ransac,
                        partitions=total, skipped_partitions=len(done_before), failed_partitions=sorted(failed),
                        fetched_token_bytes=summary["fetched"], distinct_candidate_bytes=int(seen.sum()) * row_bytes,
                        scorer_nodes=sorted(summary["nodes"]), state=state.metadata(), rerankers=list(rerankers),
-                       rerank_seconds=rerank_seconds, failed_search_partitions=failed_searches)
+                       rerank_seconds=rerank_seconds, failed_search_partitions=failed_searches,
+                       fetched_query_token_bytes=summary["fetched_query"])
     ratio = f"{res.token_ratio:.2f}x" if res.token_ratio else "-"
     log.info("reranked %d queries x %d candidates with %s: %d pairs this run in %.1f s (%.0f pairs/s); "
              "tokens fetched %.1f MB for %.1f MB of distinct candidates (%s); %d partition(s) failed",
@@ -314,6 +316,7 @@ def _run_pool(config, phase: str, pending: list[int], make, summary: dict | None
                 if summary is not None:
                     summary["pairs"] += int(row["pairs"])
                     summary["fetched"] += int(row["fetched_bytes"])
+                    summary["fetched_query"] += int(row["fetched_query_bytes"])
                     rows = np.asarray(row["candidate_rows"], np.int64)
                     if len(rows):
                         seen = summary["seen"]
