@@ -49,27 +49,24 @@ def method_label(name: str) -> str:
     return METHOD_LABELS.get(name, name)
 
 
-def rerankers_in(results: pa.Table, meta: dict, metrics: dict) -> list[str]:
-    """The rerankers of a result set, in the run's order, without ``none`` (always shown as global
-    order). Local stand-in for ``pipeline.rerank.results.rerankers_of`` (issue 15's contract),
-    which reads a folder only; this also takes a table: manifest/plan ``rerankers``, else the
-    table's ``rank_<name>`` columns, else the single reranker the manifest or settings name."""
-    names = list(meta.get("rerankers") or [])
+def rerankers_in(results: pa.Table, names: list[str] | None, metrics: dict) -> list[str]:
+    """The rerankers of a result set, in the run's order, without ``none`` (always shown, as
+    global order). ``names``: what the results folder records (``rerank.results.rerankers_of``);
+    for a table, its ``rank_<name>`` columns, else the single reranker the settings name."""
+    names = list(names or [])
     if not names:
         names = [c[len("rank_"):] for c in results.column_names if c.startswith("rank_")]
     if not names:
         settings = metrics.get("settings", {})
-        one = meta.get("reranker") or settings.get("reranker_used") or settings.get("reranker")
+        one = settings.get("reranker_used") or settings.get("reranker")
         names = list(metrics.get("rerankers") or {}) or [one or "reranked"]
     return [n for n in names if n != NO_RERANKING]
 
 
-def rank_column(name: str, columns: list[str]) -> str:
-    """``rank_<name>`` where the results have it, else ``rank`` (old results: one reranker).
-    Local stand-in for ``pipeline.rerank.results.rank_column``."""
-    if name == NO_RERANKING:
-        return "global_rank"
-    return f"rank_{name}" if f"rank_{name}" in columns else "rank"
+def rank_of(name: str, names: list[str], columns: list[str]) -> str:
+    """The column ranking ``name``'s candidates (``global_rank`` for no reranking)."""
+    from .rerank.results import rank_column
+    return "global_rank" if name == NO_RERANKING else rank_column(name, names, columns)
 
 
 def _write_bytes(url: str, data: bytes) -> None:
@@ -277,14 +274,14 @@ def write_report(out: str, metrics: dict, results: "pa.Table | str", radius: flo
     ``has_trained_reranker``, e.g. ``R2Former``); given, and ``r2former`` among the results'
     rerankers, each matched-pairs panel adds the ``explain_top`` token pairs it relies on most.
     Without it only RANSAC's inliers are drawn."""
-    state, meta = None, {}
+    state, recorded = None, None
     if isinstance(results, str):
         from .evaluate import results_state
-        from .rerank.results import read_results, results_metadata
+        from .rerank.results import read_results, rerankers_of
         state, _ = results_state(results)
-        meta = results_metadata(results)
+        recorded = rerankers_of(results)
         results = read_results(results, max_rows=MAX_REPORT_ROWS)
-    names = rerankers_in(results, meta, metrics)
+    names = rerankers_in(results, recorded, metrics)
     methods = [NO_RERANKING] + names
     assets = storage.join(out, ASSETS)
     fs, apath = storage.filesystem(assets)
@@ -296,7 +293,8 @@ def write_report(out: str, metrics: dict, results: "pa.Table | str", radius: flo
     tables = [_recall_table(cols, attrs=' id="recalls"')]
     for tag, t in sorted((metrics.get("by_tag") or {}).items()):
         tcols = [(NO_RERANKING, "global", t["global"])] + [(n, f"rerankers.{n}", d)
-                                                          for n, d in (t.get("rerankers") or {}).items()]
+                                                          for n, d in (t.get("rerankers") or {}).items()
+                                                          if n != NO_RERANKING]
         tables.append(f'<h3>tag {html.escape(str(tag))} ({t.get("num_queries", 0)} queries)</h3>'
                       + _recall_table(tcols, prefix=f"by_tag.{tag}.", attrs=_tag_attr(tag)))
 
@@ -325,7 +323,7 @@ def write_report(out: str, metrics: dict, results: "pa.Table | str", radius: flo
                                       df["candidate_utm_north"].fillna(0) - df["query_utm_north"].fillna(0)),
                              nan=np.inf) <= radius
     groups = _tag_groups(df, samples) if len(df) else []
-    rank_cols = {m: rank_column(m, list(df.columns)) for m in methods}
+    rank_cols = {m: rank_of(m, names, list(df.columns)) for m in methods}
 
     sample_html = []
     for tag, qids in groups:

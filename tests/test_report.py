@@ -91,9 +91,11 @@ def metric_at(metrics: dict, key: str):
 def expected_cells(metrics: dict) -> int:
     """Table cells a report shows: per N, global plus each reranker (``rerankers``, else the one
     ``reranked``), and the same for every tag of ``by_tag``."""
-    n = len(metrics["global"]) * (1 + (len(metrics["rerankers"]) if metrics.get("rerankers") else 1))
+    def methods(d: dict) -> int:   # global order is the "none" column, never a second time
+        return len([m for m in d if m != "none"])
+    n = len(metrics["global"]) * (1 + (methods(metrics["rerankers"]) if metrics.get("rerankers") else 1))
     for t in (metrics.get("by_tag") or {}).values():
-        n += len(t["global"]) * (1 + len(t.get("rerankers") or {}))
+        n += len(t["global"]) * (1 + methods(t.get("rerankers") or {}))
     return n
 
 
@@ -262,10 +264,18 @@ def test_report_one_row_per_method_grouped_by_tag(tmp_path):
     # The RANSAC inliers beside the learned reranker's pairs, for each of the two matched pairs.
     assert dom.count('data-panel="ransac"') == dom.count('data-panel="r2former"') == 2
     assert seen["images"] == 1 + len(TAGS) * (1 + 3 * 5) + 2 * 2
-    # Without a model (or a learned reranker) only RANSAC's panel is drawn.
-    html = Path(write_report(str(tmp_path / "plain"), metrics, results, radius=2, image_size=(272, 480),
+    # Read back from a results folder (its plan names the rerankers), without a model: the same
+    # rows per method, and only RANSAC's panel.
+    from pipeline import storage
+    from pipeline.rerank import results as R
+    folder = str(tmp_path / "results")
+    R.write_part(folder, 0, results, {})
+    storage.write_json(R.ResultsLayout(folder).plan, {"rerankers": ["ransac", "r2former"]})
+    html = Path(write_report(str(tmp_path / "plain"), metrics, folder, radius=2, image_size=(272, 480),
                              query_store=q_store, database_store=d_store, samples=1, match_pairs=1)).read_text()
     assert html.count('data-panel="ransac"') == 1 and 'data-panel="r2former"' not in html
+    rows = re.findall(r'<div class="group" data-method="([^"]+)"', html)
+    assert rows == methods * (len(rows) // 3) and len(rows) == 3 * 3   # 1 sample in each of 3 groups
 
 
 def test_explain_returns_sorted_pairs_and_leaves_the_fast_path_alone():
