@@ -111,6 +111,9 @@ class TrainConfig:
     rerank_weight: float = 1.0              # finetune: weight of the reranking loss
     freeze_batchnorm: bool = True           # BatchNorm layers keep their statistics (tiny per-worker batches)
     val_candidates: int = 20                # rerank validation: candidates reranked per query
+    augment: str = "none"                   # rerank on stored tokens: "homography" warps each candidate's
+                                            # token positions by a random near-identity homography
+    augment_scale: float = 0.08             # its corner offsets, a fraction of the longer image side
 
     # distribution
     num_workers: int = 2
@@ -144,6 +147,11 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.init == "checkpoint" and not cfg.checkpoint and cfg.backbone == "r2former":
         raise ConfigError("backbone r2former with init=checkpoint needs `checkpoint`; "
                           "use init=pretrained (timm DeiT-S) or init=random")
+    from .augment import AUGMENTS
+    if cfg.augment not in AUGMENTS:
+        raise ConfigError(f"augment must be one of {AUGMENTS}, got {cfg.augment!r}")
+    if cfg.augment != "none" and not (cfg.stage == "rerank" and cfg.rerank_source == "tokens"):
+        raise ConfigError("augment applies to stage rerank on stored tokens (rerank_source: tokens) only")
     if cfg.stage == "rerank":
         need = ["queries_store", "database_store", "hardest_negatives"]
         if cfg.rerank_source == "images":
@@ -685,7 +693,13 @@ class _StageRunner:
             B = len(idx)
             if cfg.rerank_source == "tokens":
                 q_tok = torch.from_numpy(self.q_tokens.get(qi)).to(self.device)
-                c_tok = torch.from_numpy(self.db_tokens.get(np.concatenate([pi, ni]))).to(self.device)
+                c_np = self.db_tokens.get(np.concatenate([pi, ni]))
+                if cfg.augment != "none":
+                    from .augment import augment_candidates
+                    c_np = augment_candidates(c_np, cfg.augment, cfg.augment_scale,
+                                              np.random.default_rng([cfg.seed, epoch, s, self.rank]),
+                                              aspect=cfg.image_size[0] / cfg.image_size[1])
+                c_tok = torch.from_numpy(c_np).to(self.device)
                 logits = self.ddp("rerank_tokens", torch.cat([q_tok, q_tok]), c_tok)
             else:
                 images = torch.cat([self.q_src.batch(qi), self.db_src.batch(pi), self.db_src.batch(ni)])
@@ -751,47 +765,80 @@ class _StageRunner:
         return {}
 
     def _validate_rerank(self) -> dict[str, float]:
-        """Recall@k after reranking the global top ``val_candidates`` with the current reranker.
-        Memory: the validation stores' descriptors and a FAISS index over them, Q x candidates
-        ranks; tokens are read per query (``_TokenSource`` preloads small stores only)."""
-        import torch
-
-        from .spatial import geo_within
-
+        """Recall@k after reranking the global top ``val_candidates`` with the current reranker
+        (``rerank_recall_at``: tokens streamed per query batch)."""
         cfg = self.cfg
-        cols = ["row", "utm_east", "utm_north", "global_descriptor"]
-        q = storage.read_global_table(cfg.val.queries_store, cols)
-        db = storage.read_global_table(cfg.val.database_store, cols)
-        qd, dd = storage.descriptors_of(q), storage.descriptors_of(db)
-        q_pos, db_pos = dataset_positions(q), dataset_positions(db)
-        k = min(cfg.val_candidates, len(dd))
-        cand = nearest_rows(qd, dd, k)   # FAISS top-k: memory the index + Q x k, not Q x database
-        q_tok = _TokenSource(cfg.val.queries_store, q.column("row").to_numpy())
-        db_tok = _TokenSource(cfg.val.database_store, db.column("row").to_numpy())
-        mine = np.arange(len(qd))[self.rank::self.world]
-        local: dict[int, np.ndarray] = {}
         self.model.eval()
         self.step_module.eval()
-        with torch.no_grad():
-            for qi in mine:
-                qt = torch.from_numpy(q_tok.get(np.array([qi]))).expand(k, -1, -1).to(self.device)
-                ct = torch.from_numpy(db_tok.get(cand[qi])).to(self.device)
-                score = self.step_module("rerank_tokens", qt, ct).float().softmax(1)[:, 1].cpu().numpy()
-                local[int(qi)] = cand[qi][np.argsort(-score, kind="stable")]
-        reranked = _allgather_rows(local, self.world)
-        order = np.stack([reranked[i] for i in range(len(qd))])
-        hits = geo_within(q_pos, db_pos[order], cfg.val_radius)
-        return {f"recall@{n}": float(100.0 * hits[:, :n].any(1).mean()) for n in RECALL_KS if n <= k}
+        return rerank_recall_at(lambda q, c: self.step_module("rerank_tokens", q, c), cfg.val.queries_store,
+                                cfg.val.database_store, cfg.val_radius, cfg.val_candidates,
+                                rank=self.rank, world=self.world, device=self.device)
+
+
+def rerank_recall_at(logits_of, queries_store: str, database_store: str, radius: float, candidates: int = 20, *,
+                     rank: int = 0, world: int = 1, query_batch: int = 8, device="cpu",
+                     ks=RECALL_KS) -> dict[str, float]:
+    """Recall@k in percent after reranking each query's global top ``candidates`` by
+    ``logits_of(query_tokens (P, T, 131), candidate_tokens (P, T, 131)) -> (P, 2)`` (match score
+    ``softmax[:, 1]``). Rank ``rank`` of ``world`` scores queries ``rank::world``; the orders are
+    all-gathered, so every rank returns the same figures.
+
+    Dataflow::
+
+        validation stores' global tables (row, UTM, global_descriptor)
+            ──► FAISS top-``candidates`` of every query (``nearest_rows``, exact, in query blocks)
+        this rank's queries, ``query_batch`` at a time:
+            Zarr read of the batch's query tokens and its candidates' tokens (each distinct row once)
+            ──► logits_of ──► the batch's candidates reordered by score
+        all-gather of the (queries, candidates) orders ──► positions of the reordered lists ──► recall@k
+
+    Memory per process: the two global tables and the FAISS index (N x D float32), the
+    (Q, candidates) rows, and ONE batch of token pairs, query_batch x candidates x 2 x T x 131
+    float32 (8 x 20 x 2 x 500 x 131 x 4 B = 84 MB at T = 500; the reranker's activations
+    besides): never the stores' tokens, so it does not grow with the validation database."""
+    import torch
+
+    from .spatial import geo_within
+
+    cols = ["row", "utm_east", "utm_north", "global_descriptor"]
+    q = storage.read_global_table(queries_store, cols)
+    db = storage.read_global_table(database_store, cols)
+    q_pos, db_pos = dataset_positions(q), dataset_positions(db)
+    k = min(candidates, db.num_rows)
+    cand = nearest_rows(storage.descriptors_of(q), storage.descriptors_of(db), k)
+    q_zarr, db_zarr = q.column("row").to_numpy().astype(np.int64), db.column("row").to_numpy().astype(np.int64)
+    del q, db   # only rows and positions are needed from here on
+    q_tokens, db_tokens = storage.open_local_tokens(queries_store), storage.open_local_tokens(database_store)
+    mine = np.arange(len(cand))[rank::world]
+    order = np.empty((len(mine), k), np.int64)
+    with torch.no_grad():
+        for s in range(0, len(mine), query_batch):
+            qi = mine[s:s + query_batch]
+            c = cand[qi]                                    # (b, k) database table rows
+            qt = torch.from_numpy(storage.read_local_tokens(queries_store, q_zarr[qi], q_tokens))
+            ct = torch.from_numpy(storage.read_local_tokens(database_store, db_zarr[c.reshape(-1)], db_tokens))
+            qt = qt.to(device).repeat_interleave(k, dim=0)  # pair p = (query p // k, its candidate p % k)
+            score = logits_of(qt, ct.to(device)).float().softmax(1)[:, 1].cpu().numpy().reshape(len(qi), k)
+            order[s:s + len(qi)] = np.take_along_axis(c, np.argsort(-score, axis=1, kind="stable"), 1)
+    gathered = _allgather_rows({rank: np.column_stack([mine, order])}, world)
+    merged = np.concatenate([gathered[r] for r in sorted(gathered)])
+    reranked = np.empty((len(cand), k), np.int64)
+    reranked[merged[:, 0]] = merged[:, 1:]
+    if not len(reranked) or not k:
+        return {f"recall@{n}": float("nan") for n in ks if n <= k}
+    hits = geo_within(q_pos, db_pos[reranked], radius)
+    return {f"recall@{n}": float(100.0 * hits[:, :n].any(1).mean()) for n in ks if n <= k}
 
 
 class _TokenSource:
-    """Local tokens of a store by table row; small stores are read once, big ones per batch."""
+    """Local tokens of a store by table row (rerank training): a store whose tokens fit in
+    ``preload_bytes`` as float32 is read once, a bigger one per batch (memory: one batch)."""
 
-    def __init__(self, store: str, zarr_rows: np.ndarray, preload_limit: int = 20000):
+    def __init__(self, store: str, zarr_rows: np.ndarray, preload_bytes: int = 512 << 20):
         self.store, self.zarr_rows = store, np.asarray(zarr_rows, np.int64)
         self.array = storage.open_local_tokens(store)
-        self.all = storage.read_local_tokens(store, self.zarr_rows, self.array) if len(self.zarr_rows) <= preload_limit \
-            else None
+        size = len(self.zarr_rows) * self.array.shape[1] * self.array.shape[2] * 4
+        self.all = storage.read_local_tokens(store, self.zarr_rows, self.array) if size <= preload_bytes else None
 
     def get(self, rows: np.ndarray) -> np.ndarray:
         rows = np.asarray(rows, np.int64)
