@@ -111,6 +111,9 @@ class TrainConfig:
     rerank_weight: float = 1.0              # finetune: weight of the reranking loss
     freeze_batchnorm: bool = True           # BatchNorm layers keep their statistics (tiny per-worker batches)
     val_candidates: int = 20                # rerank validation: candidates reranked per query
+    augment: str = "none"                   # rerank on stored tokens: "homography" warps each candidate's
+                                            # token positions by a random near-identity homography
+    augment_scale: float = 0.08             # its corner offsets, a fraction of the longer image side
 
     # distribution
     num_workers: int = 2
@@ -144,6 +147,11 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.init == "checkpoint" and not cfg.checkpoint and cfg.backbone == "r2former":
         raise ConfigError("backbone r2former with init=checkpoint needs `checkpoint`; "
                           "use init=pretrained (timm DeiT-S) or init=random")
+    from .augment import AUGMENTS
+    if cfg.augment not in AUGMENTS:
+        raise ConfigError(f"augment must be one of {AUGMENTS}, got {cfg.augment!r}")
+    if cfg.augment != "none" and not (cfg.stage == "rerank" and cfg.rerank_source == "tokens"):
+        raise ConfigError("augment applies to stage rerank on stored tokens (rerank_source: tokens) only")
     if cfg.stage == "rerank":
         need = ["queries_store", "database_store", "hardest_negatives"]
         if cfg.rerank_source == "images":
@@ -685,7 +693,13 @@ class _StageRunner:
             B = len(idx)
             if cfg.rerank_source == "tokens":
                 q_tok = torch.from_numpy(self.q_tokens.get(qi)).to(self.device)
-                c_tok = torch.from_numpy(self.db_tokens.get(np.concatenate([pi, ni]))).to(self.device)
+                c_np = self.db_tokens.get(np.concatenate([pi, ni]))
+                if cfg.augment != "none":
+                    from .augment import augment_candidates
+                    c_np = augment_candidates(c_np, cfg.augment, cfg.augment_scale,
+                                              np.random.default_rng([cfg.seed, epoch, s, self.rank]),
+                                              aspect=cfg.image_size[0] / cfg.image_size[1])
+                c_tok = torch.from_numpy(c_np).to(self.device)
                 logits = self.ddp("rerank_tokens", torch.cat([q_tok, q_tok]), c_tok)
             else:
                 images = torch.cat([self.q_src.batch(qi), self.db_src.batch(pi), self.db_src.batch(ni)])
