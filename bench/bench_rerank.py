@@ -75,7 +75,7 @@ def main() -> int:
                                database_store=db_store, index_dir=index_dir, results=str(out / f"{reranker}.parquet"),
                                backbone="efficientnet-lite0", image_size=list(args.image_size), reranker=reranker,
                                candidates=args.candidates, batch_pairs=args.batch_pairs,
-                               extract={"progress": False}))
+                               extract={"progress": False}, allow_untrained_reranker=True))
         e2e = time.perf_counter() - t
         # The same scorer, in this process, on one batch: the cost without Ray's scheduling.
         scorer = PairScorer(reranker, "efficientnet-lite0", None, q_store, db_store,

@@ -95,7 +95,7 @@ def run(cfg: RunConfig) -> RunOutput:
     from . import evaluate, index, report
     from .model import build_model
     from .extract import extract_into
-    from .rerank import RerankConfig
+    from .rerank import RerankConfig, resolve_rerankers
     from .rerank import run as rerank_run
 
     for name in ("database", "queries", "out"):
@@ -114,7 +114,9 @@ def run(cfg: RunConfig) -> RunOutput:
     t_all = time.perf_counter()
     # Fails fast (before any extraction) on a backbone without weights, naming the options.
     model = build_model(cfg.backbone, cfg.checkpoint)
-    rerankers = _resolve_rerankers(cfg.reranker, cfg.backbone, cfg.checkpoint, model)
+    rerankers = resolve_rerankers(cfg.reranker, cfg.backbone, cfg.checkpoint, model=model)
+    # The report's explain() panel needs the learned reranker; otherwise the model is not kept.
+    explain_model = model if "r2former" in rerankers else None
     del model
     _prepare_out(cfg)
     seconds: dict[str, float] = {}
@@ -169,7 +171,8 @@ def run(cfg: RunConfig) -> RunOutput:
     t = time.perf_counter()
     report_url = report.write_report(cfg.out, metrics, rr.results, cfg.positive_radius, tuple(cfg.image_size),
                                      query_store=q_store, database_store=db_store, samples=cfg.report_samples,
-                                     title=f"R²Former run: {cfg.queries} against {cfg.database}")
+                                     title=f"R²Former run: {cfg.queries} against {cfg.database}",
+                                     model=explain_model)
     seconds["report"] = time.perf_counter() - t
     seconds["total"] = time.perf_counter() - t_all
     metrics["stage_seconds"] = {k: round(v, 3) for k, v in seconds.items()}
@@ -190,24 +193,6 @@ def reranker_list(text: str) -> str:
         raise argparse.ArgumentTypeError(f"unknown reranker(s) {bad or [text]} in {text!r}; "
                                          f"give a comma list of {', '.join(RERANKERS)}")
     return ",".join(items)
-
-
-def _resolve_rerankers(spec: str, backbone: str, checkpoint: str | None, model) -> list[str]:
-    """The run's rerankers in order (``auto`` resolved); a listed ``r2former`` without trained
-    reranker weights stops the run here, before any extraction, naming the checkpoint."""
-    from . import rerank
-
-    if hasattr(rerank, "resolve_rerankers"):
-        names = list(rerank.resolve_rerankers(spec, backbone, checkpoint, model=model))
-    else:  # a rerank stage of one reranker: resolve each name the way it resolves one
-        names = list(dict.fromkeys(rerank.resolve_reranker(x, backbone, checkpoint, model=model)
-                                   for x in spec.split(",")))
-    # (auto only resolves to r2former when the weights have a trained reranker)
-    if "r2former" in names and not getattr(model, "has_trained_reranker", False):
-        raise ValueError(f"--reranker lists r2former, but the weights of {backbone} from "
-                         f"{checkpoint or '(no --checkpoint)'} include no trained reranker; "
-                         "train one (r2f train) or drop r2former from --reranker")
-    return names
 
 
 def _fresh_results(out: str) -> str:

@@ -44,6 +44,7 @@ class RerankConfig:
     ransac_method: str = "magsac"
     ransac_threshold_px: float = 24.0
     extract: dict[str, Any] = field(default_factory=dict)  # extra ExtractConfig fields for the queries
+    allow_untrained_reranker: bool = False   # throughput benchmarks only: r2former scores of untrained weights
 
 
 @dataclass
@@ -109,7 +110,8 @@ def resolve_reranker(name: str, backbone: str, checkpoint: str | None, model=Non
     return chosen
 
 
-def resolve_rerankers(spec: str | list[str], backbone: str, checkpoint: str | None, model=None) -> list[str]:
+def resolve_rerankers(spec: str | list[str], backbone: str, checkpoint: str | None, model=None,
+                      allow_untrained: bool = False) -> list[str]:
     """A comma list of rerankers (``"ransac,r2former"``) -> names in order; ``none`` is always
     implied (the global order is every result's ``global_rank``) and is kept only when alone.
     ``auto`` resolves as ``resolve_reranker``. A listed ``r2former`` whose weights have no trained
@@ -124,7 +126,7 @@ def resolve_rerankers(spec: str | list[str], backbone: str, checkpoint: str | No
             names.append(name)
     if len(names) > 1:
         names = [n for n in names if n != "none"]
-    if "r2former" in names and "auto" not in items and len(names) > 1:
+    if "r2former" in names and "auto" not in items and not allow_untrained:
         if model is None:
             from ..model import build_model
             model = build_model(backbone, checkpoint)
@@ -177,7 +179,8 @@ def run(config: RerankConfig) -> RerankResult:
         raise RerankError(f"{config.results} is a single results file of an older run; the streaming job writes "
                           f"a folder: name a new --results folder")
     seconds: dict[str, float] = {}
-    rerankers = resolve_rerankers(config.reranker, config.backbone, config.checkpoint)
+    rerankers = resolve_rerankers(config.reranker, config.backbone, config.checkpoint,
+                                  allow_untrained=config.allow_untrained_reranker)
     reranker = rerankers[0]
 
     t = time.perf_counter()
