@@ -1,6 +1,6 @@
 """Training validation at scale: the two steps every epoch runs, each in its own process.
 
-    .venv/bin/python bench/bench_validation.py [--rerank 500 50000] [--retrieval 10000 100000] [--root DIR]
+    .venv/bin/python bench/bench_validation.py [--rerank 300 50000] [--retrieval 10000 100000] [--threads 1]
 
 - ``--rerank Q N``: rerank-stage validation, ``pipeline.train.rerank_recall_at`` (what
   ``r2f train --stage rerank`` runs with ``val`` stores), on a synthetic city from
@@ -19,7 +19,6 @@ Every figure is printed with the 1-minute load average beside it (other jobs sha
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import subprocess
 import sys
@@ -62,7 +61,7 @@ def run_rerank(nq: int, nd: int, tokens: int, candidates: int, root: Path, threa
     print(f"city: {nd} database + {nq} query rows, T = {tokens}, written in {time.perf_counter() - t0:.0f} s "
           f"[{load()}]", flush=True)
     out = subprocess.run([sys.executable, "-c", RERANK_VALIDATION, str(q), str(db), str(candidates), str(threads)],
-                         env=_env(), capture_output=True, text=True)
+                         env=_env(OMP_NUM_THREADS=str(threads)), capture_output=True, text=True)
     if out.returncode:
         raise SystemExit(f"rerank validation failed:\n{out.stderr[-4000:]}")
     r = _result(out.stdout)
@@ -75,23 +74,27 @@ def run_rerank(nq: int, nd: int, tokens: int, candidates: int, root: Path, threa
           f"recall@1/5/10/20 {[round(v, 2) for v in r['recall'].values()]}", flush=True)
 
 
-def run_retrieval(nq: int, nd: int, dim: int) -> None:
-    out = subprocess.run([sys.executable, "-c", VALIDATION, str(nq), str(nd), str(dim)], env=_env(),
+def run_retrieval(nq: int, nd: int, dim: int, threads: int) -> None:
+    out = subprocess.run([sys.executable, "-c", VALIDATION, str(nq), str(nd), str(dim)],
+                         env=_env(OMP_NUM_THREADS=str(threads)),
                          capture_output=True, text=True, check=True).stdout
     r = _result(out)
-    print(f"retrieval validation top-K step ({nq} queries x {nd} database, {dim}-d): {r['wall']:.1f} s, peak RSS "
+    print(f"retrieval validation top-K step ({nq} queries x {nd} database, {dim}-d, {threads} threads): "
+          f"{r['wall']:.1f} s, peak RSS "
           f"{r['maxrss'] / GB:.2f} GB (inputs alone {r['inputs_rss'] / GB:.2f} GB) [{load()}]  "
           f"recall@1/5/10/20 {[round(v, 2) for v in r['recall'].values()]}", flush=True)
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rerank", type=int, nargs=2, metavar=("Q", "N"), default=[500, 50_000])
+    p.add_argument("--rerank", type=int, nargs=2, metavar=("Q", "N"), default=[300, 50_000])
     p.add_argument("--retrieval", type=int, nargs=2, metavar=("Q", "N"), default=[10_000, 100_000])
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--candidates", type=int, default=20)
     p.add_argument("--dim", type=int, default=256)
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    # 1 = TrainConfig.threads_per_worker's default, what a Ray Train worker validates with (and on a
+    # shared, oversubscribed machine 2 OpenMP threads ran the reranker ~30x slower than 1).
+    p.add_argument("--threads", type=int, default=1, help="torch / FAISS (OpenMP) threads of each step")
     p.add_argument("--skip", choices=["rerank", "retrieval"], action="append", default=[])
     p.add_argument("--root", default="/tmp/r2f_bench_validation")
     args = p.parse_args()
@@ -100,7 +103,7 @@ def main() -> int:
     if "rerank" not in args.skip:
         run_rerank(*args.rerank, args.tokens, args.candidates, root, args.threads)
     if "retrieval" not in args.skip:
-        run_retrieval(*args.retrieval, args.dim)
+        run_retrieval(*args.retrieval, args.dim, args.threads)
     return 0
 
 
