@@ -81,36 +81,30 @@ def _float_column(table: pa.Table, name: str) -> np.ndarray:
 
 
 class PositiveIndex:
-    """Exact 2-D nearest neighbour over the database positions (FAISS, built once). Memory:
-    O(database) (8 bytes per image); queries are asked a block at a time."""
+    """Does a query have a database image within the radius? Nearest database position through
+    ``pipeline.spatial.PositionIndex`` (a k-d tree over the UTM positions, float64, built once).
+    Memory: O(database); queries are asked a part at a time, never a (queries x database) array."""
 
     def __init__(self, db_xy: np.ndarray):
-        import faiss
+        from .spatial import PositionIndex
 
         db_xy = np.asarray(db_xy, np.float64).reshape(-1, 2)
-        ok = ~np.isnan(db_xy).any(axis=1)
-        self.index = None
-        # Centre before going to float32: raw UTM eastings (~5e5 m) would lose centimetres.
-        self.origin = db_xy[ok].mean(axis=0) if ok.any() else np.zeros(2)
-        if ok.any():
-            self.index = faiss.IndexFlatL2(2)
-            self.index.add(np.ascontiguousarray(db_xy[ok] - self.origin, dtype=np.float32))
+        self.index = PositionIndex(db_xy[~np.isnan(db_xy).any(axis=1)])
 
     def has_positive(self, query_xy: np.ndarray, radius: float) -> np.ndarray:
         query_xy = np.asarray(query_xy, np.float64).reshape(-1, 2)
         out = np.zeros(len(query_xy), bool)
         q_ok = ~np.isnan(query_xy).any(axis=1)
-        if self.index is None or not q_ok.any():
+        if self.index.size == 0 or not q_ok.any():
             return out
-        dist, _ = self.index.search(np.ascontiguousarray(query_xy[q_ok] - self.origin, dtype=np.float32), 1)
-        # Small slack for float32 rounding of squared distances at exactly the radius.
-        out[q_ok] = dist[:, 0] <= radius * radius * (1 + 1e-6) + 1e-6
+        dist, _ = self.index.nearest(query_xy[q_ok], 1)
+        out[q_ok] = dist[:, 0] <= radius
         return out
 
 
 def has_positive(query_xy: np.ndarray, db_xy: np.ndarray, radius: float) -> np.ndarray:
     """(Q,) bool: some database position lies within ``radius`` of the query (exact nearest
-    neighbour in 2-D through FAISS, so city-scale databases stay cheap)."""
+    neighbour through a k-d tree, so city-scale databases stay cheap)."""
     return PositiveIndex(db_xy).has_positive(query_xy, radius)
 
 
