@@ -81,10 +81,10 @@ def two_node_cluster(tmp_path, tmp_path_factory):
             [RAY, "start", "--head", "--port", str(gcs), "--ray-client-server-port", str(client),
              "--include-dashboard", "false", "--temp-dir", temp_dir, *_node_args(taken)],
             env=env, stdout=logs[0], stderr=subprocess.STDOUT, cwd=ROOT))
-        _wait_nodes(address, env, 1)
+        _wait_nodes(address, env, 1, started=procs)
         procs.append(subprocess.Popen([RAY, "start", "--address", address, "--temp-dir", temp_dir, *_node_args(taken)],
                                       env=env, stdout=logs[1], stderr=subprocess.STDOUT, cwd=ROOT))
-        _wait_nodes(address, env, 2)
+        _wait_nodes(address, env, 2, started=procs)
         yield address, env
     finally:
         stop_nodes(procs, logs)
@@ -106,16 +106,30 @@ def stop_nodes(procs: list[subprocess.Popen], logs: list, timeout: float = 10) -
         f.close()
 
 
-def _wait_nodes(address: str, env: dict, n: int, timeout: float = 180) -> None:
+def _wait_nodes(address: str, env: dict, n: int, timeout: float = 180,
+                started: list[subprocess.Popen] | None = None) -> None:
+    """Wait until ``n`` nodes are alive. Each probe is a subprocess with its own time limit (a
+    ``ray.init`` against a head that died during start-up can hang for many minutes), and a
+    ``ray start --block`` process of ``started`` that already exited fails the wait at once."""
     code = ("import ray, sys; ray.init(address=sys.argv[1], logging_level='ERROR'); "
             "print(sum(1 for x in ray.nodes() if x['Alive']))")
     deadline = time.time() + timeout
+    err = ""
     while time.time() < deadline:
-        out = subprocess.run([sys.executable, "-c", code, address], env=env, capture_output=True, text=True)
+        dead = [p.args[:3] for p in started or [] if p.poll() is not None]
+        if dead:
+            raise AssertionError(f"`ray start` exited during start-up (see node*.log): {dead}")
+        try:
+            out = subprocess.run([sys.executable, "-c", code, address], env=env, capture_output=True, text=True,
+                                 timeout=max(5.0, min(60.0, deadline - time.time())))
+        except subprocess.TimeoutExpired:
+            err = "probe timed out"
+            continue
         if out.returncode == 0 and out.stdout.strip().splitlines()[-1:] == [str(n)]:
             return
+        err = out.stderr[-2000:]
         time.sleep(2)
-    raise AssertionError(f"Ray cluster at {address} did not reach {n} node(s): {out.stderr[-2000:]}")
+    raise AssertionError(f"Ray cluster at {address} did not reach {n} node(s): {err}")
 
 
 def test_two_node_extraction_uses_both_nodes(planted_ray_address_file, two_node_cluster, gardens_point, tmp_path):
