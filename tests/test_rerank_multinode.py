@@ -4,28 +4,19 @@ onto it, and the progress markers show partitions scored on both nodes."""
 from __future__ import annotations
 
 import json
-import os
-import secrets
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
-from test_extract_multinode import RAY, _free_ports, _node_args, _wait_nodes, stop_nodes
+from ray_nodes import LocalCluster
 
 ROOT = Path(__file__).resolve().parents[1]
 from helpers_store import indexed_city
 
 DB_ROWS, QUERIES, PART, K = 1600, 640, 16, 20  # 40 partitions
-
-
-def _args(taken, cpus):
-    args = _node_args(taken)
-    args[args.index("--num-cpus") + 1] = str(cpus)
-    return args
 
 
 @pytest.fixture(scope="module")
@@ -34,15 +25,7 @@ def city(tmp_path_factory, ray_session):
 
 
 def test_partitions_scored_on_a_node_that_joined_mid_job(city, tmp_path, tmp_path_factory):
-    temp_dir = tempfile.mkdtemp(prefix="rr", dir=tmp_path_factory.getbasetemp())
-    taken: set[int] = set()
-    gcs, client = _free_ports(2, taken)
-    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16), RAY_USAGE_STATS_ENABLED="0",
-               PYTHONPATH=str(ROOT))
-    env.pop("RAY_ADDRESS", None)
-    address = f"127.0.0.1:{gcs}"
-    logs = [open(tmp_path / f"node{i}.log", "wb") for i in range(2)]
-    procs = []
+    cluster = LocalCluster(tmp_path, tmp_path_factory.getbasetemp())
     results = tmp_path / "res"
     cfg = json.dumps(dict(query_store=str(city / "q"), database_store=str(city / "db"), index_dir=str(city / "index"),
                           results=str(results), backbone="efficientnet-lite0", reranker="ransac", candidates=K,
@@ -51,27 +34,21 @@ def test_partitions_scored_on_a_node_that_joined_mid_job(city, tmp_path, tmp_pat
             "r = run(RerankConfig(**json.loads(sys.argv[1])))\n"
             "print('RESULT', json.dumps({'nodes': r.scorer_nodes, 'pairs': r.num_pairs}))\n")
     try:
-        procs.append(subprocess.Popen(
-            [RAY, "start", "--head", "--port", str(gcs), "--ray-client-server-port", str(client),
-             "--include-dashboard", "false", "--temp-dir", temp_dir, *_args(taken, 1)],
-            env=env, stdout=logs[0], stderr=subprocess.STDOUT, cwd=ROOT))
-        _wait_nodes(address, env, 1)
-        driver = subprocess.Popen([sys.executable, "-c", code, cfg], env=dict(env, RAY_ADDRESS=address), cwd=ROOT,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        cluster.start_head(1)
+        driver = subprocess.Popen([sys.executable, "-c", code, cfg], env=dict(cluster.env, RAY_ADDRESS=cluster.address),
+                                  cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         deadline = time.time() + 120
         while not (results / "plan.json").exists():  # the job has started: state pinned, plan written
             assert driver.poll() is None and time.time() < deadline, driver.communicate()[1][-3000:]
             time.sleep(0.2)
         # the job runs on the head alone (one CPU: one scorer); now a second node joins
-        procs.append(subprocess.Popen([RAY, "start", "--address", address, "--temp-dir", temp_dir,
-                                       *_args(taken, 2)], env=env, stdout=logs[1], stderr=subprocess.STDOUT, cwd=ROOT))
-        _wait_nodes(address, env, 2)
+        cluster.add_node(2)
         joined = time.time()
         out, err = driver.communicate(timeout=300)
         assert driver.returncode == 0, err[-4000:]
         got = json.loads(out.split("RESULT ", 1)[1])
     finally:
-        stop_nodes(procs, logs)
+        cluster.stop()
     markers = [json.loads(p.read_text()) for p in sorted((results / "progress").glob("*.json"))]
     assert len(markers) == QUERIES // PART and got["pairs"] == QUERIES * K
     nodes = {m["node_id"] for m in markers}

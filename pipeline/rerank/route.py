@@ -7,6 +7,7 @@ runs in two phases, with a barrier between them::
 
     phase 1, search partition s (a run of query-store shards; partitions.py):
         query parts ─► top-K from every index shard actor (merged exactly) ─► catalog rows
+        query tokens, read in row order (each query chunk once) ─► copied into the route rows
         ─► route key = the global top-1 candidate's row (no candidate: after the last row)
         ─► routes/search-SSSSS.parquet   sorted by key, small row groups (min/max stats)
            routes/progress/search-SSSSS.json   after it: a sparse histogram of keys in BINS bins
@@ -21,7 +22,10 @@ about once per job. A partition holds at least one bin; a bin holds the queries 
 in ``rows / BINS`` consecutive rows (153 rows at 10^7 images), so only a hot spot denser than
 ``partition_queries`` queries per bin makes a partition larger than asked.
 
-Memory: a search worker holds one search partition's queries and their K candidates; the driver
+Query tokens travel in the route rows: a score partition's queries come from every part of the
+query store, and reading them there would fetch a whole 16-row chunk per query.
+
+Memory: a search worker holds one search partition's queries, their K candidates and tokens; the driver
 holds one dense histogram of BINS int64 (512 KB) and the bounds (O(partitions)).
 """
 from __future__ import annotations
@@ -50,7 +54,32 @@ ROUTE_SCHEMA = pa.schema([
     ("route_bin", pa.int32()),
     ("candidate_id", pa.list_(pa.int64())),     # K ids in global rank order (-1: none)
     ("global_score", pa.list_(pa.float32())),
+    ("query_tokens", pa.large_binary()),  # the query's local tokens as stored (float16 T x 131), or null
 ])
+
+
+def tokens_column(tokens: np.ndarray | None, n: int) -> pa.Array:
+    """(n, T, 131) float16 tokens as one binary value per query (null when the job reads none)."""
+    if tokens is None:
+        return pa.nulls(n, pa.large_binary())
+    flat = np.ascontiguousarray(tokens)
+    width = flat[0].nbytes if n else 0
+    offsets = np.arange(0, n * width + 1, max(width, 1), dtype=np.int64)[:n + 1]
+    return pa.LargeBinaryArray.from_buffers(pa.large_binary(), n, [None, pa.py_buffer(offsets),
+                                                                   pa.py_buffer(flat.tobytes())])
+
+
+def tokens_of(column: pa.ChunkedArray | pa.Array, shape: tuple[int, ...], dtype) -> np.ndarray:
+    """The inverse of ``tokens_column``: (n, *shape) in the stored dtype."""
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    n = len(arr)
+    width = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    offsets = np.frombuffer(arr.buffers()[1], np.int64)[arr.offset:arr.offset + n + 1]
+    data = np.frombuffer(arr.buffers()[2], np.uint8)
+    if n and not (np.diff(offsets) == width).all():
+        raise ValueError(f"route tokens are not {shape} {np.dtype(dtype).name} per query")
+    start = int(offsets[0]) if n else 0
+    return data[start:start + n * width].view(dtype).reshape((n,) + tuple(shape))
 
 
 def route_bin(top1_rows: np.ndarray, num_rows: int) -> np.ndarray:

@@ -231,6 +231,10 @@ class SearchWorker(_Attempts):
         self.catalog = ray.get(catalog[0])
         self.shard_actors = shard_actors
         self.query_manifest = storage.read_manifest(job["query_store"])
+        self.q_tokens = None
+        if any(r != "none" for r in job["rerankers"]):
+            from .tokens import ChunkCache
+            self.q_tokens = ChunkCache(job["query_store"], 1)
 
     def _paths(self, s: int) -> tuple[str, str]:
         return self.layout.route_attempts(s), self.layout.route_failure(s)
@@ -240,11 +244,13 @@ class SearchWorker(_Attempts):
         return [] if qt is None else qt.column("image_id").to_pylist()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out: dict[str, list] = {k: [] for k in ("partition", "status", "queries", "node_id", "reason")}
+        out: dict[str, list] = {k: [] for k in ("partition", "status", "queries", "fetched_query_bytes",
+                                                  "node_id", "reason")}
         for s in batch["partition"]:
-            status, reason, n = self.attempt(int(s), self.route)
-            for k, v in (("partition", int(s)), ("status", status), ("queries", n or 0), ("node_id", self.node_id),
-                         ("reason", reason)):
+            status, reason, got = self.attempt(int(s), self.route)
+            n, q_fetched = got or (0, 0)
+            for k, v in (("partition", int(s)), ("status", status), ("queries", n), ("fetched_query_bytes", q_fetched),
+                         ("node_id", self.node_id), ("reason", reason)):
                 out[k].append(v)
         return {k: np.asarray(v) for k, v in out.items()}
 
@@ -270,12 +276,12 @@ class SearchWorker(_Attempts):
 
     def route(self, s: int) -> int:
         from ..evaluate import positions_of
-        from .route import ROUTE_SCHEMA, route_bin, write_route
+        from .route import ROUTE_SCHEMA, route_bin, tokens_column, write_route
 
         qt = self._query_table(s, ["image_id", "path", "row", "utm_east", "utm_north", "global_descriptor", "tag"])
         if qt is None:
             write_route(self.job["results"], s, ROUTE_SCHEMA.empty_table(), {"node_id": self.node_id})
-            return 0
+            return 0, 0
         ids, gscores = self._search(storage.descriptors_of(qt))
         cat = self.catalog
         pos = np.minimum(np.searchsorted(cat["image_id"], ids), len(cat["image_id"]) - 1)
@@ -288,6 +294,12 @@ class SearchWorker(_Attempts):
         qxy = positions_of(qt)
         k = ids.shape[1]
         tag = qt.column("tag") if "tag" in qt.column_names else pa.nulls(qt.num_rows, pa.string())
+        fetched = 0
+        tokens = None
+        if self.q_tokens is not None:
+            before = self.q_tokens.fetched_bytes
+            tokens = self.q_tokens.read_rows_once(qt.column("row").to_numpy().astype(np.int64))
+            fetched = self.q_tokens.fetched_bytes - before
         table = pa.table({
             "query_id": qt.column("image_id"), "query_path": qt.column("path"), "query_row": qt.column("row"),
             "query_utm_east": qxy[:, 0], "query_utm_north": qxy[:, 1], "query_tag": tag.cast(pa.string()),
@@ -296,9 +308,11 @@ class SearchWorker(_Attempts):
                                                      pa.array(ids.astype(np.int64).ravel())),
             "global_score": pa.ListArray.from_arrays(np.arange(0, len(ids) * k + 1, k, dtype=np.int32),
                                                      pa.array(gscores.astype(np.float32).ravel())),
+            "query_tokens": tokens_column(tokens, qt.num_rows),
         }, schema=ROUTE_SCHEMA).take(pa.array(order))
-        write_route(self.job["results"], s, table, {"node_id": self.node_id, "pid": self.pid})
-        return qt.num_rows
+        write_route(self.job["results"], s, table, {"node_id": self.node_id, "pid": self.pid,
+                                                    "fetched_query_token_bytes": fetched})
+        return qt.num_rows, fetched
 
 
 # ---------------------------------------------------------------- phase 2: score one partition
@@ -384,9 +398,9 @@ class PartitionWorker(_Attempts):
             qpos = np.empty(nq, np.int64)
             qpos[locality_order(top1)] = np.arange(nq)
             sched = pair_schedule(qpos[qi], cand_rows, cc.chunk_rows)
-            # This partition's query tokens, read once in row order (each query chunk once).
-            q_rows_all = rt.column("query_row").to_numpy().astype(np.int64)
-            q_tokens = qc.read_rows_once(q_rows_all)
+            # This partition's query tokens: copied into the route rows by phase 1.
+            from .route import tokens_of
+            q_tokens = tokens_of(rt.column("query_tokens"), qc.array.shape[1:], qc.array.dtype)
             for name in self.scorers:
                 scores[name] = np.empty(n, np.float32)
                 seconds[name] = 0.0

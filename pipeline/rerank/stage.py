@@ -231,6 +231,7 @@ def _two_phases(config, rerankers, k, state, version, searches, seconds, ransac,
     bounds = read_bounds(config.results)
     catalog = None
     failed_searches: list[int] = []
+    summary = dict(nodes=set(), pairs=0, fetched=0, fetched_query=0, seen=np.zeros(0, bool))
     t = time.perf_counter()
     if bounds is None:
         done = searched_partitions(config.results)
@@ -244,7 +245,7 @@ def _two_phases(config, rerankers, k, state, version, searches, seconds, ransac,
             job["index"] = dict(dim=searcher.dim, normalize=searcher.normalize, num_vectors=searcher.num_vectors)
             try:
                 failed_searches = _run_pool(config, "search", pending, lambda todo: _search_pool(
-                    config, job, catalog, searcher, todo))[0]
+                    config, job, catalog, searcher, todo), summary)[0]
             finally:
                 searcher.close()
         bounds = write_bounds(config.results, searched_partitions(config.results), config.partition_queries)
@@ -259,7 +260,6 @@ def _two_phases(config, rerankers, k, state, version, searches, seconds, ransac,
     t = time.perf_counter()
     gpus = cluster_gpus() if "r2former" in rerankers else 0
     failed: list[int] = []
-    summary = dict(nodes=set(), pairs=0, fetched=0, fetched_query=0, seen=np.zeros(0, bool))
     if pending:
         if catalog is None:
             catalog = ray.remote(num_cpus=0)(build_catalog).remote(state.metadata(), config.database_store)
@@ -295,7 +295,7 @@ def _catalog_rows(catalog: dict) -> int:
     return int(catalog["row"].max()) + 1 if len(catalog["row"]) else 1
 
 
-def _run_pool(config, phase: str, pending: list[int], make, summary: dict | None = None) -> tuple[list[int]]:
+def _run_pool(config, phase: str, pending: list[int], make, summary: dict) -> tuple[list[int]]:
     """Stream ``pending`` partitions through the pool ``make(todo)`` builds; a pool that loses an
     actor for good (ray.kill, a node gone) is rebuilt on what is left, up to max_pool_restarts.
     The partition that was in flight counted an attempt, so one that kills its actor every time
@@ -309,17 +309,17 @@ def _run_pool(config, phase: str, pending: list[int], make, summary: dict | None
         try:
             for row in make(pending).iter_rows():
                 p = int(row["partition"])
-                if summary is not None:
+                summary["fetched_query"] += int(row["fetched_query_bytes"])
+                if phase == "score":
                     summary["nodes"].add(str(row["node_id"]))
                 if row["status"] != "done":
                     failed.append(p)
                     log.error("%s partition %d failed every attempt and is recorded in %s: %s", phase, p,
                               lay.route_failure(p) if phase == "search" else lay.failure(p), row["reason"])
                     continue
-                if summary is not None:
+                if phase == "score":
                     summary["pairs"] += int(row["pairs"])
                     summary["fetched"] += int(row["fetched_bytes"])
-                    summary["fetched_query"] += int(row["fetched_query_bytes"])
                     rows = np.asarray(row["candidate_rows"], np.int64)
                     if len(rows):
                         seen = summary["seen"]
