@@ -47,7 +47,9 @@ class Sampler(threading.Thread):
         self._halt = threading.Event()
 
     def run(self) -> None:
-        last_store = 0.0
+        # The object store is asked in its own thread: a slow answer must not stall process sampling.
+        store = threading.Thread(target=self._store_loop, daemon=True)
+        store.start()
         while not self._halt.is_set():
             self.driver_peak = max(self.driver_peak, self.me.memory_info().rss)
             for p in self._ray_processes():
@@ -58,10 +60,13 @@ class Sampler(threading.Thread):
                     if kind in ("IDLE", ""):
                         continue
                     self.kinds[kind] = max(self.kinds.get(kind, 0), p.info["memory_info"].rss)
-            if time.time() - last_store > 2.0:
-                self.store_peak = max(self.store_peak, _object_store_used())
-                last_store = time.time()
             self._halt.wait(self.period)
+        store.join()
+
+    def _store_loop(self) -> None:
+        while not self._halt.is_set():
+            self.store_peak = max(self.store_peak, _object_store_used())
+            self._halt.wait(2.0)
 
     def _ray_processes(self):
         """This driver's embedded Ray (its descendants) only: other Ray sessions on the machine do not count."""
