@@ -88,8 +88,18 @@ class LocalCluster:
                      "--include-dashboard", "false", *self._node_args(cpus, resources)])
         return self
 
-    def add_node(self, cpus: int = 2, resources: dict | None = None) -> None:
-        self._start([RAY, "start", "--address", self.address, *self._node_args(cpus, resources)])
+    def add_node(self, cpus: int = 2, resources: dict | None = None, tries: int = 2) -> None:
+        """Join one node. Ray gives a joining raylet a fixed 30 s to register; on a loaded 2-core
+        machine (a job already running on the head) that can pass, and the ``ray start`` exits:
+        then it is started again, with fresh ports."""
+        for attempt in range(tries):
+            try:
+                self._start([RAY, "start", "--address", self.address, *self._node_args(cpus, resources)])
+                return
+            except AssertionError:
+                if attempt + 1 == tries or self.procs[-1].poll() is None:
+                    raise
+                self.procs.pop()  # exited: nothing of it to stop
 
     def wait_nodes(self, n: int, timeout: float = 180) -> None:
         """Wait until ``n`` nodes are alive. Each probe is a subprocess with its own time limit (a
