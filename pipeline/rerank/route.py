@@ -107,8 +107,8 @@ def searched_partitions(results: str) -> dict[int, dict[str, Any]]:
     fs, path = storage.filesystem(lay.route_progress(0).rsplit("/", 1)[0])
     if not fs.exists(path):
         return {}
-    return {int(f.rsplit("search-", 1)[1].split(".")[0]): storage.read_json(storage.join(
-        lay.root, "routes", "progress", f.rsplit("/", 1)[1])) for f in sorted(fs.glob(path + "/search-*.json"))}
+    numbers = sorted(int(f.rsplit("search-", 1)[1].split(".")[0]) for f in fs.glob(path + "/search-*.json"))
+    return {s: storage.read_json(lay.route_progress(s)) for s in numbers}
 
 
 def cut_bounds(histogram: np.ndarray, partition_queries: int) -> list[int]:

@@ -351,15 +351,13 @@ class PartitionWorker(_Attempts):
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out: dict[str, list] = {k: [] for k in ("partition", "status", "pairs", "queries", "fetched_bytes",
-                                                  "fetched_query_bytes", "candidate_rows", "node_id", "seconds",
-                                                  "reason")}
+                                                  "candidate_rows", "node_id", "seconds", "reason")}
         for p in batch["partition"]:
             t0 = time.perf_counter()
             status, reason, got = self.attempt(int(p), self.run_partition)
-            pairs, queries, fetched, cand_rows, q_fetched = got or (0, 0, 0, np.zeros(0, np.int64), 0)
+            pairs, queries, fetched, cand_rows = got or (0, 0, 0, np.zeros(0, np.int64))
             for k, v in (("partition", int(p)), ("status", status), ("pairs", pairs), ("queries", queries),
-                         ("fetched_bytes", fetched), ("fetched_query_bytes", q_fetched),
-                         ("candidate_rows", cand_rows), ("node_id", self.node_id),
+                         ("fetched_bytes", fetched), ("candidate_rows", cand_rows), ("node_id", self.node_id),
                          ("seconds", time.perf_counter() - t0), ("reason", reason)):
                 out[k].append(v)
         return {k: (np.array(v, dtype=object) if k == "candidate_rows" else np.asarray(v)) for k, v in out.items()}
@@ -372,7 +370,7 @@ class PartitionWorker(_Attempts):
         schema = results_schema(names)
         if rt.num_rows == 0:
             write_part(self.job["results"], p, schema.empty_table(), self._marker(0, 0, 0, 0, {}))
-            return 0, 0, 0, np.zeros(0, np.int64), 0
+            return 0, 0, 0, np.zeros(0, np.int64)
         nq = rt.num_rows
         k = len(rt.column("candidate_id")[0])
         ids = rt.column("candidate_id").combine_chunks().flatten().to_numpy().reshape(nq, k)
@@ -389,10 +387,10 @@ class PartitionWorker(_Attempts):
 
         scores = {name: gs for name in names if name == "none"}
         seconds: dict[str, float] = {}
-        fetched = (0, 0)
+        fetched = 0
         if self.scorers:
             qc, cc = self.caches
-            before = (qc.fetched_bytes, cc.fetched_bytes)
+            before = cc.fetched_bytes
             # Token locality: queries by their top-1 candidate's row, pairs by candidate chunk.
             top1 = rt.column("top1_row").to_numpy()
             qpos = np.empty(nq, np.int64)
@@ -412,9 +410,8 @@ class PartitionWorker(_Attempts):
                     t = time.perf_counter()
                     scores[name][sel] = scorer.score(qtok, ctok)
                     seconds[name] += time.perf_counter() - t
-            fetched = (qc.fetched_bytes - before[0], cc.fetched_bytes - before[1])
+            fetched = cc.fetched_bytes - before
 
-        from ..evaluate import positions_of  # noqa: F401  (positions come from the route rows)
         ranks = {name: reranked_ranks(qi, scores[name], global_rank) for name in names}
         first = names[0]
         order = np.lexsort((ranks[first], qi))  # rows in (query, first reranker's rank) order
@@ -435,13 +432,12 @@ class PartitionWorker(_Attempts):
             cols[f"rerank_score_{name}"] = scores[name].astype(np.float32)
         table = pa.table(cols, schema=schema).take(pa.array(order))
         distinct = np.unique(cand_rows) if self.scorers else np.zeros(0, np.int64)
-        write_part(self.job["results"], p, table, self._marker(nq, n, fetched[1], len(distinct), seconds,
-                                                               query_fetched=fetched[0]))
-        return n, nq, fetched[1], distinct, fetched[0]
+        write_part(self.job["results"], p, table, self._marker(nq, n, fetched, len(distinct), seconds))
+        return n, nq, fetched, distinct
 
-    def _marker(self, queries: int, pairs: int, fetched: int, distinct: int, seconds: dict[str, float],
-                query_fetched: int = 0) -> dict[str, Any]:
-        return {"queries": queries, "pairs": pairs, "fetched_token_bytes": fetched,
-                "fetched_query_token_bytes": query_fetched, "distinct_candidates": distinct,
+    def _marker(self, queries: int, pairs: int, fetched: int, distinct: int,
+                seconds: dict[str, float]) -> dict[str, Any]:
+        # Query token bytes are phase 1's (they travel in the route rows); see route markers.
+        return {"queries": queries, "pairs": pairs, "fetched_token_bytes": fetched, "distinct_candidates": distinct,
                 "rerank_seconds": seconds, "node_id": self.node_id, "pid": self.pid,
                 "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

@@ -67,7 +67,7 @@ class RerankResult:
     rerankers: list[str] = field(default_factory=list)       # every reranker of the run, first = ``reranker``
     rerank_seconds: dict[str, float] = field(default_factory=dict)  # scoring time per reranker (committed parts)
     failed_search_partitions: list[int] = field(default_factory=list)  # phase 1 partitions that failed
-    fetched_query_token_bytes: int = 0       # query tokens read (whole chunks, once per partition) this run
+    fetched_query_token_bytes: int = 0       # query tokens read in phase 1 (whole chunks, each once) this run
 
     @property
     def ok(self) -> bool:
@@ -245,7 +245,7 @@ def _two_phases(config, rerankers, k, state, version, searches, seconds, ransac,
             job["index"] = dict(dim=searcher.dim, normalize=searcher.normalize, num_vectors=searcher.num_vectors)
             try:
                 failed_searches = _run_pool(config, "search", pending, lambda todo: _search_pool(
-                    config, job, catalog, searcher, todo), summary)[0]
+                    config, job, catalog, searcher, todo), summary)
             finally:
                 searcher.close()
         bounds = write_bounds(config.results, searched_partitions(config.results), config.partition_queries)
@@ -264,7 +264,7 @@ def _two_phases(config, rerankers, k, state, version, searches, seconds, ransac,
         if catalog is None:
             catalog = ray.remote(num_cpus=0)(build_catalog).remote(state.metadata(), config.database_store)
         failed = _run_pool(config, "score", pending, lambda todo: _score_pool(config, job, catalog, todo, gpus),
-                           summary)[0]
+                           summary)
     del catalog
     seconds["rerank"] = time.perf_counter() - t
 
@@ -295,7 +295,7 @@ def _catalog_rows(catalog: dict) -> int:
     return int(catalog["row"].max()) + 1 if len(catalog["row"]) else 1
 
 
-def _run_pool(config, phase: str, pending: list[int], make, summary: dict) -> tuple[list[int]]:
+def _run_pool(config, phase: str, pending: list[int], make, summary: dict) -> list[int]:
     """Stream ``pending`` partitions through the pool ``make(todo)`` builds; a pool that loses an
     actor for good (ray.kill, a node gone) is rebuilt on what is left, up to max_pool_restarts.
     The partition that was in flight counted an attempt, so one that kills its actor every time
@@ -309,8 +309,9 @@ def _run_pool(config, phase: str, pending: list[int], make, summary: dict) -> tu
         try:
             for row in make(pending).iter_rows():
                 p = int(row["partition"])
-                summary["fetched_query"] += int(row["fetched_query_bytes"])
-                if phase == "score":
+                if phase == "search":
+                    summary["fetched_query"] += int(row["fetched_query_bytes"])
+                else:
                     summary["nodes"].add(str(row["node_id"]))
                 if row["status"] != "done":
                     failed.append(p)
@@ -337,7 +338,7 @@ def _run_pool(config, phase: str, pending: list[int], make, summary: dict) -> tu
             pending = [p for p in pending if p not in done and p not in failed]
             log.warning("%s pool lost an actor (%s); restarting it on %d remaining partition(s) (%d/%d)", phase,
                         type(exc).__name__, len(pending), restarts, config.max_pool_restarts)
-    return (failed,)
+    return failed
 
 
 def _search_pool(config, job, catalog, searcher, pending):

@@ -35,15 +35,20 @@ class ChunkCache:
     def row_bytes(self) -> int:
         return int(np.prod(self.array.shape[1:])) * self.array.dtype.itemsize
 
+    def _fetch(self, c: int) -> np.ndarray:
+        """One whole stored chunk from the store, counted."""
+        lo, hi = c * self.chunk_rows, min(self.rows, (c + 1) * self.chunk_rows)
+        got = np.asarray(self.array[lo:hi])
+        self.fetched_bytes += got.nbytes
+        self.fetched_chunks += 1
+        return got
+
     def _chunk(self, c: int) -> np.ndarray:
         got = self._chunks.get(c)
         if got is not None:
             self._chunks.move_to_end(c)
             return got
-        lo, hi = c * self.chunk_rows, min(self.rows, (c + 1) * self.chunk_rows)
-        got = np.asarray(self.array[lo:hi])  # one whole stored chunk
-        self.fetched_bytes += got.nbytes
-        self.fetched_chunks += 1
+        got = self._fetch(c)
         self._chunks[c] = got
         if len(self._chunks) > self.cache_chunks:
             self._chunks.popitem(last=False)
@@ -72,9 +77,6 @@ class ChunkCache:
             c = int(chunk_of[sel[0]])
             got = self._chunks.get(c)
             if got is None:
-                lo, hi = c * self.chunk_rows, min(self.rows, (c + 1) * self.chunk_rows)
-                got = np.asarray(self.array[lo:hi])
-                self.fetched_bytes += got.nbytes
-                self.fetched_chunks += 1
+                got = self._fetch(c)
             out[sel] = got[rows[sel] - c * self.chunk_rows]
         return out
