@@ -138,7 +138,17 @@ def test_rerun_skips_committed_partitions_and_rewrites_a_lost_one(city, ransac_r
     (copy / "part-00003.parquet").write_bytes(b"half a file")
     again = run(_cfg(city, copy))
     assert again.skipped_partitions == 5 and again.num_pairs == res.num_pairs
-    assert again.fetched_token_bytes > 0  # partition 3 was scored again, alone
+    assert again.skipped_score_partitions == 6 and again.fetched_token_bytes == 0  # its scores were kept
+    assert read_results(str(copy)).equals(table)  # same rows, same order
+
+    # Score partition 3 lost too (and its part): it is scored again, alone, bit-equal.
+    (copy / "manifest.json").unlink()
+    (copy / "progress" / "part-00003.json").unlink()
+    (copy / "scores" / "progress" / "score-00003.json").unlink()
+    (copy / "scores" / "score-00003.parquet").write_bytes(b"half a file")
+    again = run(_cfg(city, copy))
+    assert again.skipped_partitions == 5 and again.skipped_score_partitions == 5
+    assert again.fetched_token_bytes > 0
     assert read_results(str(copy)).equals(table)  # bit-equal scores, same rows, same order
 
 

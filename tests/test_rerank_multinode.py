@@ -1,6 +1,6 @@
 """The rerank job on a two-node local Ray cluster where the second node joins after the job
 started: the scorer pool (Ray Data's autoscaling actor pool, max = what the cluster has) grows
-onto it, and the progress markers show partitions scored on both nodes."""
+onto it, and the score partitions' markers show partitions scored on both nodes."""
 from __future__ import annotations
 
 import json
@@ -49,7 +49,7 @@ def test_partitions_scored_on_a_node_that_joined_mid_job(city, tmp_path, tmp_pat
         got = json.loads(out.split("RESULT ", 1)[1])
     finally:
         cluster.stop()
-    markers = [json.loads(p.read_text()) for p in sorted((results / "progress").glob("*.json"))]
+    markers = [json.loads(p.read_text()) for p in sorted((results / "scores" / "progress").glob("*.json"))]
     assert len(markers) == QUERIES // PART and got["pairs"] == QUERIES * K
     nodes = {m["node_id"] for m in markers}
     assert len(nodes) == 2, markers  # partitions were scored on the head and on the node that joined

@@ -25,7 +25,7 @@ DRIVER = (
     "import json, sys; from pipeline.log import setup_logging; setup_logging('WARNING')\n"
     "from pipeline.rerank import RerankConfig, run\n"
     "r = run(RerankConfig(**json.loads(sys.argv[1])))\n"
-    "print('RESULT', json.dumps({'pairs': r.num_pairs, 'skipped': r.skipped_partitions}))\n")
+    "print('RESULT', json.dumps({'pairs': r.num_pairs, 'skipped': r.skipped_score_partitions}))\n")
 
 KILL_ONE_SCORER = (
     "import ray, sys\n"
@@ -50,7 +50,9 @@ def _config(city: Path, results: Path) -> str:
 
 
 def _markers(results: Path) -> int:
-    return len(list((results / "progress").glob("part-*.json"))) if (results / "progress").exists() else 0
+    """Score partitions committed (phase 3: the scorers' work; the parts are cut from it last)."""
+    folder = results / "scores" / "progress"
+    return len(list(folder.glob("score-*.json"))) if folder.exists() else 0
 
 
 def test_killed_scorer_and_driver_resume_exactly_once(city, tmp_path):

@@ -10,6 +10,8 @@ A results location is a folder (the streaming job) or, for runs made before it, 
     <results>/routes/search-00003.parquet          phase 1: search partition 3's queries and top-K (route.py)
     <results>/routes/progress/search-00003.json    committed, with its histogram of route bins
     <results>/routes/bounds.json        the barrier: which bins each score partition covers (fixed once written)
+    <results>/strays/search-00003.parquet          phase 2: search partition 3's pairs scored by another partition
+    <results>/scores/score-00012.parquet           phase 3: scores of the pairs whose candidate is in partition 12's rows
     <results>/manifest.json             written last: the parts of a finished job and the state it read
 
 A part carries ``rank`` / ``rerank_score`` of the first reranker of the run and, for every
@@ -112,6 +114,43 @@ class ResultsLayout:
     def bounds(self) -> str:
         return storage.join(self.root, "routes", "bounds.json")
 
+    # phase 2 (strays.py): search partition s's stray pairs, by the score partition that owns them
+    def strays(self, s: int) -> str:
+        return storage.join(self.root, "strays", f"search-{s:05d}.parquet")
+
+    def strays_progress(self, s: int) -> str:
+        return storage.join(self.root, "strays", "progress", f"search-{s:05d}.json")
+
+    def strays_attempts(self, s: int) -> str:
+        return storage.join(self.root, "strays", "attempts", f"search-{s:05d}.json")
+
+    def strays_failure(self, s: int) -> str:
+        return storage.join(self.root, "strays", "failures", f"search-{s:05d}.json")
+
+    # phase 3 (score.py): the scores of every pair whose candidate lies in score partition q's rows
+    def scores(self, q: int) -> str:
+        return storage.join(self.root, "scores", f"score-{q:05d}.parquet")
+
+    def scores_progress(self, q: int) -> str:
+        return storage.join(self.root, "scores", "progress", f"score-{q:05d}.json")
+
+    def scores_attempts(self, q: int) -> str:
+        return storage.join(self.root, "scores", "attempts", f"score-{q:05d}.json")
+
+    def scores_failure(self, q: int) -> str:
+        return storage.join(self.root, "scores", "failures", f"score-{q:05d}.json")
+
+
+def markers_in(url_of_zero: str, prefix: str) -> dict[int, dict[str, Any]]:
+    """``{n: marker}`` of the markers beside ``url_of_zero`` (the URL marker 0 would have) whose
+    names are ``<prefix>NNNNN.json``. O(partitions)."""
+    folder = url_of_zero.rsplit("/", 1)[0]
+    fs, path = storage.filesystem(folder)
+    if not fs.exists(path):
+        return {}
+    numbers = sorted(int(f.rsplit(prefix, 1)[1].split(".")[0]) for f in fs.glob(f"{path}/{prefix}*.json"))
+    return {n: storage.read_json(storage.join(folder, f"{prefix}{n:05d}.json")) for n in numbers}
+
 
 def is_single_file(results: str) -> bool:
     """A legacy results file (one Parquet for the whole run) rather than a folder of parts."""
@@ -121,15 +160,7 @@ def is_single_file(results: str) -> bool:
 
 def committed_partitions(results: str) -> dict[int, dict[str, Any]]:
     """Progress markers of the committed partitions: ``{partition: marker}``. O(partitions)."""
-    lay = ResultsLayout(results)
-    fs, path = storage.filesystem(storage.join(results, "progress"))
-    if not fs.exists(path):
-        return {}
-    out = {}
-    for f in sorted(fs.glob(path + "/part-*.json")):
-        p = int(f.rsplit("part-", 1)[1].split(".")[0])
-        out[p] = storage.read_json(lay.progress(p))
-    return out
+    return markers_in(ResultsLayout(results).progress(0), "part-")
 
 
 def write_part(results: str, partition: int, table: pa.Table, marker: dict[str, Any]) -> None:

@@ -38,7 +38,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .. import storage
-from .results import ResultsLayout
+from .results import ResultsLayout, markers_in
 
 BINS = 65536
 ROW_GROUP = 256
@@ -73,6 +73,8 @@ def tokens_of(column: pa.ChunkedArray | pa.Array, shape: tuple[int, ...], dtype)
     """The inverse of ``tokens_column``: (n, *shape) in the stored dtype."""
     arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     n = len(arr)
+    if n == 0:
+        return np.zeros((0,) + tuple(shape), dtype)
     width = int(np.prod(shape)) * np.dtype(dtype).itemsize
     offsets = np.frombuffer(arr.buffers()[1], np.int64)[arr.offset:arr.offset + n + 1]
     data = np.frombuffer(arr.buffers()[2], np.uint8)
@@ -103,12 +105,7 @@ def write_route(results: str, s: int, table: pa.Table, marker: dict[str, Any]) -
 
 def searched_partitions(results: str) -> dict[int, dict[str, Any]]:
     """Progress markers of the committed search partitions: ``{s: marker}``. O(partitions)."""
-    lay = ResultsLayout(results)
-    fs, path = storage.filesystem(lay.route_progress(0).rsplit("/", 1)[0])
-    if not fs.exists(path):
-        return {}
-    numbers = sorted(int(f.rsplit("search-", 1)[1].split(".")[0]) for f in fs.glob(path + "/search-*.json"))
-    return {s: storage.read_json(lay.route_progress(s)) for s in numbers}
+    return markers_in(ResultsLayout(results).route_progress(0), "search-")
 
 
 def cut_bounds(histogram: np.ndarray, partition_queries: int) -> list[int]:
@@ -133,7 +130,11 @@ def write_bounds(results: str, markers: dict[int, dict[str, Any]], partition_que
     hist = np.zeros(BINS, np.int64)
     for m in markers.values():
         np.add.at(hist, np.asarray(m["bins"], np.int64), np.asarray(m["counts"], np.int64))
+    rows = {int(m["database_rows"]) for m in markers.values() if "database_rows" in m}
+    if len(rows) > 1:
+        raise ValueError(f"search partitions of {results} were routed over different database sizes {sorted(rows)}")
     bounds = {"bins": BINS, "edges": cut_bounds(hist, partition_queries), "searched": sorted(markers),
+              "database_rows": rows.pop() if rows else 1,
               "queries": int(hist.sum()), "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     bounds["partitions"] = len(bounds["edges"]) - 1
     storage.write_json(ResultsLayout(results).bounds, bounds)
@@ -145,29 +146,65 @@ def read_bounds(results: str) -> dict[str, Any] | None:
     return storage.read_json(url) if storage.exists(url) else None
 
 
-def read_route_rows(url: str, lo: int, hi: int) -> pa.Table:
-    """Rows of one route part with ``lo <= route_bin < hi``; row groups outside by their min/max
-    statistics are not read."""
+def read_range(url: str, key: str, lo: int, hi: int, schema: pa.Schema, columns: list[str] | None = None) -> pa.Table:
+    """Rows of one Parquet file with ``lo <= key < hi`` (``columns`` only, default all); row groups
+    outside by their min/max statistics are not read. For files sorted by ``key``: routes by bin,
+    strays by owner partition, scores by origin partition."""
+    cols = None if columns is None else list(dict.fromkeys(list(columns) + [key]))
     fs, path = storage.filesystem(url)
     with fs.open(path, "rb") as f:
         pf = pq.ParquetFile(f)
-        col = pf.schema_arrow.get_field_index("route_bin")
+        col = pf.schema_arrow.get_field_index(key)
         keep = []
         for g in range(pf.num_row_groups):
             st = pf.metadata.row_group(g).column(col).statistics
             if st is None or not st.has_min_max or (st.max >= lo and st.min < hi):
                 keep.append(g)
-        if not keep:
-            return ROUTE_SCHEMA.empty_table()
-        t = pf.read_row_groups(keep)
-    b = t.column("route_bin").to_numpy()
-    return t.filter(pa.array((b >= lo) & (b < hi)))
+        t = pf.read_row_groups(keep, columns=cols) if keep else None
+    if t is None:
+        t = schema.empty_table() if cols is None else schema.empty_table().select(cols)
+    b = t.column(key).to_numpy()
+    t = t.filter(pa.array((b >= lo) & (b < hi)))
+    return t if columns is None or key in columns else t.drop_columns([key])
 
 
-def partition_routes(results: str, bounds: dict[str, Any], p: int) -> pa.Table:
+def read_route_rows(url: str, lo: int, hi: int, columns: list[str] | None = None) -> pa.Table:
+    """Rows of one route part with ``lo <= route_bin < hi``."""
+    return read_range(url, "route_bin", lo, hi, ROUTE_SCHEMA, columns)
+
+
+def partition_routes(results: str, bounds: dict[str, Any], p: int, columns: list[str] | None = None) -> pa.Table:
     """All route rows of score partition ``p``, in (search partition, key) order: deterministic."""
     lay = ResultsLayout(results)
     lo, hi = bounds["edges"][p], bounds["edges"][p + 1]
-    tables = [read_route_rows(lay.route(s), lo, hi) for s in bounds["searched"]]
+    tables = [read_route_rows(lay.route(s), lo, hi, columns) for s in bounds["searched"]]
     tables = [t for t in tables if t.num_rows]
-    return pa.concat_tables(tables) if tables else ROUTE_SCHEMA.empty_table()
+    if tables:
+        return pa.concat_tables(tables)
+    return ROUTE_SCHEMA.empty_table() if columns is None else ROUTE_SCHEMA.empty_table().select(columns)
+
+
+def owner_of(rows: np.ndarray, bounds: dict[str, Any]) -> np.ndarray:
+    """The score partition whose stretch of database rows holds each row (its bin's partition)."""
+    bins = route_bin(rows, int(bounds["database_rows"]))
+    return (np.searchsorted(np.asarray(bounds["edges"]), bins, side="right") - 1).astype(np.int32)
+
+
+def candidate_pairs(rt: pa.Table, catalog: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The (query, candidate) pairs of some route rows, in (row, global rank) order: ``qi`` (the
+    route row), ``gi`` (the position in its K list), ``cand`` (the catalog position), ``global_rank``
+    (1-based among the known candidates), ``global_score``, ``row`` (the candidate's Zarr row).
+    Ids that are -1 or not in the catalog are dropped."""
+    nq = rt.num_rows
+    if nq == 0:
+        z = np.zeros(0, np.int64)
+        return dict(qi=z, gi=z, cand=z, global_rank=z.astype(np.int32), global_score=z.astype(np.float32), row=z)
+    k = len(rt.column("candidate_id")[0])
+    ids = rt.column("candidate_id").combine_chunks().flatten().to_numpy().reshape(nq, k)
+    gscores = rt.column("global_score").combine_chunks().flatten().to_numpy().reshape(nq, k)
+    pos = np.minimum(np.searchsorted(catalog["image_id"], ids), len(catalog["image_id"]) - 1)
+    known = (ids >= 0) & (catalog["image_id"][pos] == ids)
+    qi, gi = np.nonzero(known)  # row-major: by query, in global rank order
+    cand = pos[qi, gi]
+    return dict(qi=qi, gi=gi, cand=cand, global_rank=((np.cumsum(known, axis=1) - 1)[qi, gi] + 1).astype(np.int32),
+                global_score=gscores[qi, gi].astype(np.float32), row=catalog["row"][cand])

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from .. import storage
 from ..log import get_logger
@@ -280,7 +281,8 @@ class SearchWorker(_Attempts):
 
         qt = self._query_table(s, ["image_id", "path", "row", "utm_east", "utm_north", "global_descriptor", "tag"])
         if qt is None:
-            write_route(self.job["results"], s, ROUTE_SCHEMA.empty_table(), {"node_id": self.node_id})
+            write_route(self.job["results"], s, ROUTE_SCHEMA.empty_table(),
+                        {"node_id": self.node_id, "database_rows": self.job["database_rows"]})
             return 0, 0
         ids, gscores = self._search(storage.descriptors_of(qt))
         cat = self.catalog
@@ -311,15 +313,72 @@ class SearchWorker(_Attempts):
             "query_tokens": tokens_column(tokens, qt.num_rows),
         }, schema=ROUTE_SCHEMA).take(pa.array(order))
         write_route(self.job["results"], s, table, {"node_id": self.node_id, "pid": self.pid,
+                                                    "database_rows": self.job["database_rows"],
                                                     "fetched_query_token_bytes": fetched})
         return qt.num_rows, fetched
 
 
-# ---------------------------------------------------------------- phase 2: score one partition
-class PartitionWorker(_Attempts):
-    """``{"partition": [p]}`` -> one summary row; the part itself goes to storage."""
+# ---------------------------------------------------------------- phase 2: split off the strays
+class SplitWorker(_Attempts):
+    """``{"partition": [s]}`` -> one summary row; search partition s's stray pairs go to storage
+    (strays.py). Stateless apart from the catalog: run as Ray tasks (``split_batch``)."""
 
-    kind = "partition"
+    kind = "stray split"
+
+    def __init__(self, job: dict[str, Any], catalog: list):
+        import ray
+
+        from .route import read_bounds
+        self._setup(job)
+        self.catalog = ray.get(catalog[0])
+        self.bounds = read_bounds(job["results"])
+
+    def _paths(self, s: int) -> tuple[str, str]:
+        return self.layout.strays_attempts(s), self.layout.strays_failure(s)
+
+    def _query_ids(self, s: int) -> list[int]:
+        from .route import read_route_rows
+        return read_route_rows(self.layout.route(s), 0, self.bounds["bins"], ["query_id"]).column("query_id").to_pylist()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out: dict[str, list] = {k: [] for k in ("partition", "status", "stray_pairs", "stray_bytes", "reason")}
+        for s in batch["partition"]:
+            status, reason, got = self.attempt(int(s), self.split)
+            got = got or {}
+            for k, v in (("partition", int(s)), ("status", status), ("stray_pairs", got.get("stray_pairs", 0)),
+                         ("stray_bytes", got.get("stray_query_token_bytes", 0)), ("reason", reason)):
+                out[k].append(v)
+        return {k: np.asarray(v) for k, v in out.items()}
+
+    def split(self, s: int) -> dict[str, int]:
+        from .strays import split_strays
+        arr = storage.open_local_tokens(self.job["query_store"])
+        return split_strays(self.job["results"], s, self.bounds, self.catalog, tuple(arr.shape[1:]), arr.dtype,
+                            {"node_id": self.node_id, "pid": self.pid})
+
+
+def split_batch(batch: dict[str, np.ndarray], job: dict[str, Any], catalog: list) -> dict[str, np.ndarray]:
+    return SplitWorker(job, catalog)(batch)
+
+
+# ---------------------------------------------------------------- phase 3: score one partition's rows
+SCORES_ROW_GROUP = 4096
+
+
+def scores_schema(scorers: list[str]) -> pa.Schema:
+    return pa.schema([("origin", pa.int32()), ("query_id", pa.int64()), ("gi", pa.int32())]
+                     + [(f"score_{n}", pa.float32()) for n in scorers])
+
+
+class ScoreWorker(_Attempts):
+    """``{"partition": [q]}`` -> one summary row; the scores go to storage.
+
+    Score partition q scores the pairs whose candidate lies in its stretch of database rows: its
+    own queries' pairs there and the strays other partitions sent it (strays.py), in one pass in
+    candidate-chunk order, and writes every score under the partition of its query (``origin``):
+    ``scores/score-QQQQQ.parquet`` sorted by (origin, query, position), then its marker."""
+
+    kind = "score partition"
 
     def __init__(self, job: dict[str, Any], catalog: list):
         import ray
@@ -330,91 +389,180 @@ class PartitionWorker(_Attempts):
         self._setup(job)
         self.catalog = ray.get(catalog[0])
         self.bounds = read_bounds(job["results"])
-        self.rerankers = [r for r in job["rerankers"] if r != "none"]
         self.scorers: dict[str, PairScorer] = {}
-        self.caches = None
-        if self.rerankers:
-            self.caches = (ChunkCache(job["query_store"], job["cache_chunks"]),
-                           ChunkCache(job["database_store"], job["cache_chunks"]))
-            for name in self.rerankers:
-                self.scorers[name] = PairScorer(name, job["backbone"], job["checkpoint"], job["query_store"],
-                                                job["database_store"], RansacConfig(**job["ransac"]),
-                                                threads=job["threads"], rerank_dtype=job["rerank_dtype"],
-                                                caches=self.caches)
+        self.caches = (ChunkCache(job["query_store"], job["cache_chunks"]),
+                       ChunkCache(job["database_store"], job["cache_chunks"]))
+        for name in [r for r in job["rerankers"] if r != "none"]:
+            self.scorers[name] = PairScorer(name, job["backbone"], job["checkpoint"], job["query_store"],
+                                            job["database_store"], RansacConfig(**job["ransac"]),
+                                            threads=job["threads"], rerank_dtype=job["rerank_dtype"],
+                                            caches=self.caches)
+
+    def _paths(self, q: int) -> tuple[str, str]:
+        return self.layout.scores_attempts(q), self.layout.scores_failure(q)
+
+    def _query_ids(self, q: int) -> list[int]:
+        from .route import partition_routes
+        return partition_routes(self.job["results"], self.bounds, q, ["query_id"]).column("query_id").to_pylist()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out: dict[str, list] = {k: [] for k in ("partition", "status", "pairs", "fetched_bytes", "candidate_rows",
+                                                  "node_id", "seconds", "reason")}
+        for q in batch["partition"]:
+            t0 = time.perf_counter()
+            status, reason, got = self.attempt(int(q), self.score_partition)
+            pairs, fetched, cand_rows = got or (0, 0, np.zeros(0, np.int64))
+            for k, v in (("partition", int(q)), ("status", status), ("pairs", pairs), ("fetched_bytes", fetched),
+                         ("candidate_rows", cand_rows), ("node_id", self.node_id),
+                         ("seconds", time.perf_counter() - t0), ("reason", reason)):
+                out[k].append(v)
+        return {k: (np.array(v, dtype=object) if k == "candidate_rows" else np.asarray(v)) for k, v in out.items()}
+
+    def score_partition(self, q: int):
+        from .route import candidate_pairs, owner_of, partition_routes, tokens_of
+        from .strays import owned_strays
+
+        qc, cc = self.caches
+        shape, dtype = qc.array.shape[1:], qc.array.dtype
+        rt = partition_routes(self.job["results"], self.bounds, q)
+        pairs = candidate_pairs(rt, self.catalog)
+        local = np.flatnonzero(owner_of(pairs["row"], self.bounds) == q)
+        st = owned_strays(self.job["results"], self.bounds["searched"], q)
+        nq, ns = rt.num_rows, st.num_rows
+        tokens = np.concatenate([tokens_of(rt.column("query_tokens"), shape, dtype),
+                                 tokens_of(st.column("query_tokens"), shape, dtype)])
+        # Token locality: own queries by their top-1 candidate's row, then the strays (sorted by
+        # candidate row already); pairs by candidate chunk.
+        qpos = np.empty(nq, np.int64)
+        qpos[locality_order(rt.column("top1_row").to_numpy())] = np.arange(nq)
+        tok_idx = np.r_[pairs["qi"][local], nq + np.arange(ns)]
+        rows = np.r_[pairs["row"][local], st.column("candidate_row").to_numpy()].astype(np.int64)
+        sched = pair_schedule(np.r_[qpos[pairs["qi"][local]], nq + np.arange(ns)], rows, cc.chunk_rows)
+        n = len(rows)
+        before = cc.fetched_bytes
+        scores = {name: np.empty(n, np.float32) for name in self.scorers}
+        seconds = {name: 0.0 for name in self.scorers}
+        step = max(1, int(self.job["batch_pairs"]))
+        for a in range(0, n, step):
+            sel = sched[a:a + step]
+            qtok, ctok = tokens[tok_idx[sel]].astype(np.float32), cc.read(rows[sel])
+            for name, scorer in self.scorers.items():
+                t = time.perf_counter()
+                scores[name][sel] = scorer.score(qtok, ctok)
+                seconds[name] += time.perf_counter() - t
+        fetched = cc.fetched_bytes - before
+        origin = np.r_[np.full(len(local), q, np.int32), st.column("origin").to_numpy()].astype(np.int32)
+        qid = np.r_[rt.column("query_id").to_numpy()[pairs["qi"][local]], st.column("query_id").to_numpy()]
+        gi = np.r_[pairs["gi"][local], st.column("gi").to_numpy()].astype(np.int32)
+        order = np.lexsort((gi, qid, origin))
+        schema = scores_schema(list(self.scorers))
+        table = pa.table({"origin": origin, "query_id": qid.astype(np.int64), "gi": gi,
+                          **{f"score_{name}": v for name, v in scores.items()}}, schema=schema).take(pa.array(order))
+        lay = self.layout
+        fs, path = storage.filesystem(lay.scores(q))
+        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        with fs.open(path, "wb") as f:
+            pq.write_table(table, f, row_group_size=SCORES_ROW_GROUP)
+        distinct = np.unique(rows)
+        storage.write_json(lay.scores_progress(q), {
+            "score_partition": q, "queries": nq, "pairs": n, "own_pairs": int(len(local)), "stray_pairs": ns,
+            "fetched_token_bytes": fetched, "distinct_candidates": int(len(distinct)), "rerank_seconds": seconds,
+            "node_id": self.node_id, "pid": self.pid, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        return n, fetched, distinct
+
+
+def scored_partitions(results: str) -> dict[int, dict[str, Any]]:
+    """Markers of the committed score partitions (phase 3): ``{q: marker}``. O(partitions)."""
+    from .results import markers_in
+    return markers_in(ResultsLayout(results).scores_progress(0), "score-")
+
+
+# ---------------------------------------------------------------- phase 4: commit one results part
+class CommitWorker(_Attempts):
+    """``{"partition": [p]}`` -> one summary row; partition p's results part goes to storage.
+    Stateless apart from the catalog: run as Ray tasks (``commit_batch``).
+
+    The part holds p's queries and their K candidates (route rows, without tokens), with the
+    scores of every reranker gathered from the score files of the partitions that own them
+    (sorted by origin, so only p's row groups are read). Every pair must have exactly one score."""
+
+    kind = "partition"
+
+    def __init__(self, job: dict[str, Any], catalog: list):
+        import ray
+
+        from .route import read_bounds
+        self._setup(job)
+        self.catalog = ray.get(catalog[0])
+        self.bounds = read_bounds(job["results"])
 
     def _paths(self, p: int) -> tuple[str, str]:
         return self.layout.attempts(p), self.layout.failure(p)
 
     def _query_ids(self, p: int) -> list[int]:
         from .route import partition_routes
-        return partition_routes(self.job["results"], self.bounds, p).column("query_id").to_pylist()
+        return partition_routes(self.job["results"], self.bounds, p, ["query_id"]).column("query_id").to_pylist()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out: dict[str, list] = {k: [] for k in ("partition", "status", "pairs", "queries", "fetched_bytes",
-                                                  "candidate_rows", "node_id", "seconds", "reason")}
+        out: dict[str, list] = {k: [] for k in ("partition", "status", "pairs", "queries", "reason")}
         for p in batch["partition"]:
-            t0 = time.perf_counter()
-            status, reason, got = self.attempt(int(p), self.run_partition)
-            pairs, queries, fetched, cand_rows = got or (0, 0, 0, np.zeros(0, np.int64))
+            status, reason, got = self.attempt(int(p), self.commit)
+            pairs, queries = got or (0, 0)
             for k, v in (("partition", int(p)), ("status", status), ("pairs", pairs), ("queries", queries),
-                         ("fetched_bytes", fetched), ("candidate_rows", cand_rows), ("node_id", self.node_id),
-                         ("seconds", time.perf_counter() - t0), ("reason", reason)):
+                         ("reason", reason)):
                 out[k].append(v)
-        return {k: (np.array(v, dtype=object) if k == "candidate_rows" else np.asarray(v)) for k, v in out.items()}
+        return {k: np.asarray(v) for k, v in out.items()}
 
-    def run_partition(self, p: int):
-        from .route import partition_routes
+    def _gather(self, p: int, rt: pa.Table, pairs: dict[str, np.ndarray], scorers: list[str]) -> dict[str, np.ndarray]:
+        """Each pair's score per reranker, from the score files of the partitions owning its candidate."""
+        from .route import owner_of, read_range
+        lay = self.layout
+        owners = np.unique(owner_of(pairs["row"], self.bounds)).tolist()
+        missing = [o for o in owners if not storage.exists(lay.scores_progress(o))]
+        if missing:
+            raise RuntimeError(f"score partition(s) {missing} scored no pairs (see {self.job['results']}/scores/"
+                               f"failures/); this partition's candidates in their rows have no score")
+        schema = scores_schema(scorers)
+        tables = [read_range(lay.scores(o), "origin", p, p + 1, schema) for o in owners]
+        sc = pa.concat_tables([t for t in tables if t.num_rows] or [schema.empty_table()])
+        ids = rt.column("query_id").to_numpy()
+        sorter = np.argsort(ids, kind="stable")
+        got_ids = sc.column("query_id").to_numpy()
+        at = sorter[np.minimum(np.searchsorted(ids[sorter], got_ids), len(ids) - 1)]
+        k = len(rt.column("candidate_id")[0])
+        n = len(pairs["qi"])
+        if sc.num_rows != n or not (ids[at] == got_ids).all():
+            raise RuntimeError(f"partition {p} has {n} pairs but {sc.num_rows} scores in the score files of "
+                               f"partitions {owners}")
+        slot = np.full(rt.num_rows * k, -1, np.int64)
+        slot[at * k + sc.column("gi").to_numpy()] = np.arange(sc.num_rows)
+        take = slot[pairs["qi"] * k + pairs["gi"]]
+        if (take < 0).any():
+            raise RuntimeError(f"partition {p}: {int((take < 0).sum())} pairs have no score in the score files of "
+                               f"partitions {owners}")
+        return {name: sc.column(f"score_{name}").to_numpy()[take] for name in scorers}
 
-        rt = partition_routes(self.job["results"], self.bounds, p)
+    def commit(self, p: int):
+        from .route import ROUTE_SCHEMA, candidate_pairs, partition_routes
+
         names = self.job["rerankers"]
         schema = results_schema(names)
-        if rt.num_rows == 0:
-            write_part(self.job["results"], p, schema.empty_table(), self._marker(0, 0, 0, 0, {}))
-            return 0, 0, 0, np.zeros(0, np.int64)
-        nq = rt.num_rows
-        k = len(rt.column("candidate_id")[0])
-        ids = rt.column("candidate_id").combine_chunks().flatten().to_numpy().reshape(nq, k)
-        gscores = rt.column("global_score").combine_chunks().flatten().to_numpy().reshape(nq, k)
-        cat = self.catalog
-        pos = np.minimum(np.searchsorted(cat["image_id"], ids), len(cat["image_id"]) - 1)
-        known = (ids >= 0) & (cat["image_id"][pos] == ids)  # -1 and unknown ids are dropped
-        qi, gi = np.nonzero(known)  # row-major: by query, in global rank order
-        cand = pos[qi, gi]
-        global_rank = ((np.cumsum(known, axis=1) - 1)[qi, gi] + 1).astype(np.int32)
-        cand_rows = cat["row"][cand]
-        n = len(qi)
-        gs = gscores[qi, gi].astype(np.float32)
-
-        scores = {name: gs for name in names if name == "none"}
-        seconds: dict[str, float] = {}
-        fetched = 0
-        if self.scorers:
-            qc, cc = self.caches
-            before = cc.fetched_bytes
-            # Token locality: queries by their top-1 candidate's row, pairs by candidate chunk.
-            top1 = rt.column("top1_row").to_numpy()
-            qpos = np.empty(nq, np.int64)
-            qpos[locality_order(top1)] = np.arange(nq)
-            sched = pair_schedule(qpos[qi], cand_rows, cc.chunk_rows)
-            # This partition's query tokens: copied into the route rows by phase 1.
-            from .route import tokens_of
-            q_tokens = tokens_of(rt.column("query_tokens"), qc.array.shape[1:], qc.array.dtype)
-            for name in self.scorers:
-                scores[name] = np.empty(n, np.float32)
-                seconds[name] = 0.0
-            step = max(1, int(self.job["batch_pairs"]))
-            for s in range(0, n, step):
-                sel = sched[s:s + step]
-                qtok, ctok = q_tokens[qi[sel]].astype(np.float32), cc.read(cand_rows[sel])
-                for name, scorer in self.scorers.items():
-                    t = time.perf_counter()
-                    scores[name][sel] = scorer.score(qtok, ctok)
-                    seconds[name] += time.perf_counter() - t
-            fetched = cc.fetched_bytes - before
-
+        columns = [f for f in ROUTE_SCHEMA.names if f != "query_tokens"]
+        rt = partition_routes(self.job["results"], self.bounds, p, columns)
+        pairs = candidate_pairs(rt, self.catalog)
+        nq, n = rt.num_rows, len(pairs["qi"])
+        if n == 0:
+            write_part(self.job["results"], p, schema.empty_table(), self._marker(nq, 0))
+            return 0, nq
+        qi, cand, global_rank, gs = pairs["qi"], pairs["cand"], pairs["global_rank"], pairs["global_score"]
+        scorers = [r for r in names if r != "none"]
+        scores = self._gather(p, rt, pairs, scorers) if scorers else {}
+        if "none" in names:
+            scores["none"] = gs
         ranks = {name: reranked_ranks(qi, scores[name], global_rank) for name in names}
         first = names[0]
         order = np.lexsort((ranks[first], qi))  # rows in (query, first reranker's rank) order
+        cat = self.catalog
         cols = {
             "query_id": rt.column("query_id").to_numpy()[qi],
             "query_path": rt.column("query_path").take(pa.array(qi)),
@@ -431,13 +579,14 @@ class PartitionWorker(_Attempts):
             cols[f"rank_{name}"] = ranks[name]
             cols[f"rerank_score_{name}"] = scores[name].astype(np.float32)
         table = pa.table(cols, schema=schema).take(pa.array(order))
-        distinct = np.unique(cand_rows) if self.scorers else np.zeros(0, np.int64)
-        write_part(self.job["results"], p, table, self._marker(nq, n, fetched, len(distinct), seconds))
-        return n, nq, fetched, distinct
+        write_part(self.job["results"], p, table, self._marker(nq, n))
+        return n, nq
 
-    def _marker(self, queries: int, pairs: int, fetched: int, distinct: int,
-                seconds: dict[str, float]) -> dict[str, Any]:
-        # Query token bytes are phase 1's (they travel in the route rows); see route markers.
-        return {"queries": queries, "pairs": pairs, "fetched_token_bytes": fetched, "distinct_candidates": distinct,
-                "rerank_seconds": seconds, "node_id": self.node_id, "pid": self.pid,
+    def _marker(self, queries: int, pairs: int) -> dict[str, Any]:
+        # Token bytes and scoring seconds are the score partitions' (scores/progress/).
+        return {"queries": queries, "pairs": pairs, "node_id": self.node_id, "pid": self.pid,
                 "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def commit_batch(batch: dict[str, np.ndarray], job: dict[str, Any], catalog: list) -> dict[str, np.ndarray]:
+    return CommitWorker(job, catalog)(batch)

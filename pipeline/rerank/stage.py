@@ -68,11 +68,15 @@ class RerankResult:
     rerank_seconds: dict[str, float] = field(default_factory=dict)  # scoring time per reranker (committed parts)
     failed_search_partitions: list[int] = field(default_factory=list)  # phase 1 partitions that failed
     fetched_query_token_bytes: int = 0       # query tokens read in phase 1 (whole chunks, each once) this run
+    stray_pairs: int = 0                     # pairs scored by the partition owning their candidate (this run)
+    stray_query_token_bytes: int = 0         # query tokens copied beside those pairs (strays/, this run)
+    skipped_score_partitions: int = 0        # score partitions scored by an earlier run (resume)
+    failed_score_partitions: list[int] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         """False when a partition failed every attempt (the job's exit code is then 1)."""
-        return not self.failed_partitions and not self.failed_search_partitions
+        return not self.failed_partitions and not self.failed_search_partitions and not self.failed_score_partitions
 
     @property
     def message(self) -> str:
@@ -206,21 +210,22 @@ def run(config: RerankConfig) -> RerankResult:
     resuming = check_plan(config.results, plan)
     searches = num_partitions(query_manifest, config.partition_queries)
     with _hold_lease(config.index_dir, lease_job, state):
-        res = _two_phases(config, rerankers, k, state, version, searches, seconds, ransac, resuming)
+        res = _phases(config, rerankers, k, state, version, searches, seconds, ransac, resuming)
     _write_manifest(config, res, plan, state, res.partitions)
     res.num_failed_queries += failed_queries  # queries that could not be extracted count too
     return res
 
 
-def _two_phases(config, rerankers, k, state, version, searches, seconds, ransac, resuming) -> RerankResult:
-    """Phase 1 (search and route), the barrier (bounds), phase 2 (score); each phase skips what an
-    earlier run committed."""
+def _phases(config, rerankers, k, state, version, searches, seconds, ransac, resuming) -> RerankResult:
+    """Phase 1 (search and route), the barrier (bounds), phase 2 (split off the strays), phase 3
+    (score), phase 4 (commit the parts); each phase skips what an earlier run committed."""
     import ray
 
     from ..cluster import cluster_gpus
     from ..index.search import ShardedSearcher
     from .route import read_bounds, searched_partitions, write_bounds
-    from .score import build_catalog
+    from .score import build_catalog, scored_partitions
+    from .strays import split_partitions
 
     job = dict(results=config.results, query_store=config.query_store, database_store=config.database_store,
                rerankers=rerankers, backbone=config.backbone, checkpoint=config.checkpoint, candidates=k,
@@ -230,8 +235,16 @@ def _two_phases(config, rerankers, k, state, version, searches, seconds, ransac,
     lay = ResultsLayout(config.results)
     bounds = read_bounds(config.results)
     catalog = None
+
+    def the_catalog():
+        nonlocal catalog
+        if catalog is None:
+            catalog = ray.remote(num_cpus=0)(build_catalog).remote(state.metadata(), config.database_store)
+        return catalog
+
     failed_searches: list[int] = []
-    summary = dict(nodes=set(), pairs=0, fetched=0, fetched_query=0, seen=np.zeros(0, bool))
+    summary = dict(nodes=set(), pairs=0, fetched=0, fetched_query=0, stray_pairs=0, stray_bytes=0,
+                   seen=np.zeros(0, bool))
     t = time.perf_counter()
     if bounds is None:
         done = searched_partitions(config.results)
@@ -239,13 +252,12 @@ def _two_phases(config, rerankers, k, state, version, searches, seconds, ransac,
         if resuming:
             log.info("resuming %s: %d of %d search partitions already routed", config.results, len(done), searches)
         if pending:
-            catalog = ray.remote(num_cpus=0)(build_catalog).remote(state.metadata(), config.database_store)
-            job["database_rows"] = ray.get(ray.remote(num_cpus=0)(_catalog_rows).remote(catalog))
+            job["database_rows"] = ray.get(ray.remote(num_cpus=0)(_catalog_rows).remote(the_catalog()))
             searcher = ShardedSearcher(config.index_dir, version=version, use_actors=True)
             job["index"] = dict(dim=searcher.dim, normalize=searcher.normalize, num_vectors=searcher.num_vectors)
             try:
                 failed_searches = _run_pool(config, "search", pending, lambda todo: _search_pool(
-                    config, job, catalog, searcher, todo), summary)
+                    config, job, the_catalog(), searcher, todo), summary)
             finally:
                 searcher.close()
         bounds = write_bounds(config.results, searched_partitions(config.results), config.partition_queries)
@@ -256,25 +268,41 @@ def _two_phases(config, rerankers, k, state, version, searches, seconds, ransac,
     total = int(bounds["partitions"])
     pending, done_before = pending_partitions(config.results, total)
     if resuming and done_before:
-        log.info("resuming %s: %d of %d score partitions already committed", config.results, len(done_before), total)
+        log.info("resuming %s: %d of %d results parts already committed", config.results, len(done_before), total)
     t = time.perf_counter()
-    gpus = cluster_gpus() if "r2former" in rerankers else 0
+    scorers = [r for r in rerankers if r != "none"]
     failed: list[int] = []
-    if pending:
-        if catalog is None:
-            catalog = ray.remote(num_cpus=0)(build_catalog).remote(state.metadata(), config.database_store)
-        failed = _run_pool(config, "score", pending, lambda todo: _score_pool(config, job, catalog, todo, gpus),
-                           summary)
-    del catalog
+    failed_scores: list[int] = []
+    scored_before: dict[int, dict] = {}
+    if pending and scorers:
+        split_done = split_partitions(config.results)
+        to_split = [s for s in bounds["searched"] if s not in split_done]
+        if to_split:
+            _run_pool(config, "split", to_split, lambda todo: _task_pool("split", job, the_catalog(), todo), summary)
+        scored_before = scored_partitions(config.results)
+        to_score = [q for q in range(total) if q not in scored_before]
+        if resuming and scored_before:
+            log.info("resuming %s: %d of %d score partitions already scored", config.results, len(scored_before), total)
+        if to_score:
+            gpus = cluster_gpus() if "r2former" in rerankers else 0
+            failed_scores = _run_pool(config, "score", to_score, lambda todo: _score_pool(
+                config, job, the_catalog(), todo, gpus), summary)
     seconds["rerank"] = time.perf_counter() - t
+    t = time.perf_counter()
+    if pending:
+        failed = _run_pool(config, "commit", pending, lambda todo: _task_pool("commit", job, the_catalog(), todo),
+                           summary)
+    seconds["commit"] = time.perf_counter() - t
+    del catalog
 
     markers = committed_partitions(config.results)
-    row_bytes = _row_bytes(config.database_store) if any(r != "none" for r in rerankers) else 0
+    scored = scored_partitions(config.results) if scorers else {}
+    row_bytes = _row_bytes(config.database_store) if scorers else 0
     num_queries = sum(int(m.get("queries", 0)) for m in markers.values())
     num_pairs = sum(int(m.get("pairs", 0)) for m in markers.values())
     pairs, seen = summary["pairs"], summary["seen"]
     pps = pairs / seconds["rerank"] if pairs and seconds["rerank"] > 0 else 0.0
-    rerank_seconds = {r: sum(float((m.get("rerank_seconds") or {}).get(r, 0.0)) for m in markers.values())
+    rerank_seconds = {r: sum(float((m.get("rerank_seconds") or {}).get(r, 0.0)) for m in scored.values())
                       for r in rerankers}
     res = RerankResult(results=config.results, reranker=rerankers[0], num_queries=num_queries, num_pairs=num_pairs,
                        candidates=k, num_failed_queries=0, stage_seconds=seconds, pairs_per_second=pps,
@@ -282,17 +310,35 @@ def _two_phases(config, rerankers, k, state, version, searches, seconds, ransac,
                        fetched_token_bytes=summary["fetched"], distinct_candidate_bytes=int(seen.sum()) * row_bytes,
                        scorer_nodes=sorted(summary["nodes"]), state=state.metadata(), rerankers=list(rerankers),
                        rerank_seconds=rerank_seconds, failed_search_partitions=failed_searches,
-                       fetched_query_token_bytes=summary["fetched_query"])
+                       fetched_query_token_bytes=summary["fetched_query"], stray_pairs=summary["stray_pairs"],
+                       stray_query_token_bytes=summary["stray_bytes"], skipped_score_partitions=len(scored_before),
+                       failed_score_partitions=sorted(failed_scores))
     ratio = f"{res.token_ratio:.2f}x" if res.token_ratio else "-"
     log.info("reranked %d queries x %d candidates with %s: %d pairs this run in %.1f s (%.0f pairs/s); "
-             "tokens fetched %.1f MB for %.1f MB of distinct candidates (%s); %d partition(s) failed",
-             num_queries, k, ",".join(rerankers), pairs, seconds["rerank"], pps, summary["fetched"] / 1e6,
-             res.distinct_candidate_bytes / 1e6, ratio, len(failed) + len(failed_searches))
+             "tokens fetched %.1f MB for %.1f MB of distinct candidates (%s), %d stray pairs (%.1f MB of query "
+             "tokens copied); %d partition(s) failed", num_queries, k, ",".join(rerankers), pairs, seconds["rerank"],
+             pps, summary["fetched"] / 1e6, res.distinct_candidate_bytes / 1e6, ratio, summary["stray_pairs"],
+             summary["stray_bytes"] / 1e6, len(failed) + len(failed_searches))
     return res
 
 
 def _catalog_rows(catalog: dict) -> int:
     return int(catalog["row"].max()) + 1 if len(catalog["row"]) else 1
+
+
+def _done_in(config, phase: str) -> set[int]:
+    from .route import searched_partitions
+    from .score import scored_partitions
+    from .strays import split_partitions
+    done = {"search": searched_partitions, "split": split_partitions, "score": scored_partitions,
+            "commit": committed_partitions}[phase]
+    return set(done(config.results))
+
+
+def _failure_url(config, phase: str, p: int) -> str:
+    lay = ResultsLayout(config.results)
+    return {"search": lay.route_failure, "split": lay.strays_failure, "score": lay.scores_failure,
+            "commit": lay.failure}[phase](p)
 
 
 def _run_pool(config, phase: str, pending: list[int], make, summary: dict) -> list[int]:
@@ -302,43 +348,49 @@ def _run_pool(config, phase: str, pending: list[int], make, summary: dict) -> li
     ends up recorded as failed instead of looping. Returns the failed partitions."""
     import ray
 
-    lay = ResultsLayout(config.results)
     failed: list[int] = []
     restarts = 0
     while pending:
         try:
             for row in make(pending).iter_rows():
                 p = int(row["partition"])
-                if phase == "search":
-                    summary["fetched_query"] += int(row["fetched_query_bytes"])
-                else:
-                    summary["nodes"].add(str(row["node_id"]))
                 if row["status"] != "done":
                     failed.append(p)
                     log.error("%s partition %d failed every attempt and is recorded in %s: %s", phase, p,
-                              lay.route_failure(p) if phase == "search" else lay.failure(p), row["reason"])
+                              _failure_url(config, phase, p), row["reason"])
                     continue
-                if phase == "score":
-                    summary["pairs"] += int(row["pairs"])
-                    summary["fetched"] += int(row["fetched_bytes"])
-                    rows = np.asarray(row["candidate_rows"], np.int64)
-                    if len(rows):
-                        seen = summary["seen"]
-                        if rows.max() >= len(seen):
-                            seen = np.concatenate([seen, np.zeros(int(rows.max()) + 1 - len(seen), bool)])
-                        seen[rows] = True
-                        summary["seen"] = seen
+                _summarise(phase, row, summary)
             pending = []
         except ray.exceptions.RayError as exc:
             restarts += 1
             if restarts > config.max_pool_restarts:
                 raise
-            from .route import searched_partitions
-            done = searched_partitions(config.results) if phase == "search" else committed_partitions(config.results)
+            done = _done_in(config, phase)
             pending = [p for p in pending if p not in done and p not in failed]
             log.warning("%s pool lost an actor (%s); restarting it on %d remaining partition(s) (%d/%d)", phase,
                         type(exc).__name__, len(pending), restarts, config.max_pool_restarts)
     return failed
+
+
+def _summarise(phase: str, row: dict, summary: dict) -> None:
+    """What the driver keeps of one partition's summary row: counters and the distinct-candidate
+    bitmap (one byte per database row)."""
+    if phase == "search":
+        summary["fetched_query"] += int(row["fetched_query_bytes"])
+    elif phase == "split":
+        summary["stray_pairs"] += int(row["stray_pairs"])
+        summary["stray_bytes"] += int(row["stray_bytes"])
+    elif phase == "score":
+        summary["nodes"].add(str(row["node_id"]))
+        summary["pairs"] += int(row["pairs"])
+        summary["fetched"] += int(row["fetched_bytes"])
+        rows = np.asarray(row["candidate_rows"], np.int64)
+        if len(rows):
+            seen = summary["seen"]
+            if rows.max() >= len(seen):
+                seen = np.concatenate([seen, np.zeros(int(rows.max()) + 1 - len(seen), bool)])
+            seen[rows] = True
+            summary["seen"] = seen
 
 
 def _search_pool(config, job, catalog, searcher, pending):
@@ -356,19 +408,32 @@ def _search_pool(config, job, catalog, searcher, pending):
 
 
 def _score_pool(config, job, catalog, pending, gpus):
-    """Phase 2 over the pending score partitions: one Ray Data map over an autoscaling actor pool."""
+    """Phase 3 over the pending score partitions: one Ray Data map over an autoscaling actor pool
+    (the scorers keep their models and chunk caches across partitions)."""
     import ray
 
-    from .score import PartitionWorker
+    from .score import ScoreWorker
 
     # Pool bounds: at least 1 actor; at most num_actors, else unbounded, so Ray Data's actor
     # pool autoscaler grows it to whatever CPUs/GPUs the cluster has as the job runs.
     ds = ray.data.from_items([{"partition": p} for p in pending], override_num_blocks=len(pending))
     return ds.map_batches(
-        PartitionWorker, batch_size=1, batch_format="numpy",
+        ScoreWorker, batch_size=1, batch_format="numpy",
         fn_constructor_kwargs=dict(job=job, catalog=[catalog]),
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=config.num_actors),
         num_cpus=config.threads_per_actor, num_gpus=1 if gpus else 0, ray_remote_args_fn=_scorer_name)
+
+
+def _task_pool(phase: str, job, catalog, pending):
+    """Phases 2 and 4 (split the strays, commit the parts): file work without a model, as Ray Data
+    tasks (Ray's pooled workers, as many at once as the cluster has CPUs)."""
+    import ray
+
+    from .score import commit_batch, split_batch
+
+    ds = ray.data.from_items([{"partition": p} for p in pending], override_num_blocks=len(pending))
+    return ds.map_batches(split_batch if phase == "split" else commit_batch, batch_size=1, batch_format="numpy",
+                          fn_kwargs=dict(job=job, catalog=[catalog]), num_cpus=1)
 
 
 def _row_bytes(store: str) -> int:
@@ -384,6 +449,7 @@ def _write_manifest(config: RerankConfig, res: RerankResult, plan: dict, state, 
     storage.write_json(lay.manifest, {
         "parts": parts, "partitions": total, "failed_partitions": failures,
         "failed_search_partitions": res.failed_search_partitions,
+        "failed_score_partitions": res.failed_score_partitions,
         "complete": not failures and not res.failed_search_partitions,
         "state": state.metadata(), "plan": plan, "reranker": res.reranker, "rerankers": res.rerankers,
         "rerank_seconds": res.rerank_seconds, "candidates": res.candidates,

@@ -1,0 +1,89 @@
+"""Stray pairs: candidates that lie outside their query's score partition, sent to the partition
+whose database rows hold them.
+
+A score partition covers the queries whose global top-1 candidate lies in one stretch of database
+rows (route.py), and most of a query's candidates lie in that stretch too. The rest (a look-alike
+street elsewhere in the city, a query at the edge of its stretch) are strays: scored where the
+query is, each would cost a whole token chunk that no other pair of the partition shares, and
+those chunks belong to another partition's stretch, which fetches them anyway. So after the
+bounds are fixed, each search partition's strays are split off, with a copy of their query's
+tokens (one query's tokens are a sixteenth of a chunk), into a file sorted by the owning score
+partition; phase 3 scores a partition's own pairs and the strays it owns in one chunk-ordered
+pass, and writes every score under the partition its query belongs to (``origin``)::
+
+    routes/search-SSSSS.parquet ─► pairs ─► owner = score partition of the candidate's row
+        owner != origin ─► strays/search-SSSSS.parquet   sorted by (owner, candidate row), small
+                                                           row groups (min/max statistics)
+                           strays/progress/search-SSSSS.json   after it: counts, bytes
+
+Memory: one search partition's route rows (its queries, K candidates, tokens) and one row group
+of stray tokens at a time; the stray file is written row group by row group.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .. import storage
+from .results import ResultsLayout, markers_in
+from .route import ROW_GROUP, candidate_pairs, owner_of, read_range, tokens_column, tokens_of
+
+STRAY_SCHEMA = pa.schema([
+    ("owner", pa.int32()),            # the score partition that scores the pair (its rows hold the candidate)
+    ("origin", pa.int32()),           # the score partition of the query (where its results part is)
+    ("query_id", pa.int64()),
+    ("gi", pa.int32()),               # the candidate's position in the query's K list
+    ("candidate_row", pa.int64()),
+    ("query_tokens", pa.large_binary()),
+])
+
+
+def split_strays(results: str, s: int, bounds: dict[str, Any], catalog: dict[str, np.ndarray],
+                 token_shape: tuple[int, ...], token_dtype, marker: dict[str, Any]) -> dict[str, int]:
+    """Write search partition ``s``'s stray pairs (sorted by owner, then candidate row), then its
+    marker. Returns the counts written."""
+    from .route import read_route_rows
+    lay = ResultsLayout(results)
+    rt = read_route_rows(lay.route(s), 0, int(bounds["bins"]))
+    pairs = candidate_pairs(rt, catalog)
+    origin_of_query = (np.searchsorted(np.asarray(bounds["edges"]), rt.column("route_bin").to_numpy(),
+                                       side="right") - 1).astype(np.int32)
+    origin = origin_of_query[pairs["qi"]]
+    owner = owner_of(pairs["row"], bounds)
+    stray = np.flatnonzero(owner != origin)
+    order = stray[np.lexsort((pairs["gi"][stray], pairs["qi"][stray], pairs["row"][stray], owner[stray]))]
+    tokens = tokens_of(rt.column("query_tokens"), token_shape, token_dtype) if len(order) else None
+    qids = rt.column("query_id").to_numpy()
+    fs, path = storage.filesystem(lay.strays(s))
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    with fs.open(path, "wb") as f, pq.ParquetWriter(f, STRAY_SCHEMA) as w:
+        for a in range(0, len(order), ROW_GROUP):
+            sel = order[a:a + ROW_GROUP]
+            qi = pairs["qi"][sel]
+            w.write_table(pa.table({
+                "owner": owner[sel], "origin": origin[sel], "query_id": qids[qi], "gi": pairs["gi"][sel].astype(np.int32),
+                "candidate_row": pairs["row"][sel], "query_tokens": tokens_column(tokens[qi], len(sel)),
+            }, schema=STRAY_SCHEMA))
+        if not len(order):
+            w.write_table(STRAY_SCHEMA.empty_table())
+    row_bytes = int(np.prod(token_shape)) * np.dtype(token_dtype).itemsize
+    got = {"pairs": int(len(origin)), "stray_pairs": int(len(order)), "stray_query_token_bytes": int(len(order)) * row_bytes}
+    storage.write_json(lay.strays_progress(s), {**marker, "search_partition": s, **got})
+    return got
+
+
+def split_partitions(results: str) -> dict[int, dict[str, Any]]:
+    """Markers of the search partitions whose strays are split: ``{s: marker}``. O(partitions)."""
+    return markers_in(ResultsLayout(results).strays_progress(0), "search-")
+
+
+def owned_strays(results: str, searched: list[int], q: int) -> pa.Table:
+    """The stray pairs score partition ``q`` owns, from every search partition, in search-partition
+    order and within one by candidate row: deterministic."""
+    lay = ResultsLayout(results)
+    tables = [read_range(lay.strays(s), "owner", q, q + 1, STRAY_SCHEMA) for s in searched]
+    tables = [t for t in tables if t.num_rows]
+    return pa.concat_tables(tables) if tables else STRAY_SCHEMA.empty_table()
