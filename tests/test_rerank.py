@@ -124,6 +124,18 @@ def test_job_writes_one_part_per_partition_and_reorders(city, ransac_run):
     assert not table.to_pandas().duplicated(["query_id", "image_id"]).any()
     # Token locality: chunks fetched once per partition at most; the job reports both figures.
     assert res.fetched_token_bytes >= res.distinct_candidate_bytes > 0
+    # Strays (candidates outside their query's partition) were scored by the partition owning
+    # their rows, with their own query's tokens: every score equals scoring the pair directly.
+    assert res.stray_pairs > 0 and res.stray_query_token_bytes == res.stray_pairs * 16 * 131 * 2
+    df = table.to_pandas()
+    qrow = dict(zip(*(storage.read_global_table(str(city / "q"), ["image_id", "row"]).column(c).to_numpy()
+                      for c in ("image_id", "row"))))
+    drow = dict(zip(*(storage.read_global_table(str(city / "db"), ["image_id", "row"]).column(c).to_numpy()
+                      for c in ("image_id", "row"))))
+    q = storage.read_local_tokens(str(city / "q"), np.array([qrow[i] for i in df["query_id"]]))
+    c = storage.read_local_tokens(str(city / "db"), np.array([drow[i] for i in df["image_id"]]))
+    direct = ransac_scores(q.astype(np.float32), c.astype(np.float32), RansacConfig(image_scale=288.0))
+    assert np.array_equal(direct.astype(np.float32), df["rerank_score"].to_numpy())
 
 
 def test_rerun_skips_committed_partitions_and_rewrites_a_lost_one(city, ransac_run, tmp_path):

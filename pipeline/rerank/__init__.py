@@ -12,14 +12,20 @@
             SearchWorker (score.py): top-K from the shard actors ─► routes/search-SSSSS.parquet,
             sorted by the global top-1 candidate's Zarr row, + a histogram of route bins (route.py)
     barrier: routes/bounds.json ── score partitions = runs of bins with ~partition_queries queries
-    phase 2, score partitions 0..P-1 minus the committed ones
+    phase 2, search partitions minus the split ones (Ray Data tasks; strays.py):
+        route rows ─► pairs whose candidate lies in another score partition's rows (strays)
+        ─► strays/search-SSSSS.parquet (with the query's tokens), sorted by the owning partition
+    phase 3, score partitions 0..P-1 minus the scored ones
         ──► Ray Data, ActorPoolStrategy(min 1, max = num_actors or the cluster as it grows)
-            PartitionWorker (score.py), one partition per call:
-                its route rows from every search part ─► pairs ─► locality order ─► batches;
-                tokens read once per batch (tokens.py: whole Zarr chunks through a bounded LRU),
-                scored by every reranker of the run
-                ─► results/part-NNNNN.parquet, then progress/part-NNNNN.json (results.py)
-            a partition that fails ``max_attempts`` times ─► failures/part-NNNNN.json, job goes on
+            ScoreWorker (score.py), one partition per call:
+                its own queries' pairs in its rows + the strays it owns ─► candidate-chunk order
+                ─► batches; tokens read once per batch (tokens.py: whole Zarr chunks through a
+                bounded LRU), scored by every reranker of the run
+                ─► scores/score-QQQQQ.parquet (by the query's partition), then its marker
+    phase 4, score partitions minus the committed ones (Ray Data tasks; CommitWorker):
+        route rows + their scores from the owning partitions' score files ─► ranks
+        ─► results/part-NNNNN.parquet, then progress/part-NNNNN.json (results.py)
+    a partition that fails ``max_attempts`` times in any phase ─► its failures/ record, job goes on
     driver: small summaries only ─► manifest.json, written last
 
 Memory: the driver holds O(partitions) (numbers and markers), the bins' histogram (512 KB) and
@@ -28,12 +34,13 @@ plus its chunk cache; no process and not the object store holds anything proport
 query set or the pairs.
 
 Token locality: a score partition holds the queries whose top-1 candidate lies in one stretch of
-database rows, so its candidates share chunks and another partition rarely needs them: each
-chunk is fetched about once per job (the summary counts fetched and distinct bytes).
+database rows, and scores every pair whose candidate lies in that stretch, its own queries' and
+the strays of others: each chunk is fetched about once per job (the summary counts fetched and
+distinct bytes, and the stray query tokens copied).
 
 Resume, exactly once: ``plan.json`` fixes what the folder is the result of (query store, pinned
-state, K, rerankers, batch and partition sizes); a rerun skips routed search partitions and
-committed score partitions, rewrites any part without a marker, and refuses another plan. The
+state, K, rerankers, batch and partition sizes); a rerun skips what each phase committed (routes,
+strays, scores, parts), rewrites any file without a marker, and refuses another plan. The
 bounds are written once, and batches are a deterministic function of the partition, so
 rescored partitions are bit-equal.
 

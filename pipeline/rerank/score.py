@@ -1,7 +1,5 @@
-"""Scoring: the pair scorer (model, RANSAC or a cheap stand-in) and the Ray Data worker that turns
-one partition of queries into one committed results part.
-
-Two Ray Data UDFs, one partition per call, each committed by a marker written after its part:
+"""Scoring: the pair scorer (model, RANSAC or a cheap stand-in) and the Ray Data workers of the
+job's four phases, one partition per call, each committed by a marker written after its file:
 
 ``SearchWorker`` (phase 1, search partition s; see route.py)::
 
@@ -9,17 +7,28 @@ Two Ray Data UDFs, one partition per call, each committed by a marker written af
         ──► candidate ids -> database rows through the catalog (an object in Ray's store)
         ──► routes/search-SSSSS.parquet, sorted by the top-1 candidate's row
 
-``PartitionWorker`` (phase 2, score partition p)::
+``SplitWorker`` (phase 2, search partition s; Ray tasks; strays.py)::
 
-    route rows of p's bins from every search part ──► pairs, queries ordered by their top-1 row,
-        pairs by candidate chunk ──► batches of ``batch_pairs`` ──► tokens read once per batch
-        (chunk caches) ──► every reranker of the run scores the batch (PairScorer each)
+    route rows of s ──► pairs whose candidate lies in another score partition's rows
+        ──► strays/search-SSSSS.parquet (with the query's tokens), sorted by the owning partition
+
+``ScoreWorker`` (phase 3, score partition q)::
+
+    route rows of q's bins from every search part ──► own pairs whose candidate is in q's rows
+        + the strays q owns from every search part ──► pairs by candidate chunk ──► batches of
+        ``batch_pairs`` ──► tokens read once per batch (chunk caches) ──► every reranker of the run
+        scores the batch (PairScorer each) ──► scores/score-QQQQQ.parquet by origin + marker
+
+``CommitWorker`` (phase 4, score partition p; Ray tasks)::
+
+    route rows of p (no tokens) + their scores from the owning partitions' score files
         ──► reranked order per query and reranker ──► results part + progress marker
 
-Memory per actor: one partition's pairs (about ``partition_queries x K``), one partition's query
-tokens and the chunk cache; nothing proportional to the whole query set. Batches are a
-deterministic function of the partition (its route rows, fixed by the bounds), so a rerun scores
-the same batches and gets bit-equal scores.
+Memory per scorer actor: one partition's pairs (about ``partition_queries x K``), its queries'
+tokens, the tokens of the strays it owns (one query's per stray pair: about the stray fraction x
+``partition_queries x K``) and the chunk cache; nothing proportional to the whole query set.
+Batches are a deterministic function of the partition (its route rows and owned strays, fixed by
+the bounds), so a rerun scores the same batches and gets bit-equal scores.
 """
 from __future__ import annotations
 
