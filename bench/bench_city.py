@@ -9,7 +9,9 @@ is ~17 GB), indexes it, writes query sets of each size (positions stripped, as r
 come), and runs ``pipeline.rerank.run`` once per size in a fresh driver process on an embedded
 local Ray. For each run it prints: wall time, pairs/s, peak RSS of the driver and of each kind
 of Ray actor (sampled every 0.5 s), the object store's peak, and the token bytes fetched from
-Zarr against the bytes of the distinct candidates served, with the load average beside them.
+Zarr against the bytes of the distinct candidates served, and the stray pairs (scored by the
+partition owning their candidate) with the query-token bytes copied for them, with the load
+average beside them.
 
 ``--reranker token-similarity`` (default) is a cheap stand-in that reads the real tokens through
 the same chunk cache (mean best cosine similarity of token features); ``ransac`` and ``r2former``
@@ -113,6 +115,7 @@ def drive(config: dict) -> None:
         "actor_peak_rss": sampler.kinds, "object_store_peak": sampler.store_peak,
         "fetched_token_bytes": res.fetched_token_bytes, "distinct_candidate_bytes": res.distinct_candidate_bytes,
         "fetched_query_token_bytes": res.fetched_query_token_bytes, "search_s": res.stage_seconds.get("search"),
+        "stray_pairs": res.stray_pairs, "stray_query_token_bytes": res.stray_query_token_bytes,
         "failed_partitions": res.failed_partitions, "load": os.getloadavg()[0]}), flush=True)
 
 
@@ -168,7 +171,8 @@ def main() -> int:
         ray.shutdown()
 
     print(f"{'queries':>8} {'pairs':>10} {'wall s':>8} {'search s':>9} {'pairs/s':>9} {'driver MB':>10} "
-          f"{'store MB':>9} {'fetched GB':>11} {'distinct GB':>12} {'ratio':>6} {'query GB':>9} {'load':>5}  "
+          f"{'store MB':>9} {'fetched GB':>11} {'distinct GB':>12} {'ratio':>6} {'query GB':>9} {'strays':>9} "
+          f"{'stray GB':>9} {'load':>5}  "
           f"actor peak RSS MB")
     rows = []
     for n in [int(x) for x in args.queries.split(",") if x]:
@@ -195,7 +199,8 @@ def main() -> int:
         print(f"{n:>8} {r['pairs']:>10} {r['wall_s']:>8.1f} {r['search_s'] or 0:>9.1f} {r['pairs_per_s']:>9.0f} "
               f"{r['driver_peak_rss'] / 2**20:>10.0f} {r['object_store_peak'] / 2**20:>9.0f} "
               f"{r['fetched_token_bytes'] / 1e9:>11.2f} {r['distinct_candidate_bytes'] / 1e9:>12.2f} "
-              f"{ratio:>6.2f} {r['fetched_query_token_bytes'] / 1e9:>9.2f} {r['load']:>5.1f}  {actors}", flush=True)
+              f"{ratio:>6.2f} {r['fetched_query_token_bytes'] / 1e9:>9.2f} {r['stray_pairs']:>9} "
+              f"{r['stray_query_token_bytes'] / 1e9:>9.2f} {r['load']:>5.1f}  {actors}", flush=True)
     if len(rows) >= 2:
         (n0, a), (n1, b) = rows[0], rows[-1]
         kinds = sorted(set(a["actor_peak_rss"]) & set(b["actor_peak_rss"]))
