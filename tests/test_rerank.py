@@ -8,6 +8,8 @@ import json
 
 import cv2
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -126,7 +128,12 @@ def test_job_writes_one_part_per_partition_and_reorders(city, ransac_run):
     assert res.fetched_token_bytes >= res.distinct_candidate_bytes > 0
     # Strays (candidates outside their query's partition) were scored by the partition owning
     # their rows, with their own query's tokens: every score equals scoring the pair directly.
-    assert res.stray_pairs > 0 and res.stray_query_token_bytes == res.stray_pairs * 16 * 131 * 2
+    # Their query's tokens travel once per (owner partition, query), not once per stray pair.
+    strays = pa.concat_tables([pq.read_table(f) for f in sorted((Path(res.results) / "strays").glob("*.parquet"))])
+    assert strays.num_rows == res.stray_pairs > 0
+    copies = len(set(zip(strays.column("owner").to_pylist(), strays.column("query_id").to_pylist())))
+    assert copies < res.stray_pairs and strays.column("query_tokens").null_count == res.stray_pairs - copies
+    assert res.stray_query_token_bytes == copies * 16 * 131 * 2
     df = table.to_pandas()
     qrow = dict(zip(*(storage.read_global_table(str(city / "q"), ["image_id", "row"]).column(c).to_numpy()
                       for c in ("image_id", "row"))))

@@ -12,7 +12,7 @@ runs in two phases, with a barrier between them::
         ─► routes/search-SSSSS.parquet   sorted by key, small row groups (min/max stats)
            routes/progress/search-SSSSS.json   after it: a sparse histogram of keys in BINS bins
     barrier (driver): sum of the histograms (O(BINS)) ─► routes/bounds.json: score partitions as
-        runs of whole bins holding about ``partition_queries`` queries each (fixed once written)
+        runs of whole bins of ``partition_queries`` queries each, the rest last (fixed once written)
     phase 2, score partition p (score.py): the route rows with bin in [bounds[p], bounds[p+1]) of
         every search part (row groups outside the range are skipped by their statistics)
 
@@ -58,23 +58,36 @@ ROUTE_SCHEMA = pa.schema([
 ])
 
 
-def tokens_column(tokens: np.ndarray | None, n: int) -> pa.Array:
-    """(n, T, 131) float16 tokens as one binary value per query (null when the job reads none)."""
+def tokens_column(tokens: np.ndarray | None, n: int, valid: np.ndarray | None = None) -> pa.Array:
+    """(n, T, 131) float16 tokens as one binary value per query (null when the job reads none).
+    With ``valid`` (n bools), ``tokens`` holds only the valid rows' tokens and the others are null."""
     if tokens is None:
         return pa.nulls(n, pa.large_binary())
     flat = np.ascontiguousarray(tokens)
-    width = flat[0].nbytes if n else 0
-    offsets = np.arange(0, n * width + 1, max(width, 1), dtype=np.int64)[:n + 1]
-    return pa.LargeBinaryArray.from_buffers(pa.large_binary(), n, [None, pa.py_buffer(offsets),
-                                                                   pa.py_buffer(flat.tobytes())])
+    width = flat[0].nbytes if len(flat) else 0
+    if valid is None:
+        offsets = np.arange(0, n * width + 1, max(width, 1), dtype=np.int64)[:n + 1]
+        return pa.LargeBinaryArray.from_buffers(pa.large_binary(), n, [None, pa.py_buffer(offsets),
+                                                                       pa.py_buffer(flat.tobytes())])
+    valid = np.asarray(valid, bool)
+    if int(valid.sum()) != len(flat):
+        raise ValueError(f"{len(flat)} token rows for {int(valid.sum())} valid values")
+    offsets = np.r_[0, np.cumsum(valid.astype(np.int64) * width)]
+    bitmap = pa.py_buffer(np.packbits(valid, bitorder="little").tobytes())
+    return pa.LargeBinaryArray.from_buffers(pa.large_binary(), n, [bitmap, pa.py_buffer(offsets),
+                                                                   pa.py_buffer(flat.tobytes())],
+                                            null_count=int(n - valid.sum()))
 
 
 def tokens_of(column: pa.ChunkedArray | pa.Array, shape: tuple[int, ...], dtype) -> np.ndarray:
-    """The inverse of ``tokens_column``: (n, *shape) in the stored dtype."""
+    """The inverse of ``tokens_column``: (n, *shape) in the stored dtype, for a column without
+    nulls (a view of the column's buffer when it is one chunk)."""
     arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     n = len(arr)
     if n == 0:
         return np.zeros((0,) + tuple(shape), dtype)
+    if arr.null_count:
+        raise ValueError(f"route tokens: {arr.null_count} of {n} values are null")
     width = int(np.prod(shape)) * np.dtype(dtype).itemsize
     offsets = np.frombuffer(arr.buffers()[1], np.int64)[arr.offset:arr.offset + n + 1]
     data = np.frombuffer(arr.buffers()[2], np.uint8)
@@ -109,15 +122,18 @@ def searched_partitions(results: str) -> dict[int, dict[str, Any]]:
 
 
 def cut_bounds(histogram: np.ndarray, partition_queries: int) -> list[int]:
-    """Bin edges ``[0, e1, ..., BINS]``: ``ceil(queries / partition_queries)`` runs of whole bins
-    with about equal numbers of queries (each cut after the bin where the running count reaches
-    its share; a bin denser than a share makes fewer, larger partitions)."""
+    """Bin edges ``[0, e1, ..., BINS]``: runs of whole bins of ``partition_queries`` queries each
+    (each cut after the bin where the running count reaches the next multiple), the rest in the
+    last run. Every partition but the last is the size asked whatever the query set's size, so an
+    actor's memory per partition does not depend on it; a bin denser than a partition makes a
+    larger one."""
     total = int(histogram.sum())
-    parts = max(1, -(-total // max(1, int(partition_queries))))
+    size = max(1, int(partition_queries))
+    parts = max(1, -(-total // size))
     cum = np.cumsum(histogram)
     edges = [0]
     for i in range(1, parts):
-        e = int(np.searchsorted(cum, total * i / parts, side="left")) + 1
+        e = int(np.searchsorted(cum, i * size, side="left")) + 1
         if edges[-1] < e < BINS:
             edges.append(e)
     edges.append(BINS)

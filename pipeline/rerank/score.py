@@ -25,8 +25,9 @@ job's four phases, one partition per call, each committed by a marker written af
         ──► reranked order per query and reranker ──► results part + progress marker
 
 Memory per scorer actor: one partition's pairs (about ``partition_queries x K``), its queries'
-tokens, the tokens of the strays it owns (one query's per stray pair: about the stray fraction x
-``partition_queries x K``) and the chunk cache; nothing proportional to the whole query set.
+tokens, one copy of the tokens of each distinct query among the strays it owns (at most its stray
+pairs, about the stray fraction x ``partition_queries x K``, and in a city a few per query) and
+the chunk cache; nothing proportional to the whole query set.
 Batches are a deterministic function of the partition (its route rows and owned strays, fixed by
 the bounds), so a rerun scores the same batches and gets bit-equal scores.
 """
@@ -429,7 +430,7 @@ class ScoreWorker(_Attempts):
 
     def score_partition(self, q: int):
         from .route import candidate_pairs, owner_of, partition_routes, tokens_of
-        from .strays import owned_strays
+        from .strays import owned_strays, stray_query_tokens
 
         qc, cc = self.caches
         shape, dtype = qc.array.shape[1:], qc.array.dtype
@@ -438,13 +439,16 @@ class ScoreWorker(_Attempts):
         local = np.flatnonzero(owner_of(pairs["row"], self.bounds) == q)
         st = owned_strays(self.job["results"], self.bounds["searched"], q)
         nq, ns = rt.num_rows, st.num_rows
-        tokens = np.concatenate([tokens_of(rt.column("query_tokens"), shape, dtype),
-                                 tokens_of(st.column("query_tokens"), shape, dtype)])
+        # Two token arrays, indexed per batch (never concatenated): own queries' (one contiguous
+        # copy; the route table drops its column) and one copy per distinct stray query.
+        own = np.ascontiguousarray(tokens_of(rt.column("query_tokens"), shape, dtype))
+        stray, stray_at = stray_query_tokens(st, shape, dtype)
+        rt, st = rt.drop_columns(["query_tokens"]), st.drop_columns(["query_tokens"])
         # Token locality: own queries by their top-1 candidate's row, then the strays (sorted by
         # candidate row already); pairs by candidate chunk.
         qpos = np.empty(nq, np.int64)
         qpos[locality_order(rt.column("top1_row").to_numpy())] = np.arange(nq)
-        tok_idx = np.r_[pairs["qi"][local], nq + np.arange(ns)]
+        tok_idx = np.r_[pairs["qi"][local], nq + stray_at]
         rows = np.r_[pairs["row"][local], st.column("candidate_row").to_numpy()].astype(np.int64)
         sched = pair_schedule(np.r_[qpos[pairs["qi"][local]], nq + np.arange(ns)], rows, cc.chunk_rows)
         n = len(rows)
@@ -454,7 +458,11 @@ class ScoreWorker(_Attempts):
         step = max(1, int(self.job["batch_pairs"]))
         for a in range(0, n, step):
             sel = sched[a:a + step]
-            qtok, ctok = tokens[tok_idx[sel]].astype(np.float32), cc.read(rows[sel])
+            ti = tok_idx[sel]
+            mine = ti < nq
+            qtok = np.empty((len(sel),) + tuple(shape), np.float32)
+            qtok[mine], qtok[~mine] = own[ti[mine]], stray[ti[~mine] - nq]
+            ctok = cc.read(rows[sel])
             for name, scorer in self.scorers.items():
                 t = time.perf_counter()
                 scores[name][sel] = scorer.score(qtok, ctok)
@@ -475,6 +483,7 @@ class ScoreWorker(_Attempts):
         distinct = np.unique(rows)
         storage.write_json(lay.scores_progress(q), {
             "score_partition": q, "queries": nq, "pairs": n, "own_pairs": int(len(local)), "stray_pairs": ns,
+            "stray_queries": int(len(stray)),
             "fetched_token_bytes": fetched, "distinct_candidates": int(len(distinct)), "rerank_seconds": seconds,
             "node_id": self.node_id, "pid": self.pid, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
         return n, fetched, distinct

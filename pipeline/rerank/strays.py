@@ -6,10 +6,11 @@ rows (route.py), and most of a query's candidates lie in that stretch too. The r
 street elsewhere in the city, a query at the edge of its stretch) are strays: scored where the
 query is, each would cost a whole token chunk that no other pair of the partition shares, and
 those chunks belong to another partition's stretch, which fetches them anyway. So after the
-bounds are fixed, each search partition's strays are split off, with a copy of their query's
-tokens (one query's tokens are a sixteenth of a chunk), into a file sorted by the owning score
-partition; phase 3 scores a partition's own pairs and the strays it owns in one chunk-ordered
-pass, and writes every score under the partition its query belongs to (``origin``)::
+bounds are fixed, each search partition's strays are split off into a file sorted by the owning
+score partition, with one copy of their query's tokens per (owner, query) (one query's tokens
+are a sixteenth of a chunk; the query's other strays to that owner carry null); phase 3 scores
+a partition's own pairs and the strays it owns in one chunk-ordered pass, and writes every score
+under the partition its query belongs to (``origin``)::
 
     routes/search-SSSSS.parquet ─► pairs ─► owner = score partition of the candidate's row
         owner != origin ─► strays/search-SSSSS.parquet   sorted by (owner, candidate row), small
@@ -17,7 +18,8 @@ pass, and writes every score under the partition its query belongs to (``origin`
                            strays/progress/search-SSSSS.json   after it: counts, bytes
 
 Memory: one search partition's route rows (its queries, K candidates, tokens) and one row group
-of stray tokens at a time; the stray file is written row group by row group.
+of stray tokens at a time; the stray file is written row group by row group. The copies are
+O(distinct (owner, query) of the partition's strays), not O(stray pairs).
 """
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ STRAY_SCHEMA = pa.schema([
     ("query_id", pa.int64()),
     ("gi", pa.int32()),               # the candidate's position in the query's K list
     ("candidate_row", pa.int64()),
-    ("query_tokens", pa.large_binary()),
+    ("query_tokens", pa.large_binary()),  # the query's tokens on its first stray to this owner, else null
 ])
 
 
@@ -55,22 +57,28 @@ def split_strays(results: str, s: int, bounds: dict[str, Any], catalog: dict[str
     owner = owner_of(pairs["row"], bounds)
     stray = np.flatnonzero(owner != origin)
     order = stray[np.lexsort((pairs["gi"][stray], pairs["qi"][stray], pairs["row"][stray], owner[stray]))]
+    # The query's tokens once per (owner, query): on the first of its strays to that owner.
+    qi_sorted = pairs["qi"][order]
+    first = np.zeros(len(order), bool)
+    first[np.unique(owner[order].astype(np.int64) * max(1, rt.num_rows) + qi_sorted, return_index=True)[1]] = True
     tokens = tokens_of(rt.column("query_tokens"), token_shape, token_dtype) if len(order) else None
     qids = rt.column("query_id").to_numpy()
     fs, path = storage.filesystem(lay.strays(s))
     fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
     with fs.open(path, "wb") as f, pq.ParquetWriter(f, STRAY_SCHEMA) as w:
         for a in range(0, len(order), ROW_GROUP):
-            sel = order[a:a + ROW_GROUP]
-            qi = pairs["qi"][sel]
+            sel, keep = order[a:a + ROW_GROUP], first[a:a + ROW_GROUP]
+            qi = qi_sorted[a:a + ROW_GROUP]
             w.write_table(pa.table({
                 "owner": owner[sel], "origin": origin[sel], "query_id": qids[qi], "gi": pairs["gi"][sel].astype(np.int32),
-                "candidate_row": pairs["row"][sel], "query_tokens": tokens_column(tokens[qi], len(sel)),
+                "candidate_row": pairs["row"][sel], "query_tokens": tokens_column(tokens[qi[keep]], len(sel), keep),
             }, schema=STRAY_SCHEMA))
         if not len(order):
             w.write_table(STRAY_SCHEMA.empty_table())
     row_bytes = int(np.prod(token_shape)) * np.dtype(token_dtype).itemsize
-    got = {"pairs": int(len(origin)), "stray_pairs": int(len(order)), "stray_query_token_bytes": int(len(order)) * row_bytes}
+    copies = int(first.sum())
+    got = {"pairs": int(len(origin)), "stray_pairs": int(len(order)), "stray_token_copies": copies,
+           "stray_query_token_bytes": copies * row_bytes}
     storage.write_json(lay.strays_progress(s), {**marker, "search_partition": s, **got})
     return got
 
@@ -82,8 +90,24 @@ def split_partitions(results: str) -> dict[int, dict[str, Any]]:
 
 def owned_strays(results: str, searched: list[int], q: int) -> pa.Table:
     """The stray pairs score partition ``q`` owns, from every search partition, in search-partition
-    order and within one by candidate row: deterministic."""
+    order and within one by candidate row: deterministic. ``query_tokens`` is null but on one row
+    per query (``stray_query_tokens``)."""
     lay = ResultsLayout(results)
     tables = [read_range(lay.strays(s), "owner", q, q + 1, STRAY_SCHEMA) for s in searched]
     tables = [t for t in tables if t.num_rows]
     return pa.concat_tables(tables) if tables else STRAY_SCHEMA.empty_table()
+
+
+def stray_query_tokens(strays: pa.Table, shape: tuple[int, ...], dtype) -> tuple[np.ndarray, np.ndarray]:
+    """``(tokens, index)``: the distinct stray queries' tokens (one copy each, in the stored dtype)
+    and, per stray row, the position of its query's tokens in them. Memory: O(distinct queries)."""
+    col = strays.column("query_tokens").combine_chunks() if strays.num_rows else pa.array([], pa.large_binary())
+    valid = np.flatnonzero(col.is_valid().to_numpy(zero_copy_only=False)) if len(col) else np.zeros(0, np.int64)
+    qids = strays.column("query_id").to_numpy()
+    have, at = np.unique(qids[valid], return_index=True)  # a query's tokens are the same in every copy
+    tokens = np.ascontiguousarray(tokens_of(col.take(pa.array(valid[at])), shape, dtype))
+    index = np.minimum(np.searchsorted(have, qids), max(0, len(have) - 1))
+    if len(qids) and (not len(have) or (have[index] != qids).any()):
+        lost = sorted(set(qids[(have[index] != qids) if len(have) else slice(None)].tolist()))[:5]
+        raise ValueError(f"stray pairs of queries {lost} carry no query tokens")
+    return tokens, index
