@@ -8,10 +8,10 @@ extraction order, default ``chunk_rows`` 16, local tokens at T for every image: 
 is ~17 GB), indexes it, writes query sets of each size (positions stripped, as real query sets
 come), and runs ``pipeline.rerank.run`` once per size in a fresh driver process on an embedded
 local Ray. For each run it prints: wall time, pairs/s, peak RSS of the driver and of each kind
-of Ray actor (sampled every 0.5 s), the object store's peak, and the token bytes fetched from
-Zarr against the bytes of the distinct candidates served, and the stray pairs (scored by the
-partition owning their candidate) with the query-token bytes copied for them, with the load
-average beside them.
+of Ray actor (each process's own high-water mark, ``VmHWM``, read every 0.5 s, so a short peak
+is not missed), the object store's peak, the token bytes fetched from Zarr against the bytes
+of the distinct candidates served, and the stray pairs (scored by the partition owning their
+candidate) with the query-token bytes copied for them, with the load average beside them.
 
 ``--reranker token-similarity`` (default) is a cheap stand-in that reads the real tokens through
 the same chunk cache (mean best cosine similarity of token features); ``ransac`` and ``r2former``
@@ -53,7 +53,7 @@ class Sampler(threading.Thread):
         store = threading.Thread(target=self._store_loop, daemon=True)
         store.start()
         while not self._halt.is_set():
-            self.driver_peak = max(self.driver_peak, self.me.memory_info().rss)
+            self.driver_peak = max(self.driver_peak, _peak_rss(self.me.pid, self.me.memory_info().rss))
             for p in self._ray_processes():
                 cmd = p.info.get("cmdline") or []
                 if cmd and cmd[0].startswith("ray::") and p.info.get("memory_info"):
@@ -61,7 +61,7 @@ class Sampler(threading.Thread):
                     kind = cmd[0].split()[0][5:].split(".")[0].split(":")[-1]
                     if kind in ("IDLE", ""):
                         continue
-                    self.kinds[kind] = max(self.kinds.get(kind, 0), p.info["memory_info"].rss)
+                    self.kinds[kind] = max(self.kinds.get(kind, 0), _peak_rss(p.pid, p.info["memory_info"].rss))
             self._halt.wait(self.period)
         store.join()
 
@@ -84,6 +84,19 @@ class Sampler(threading.Thread):
     def stop(self) -> None:
         self._halt.set()
         self.join()
+
+
+def _peak_rss(pid: int, rss: int) -> int:
+    """The process's own high-water mark of resident memory (Linux ``VmHWM``): exact, however
+    short the peak was between two samples; elsewhere the RSS sampled now."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return max(rss, int(line.split()[1]) * 1024)
+    except OSError:
+        pass
+    return rss
 
 
 def _object_store_used() -> int:

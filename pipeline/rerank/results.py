@@ -71,9 +71,47 @@ def score_column(name: str, rerankers: list[str], columns: list[str] | None = No
     return rank_column(name, rerankers, columns).replace("rank", "rerank_score", 1)
 
 
+class PartitionFiles:
+    """One phase's files of partition ``n`` under ``<base>/``: ``<prefix>NNNNN.parquet`` (its
+    data), then ``progress/<prefix>NNNNN.json`` (committed: written after the data),
+    ``attempts/`` (tries by the current run, written before each, so a try that takes its worker
+    down still counts) and ``failures/`` (every attempt failed: its query ids and the reason)."""
+
+    def __init__(self, base: str, prefix: str):
+        self.base, self.prefix = base, prefix
+
+    def _name(self, n: int, ext: str) -> str:
+        return f"{self.prefix}{int(n):05d}.{ext}"
+
+    def file(self, n: int) -> str:
+        return storage.join(self.base, self._name(n, "parquet"))
+
+    def progress(self, n: int) -> str:
+        return storage.join(self.base, "progress", self._name(n, "json"))
+
+    def attempts(self, n: int) -> str:
+        return storage.join(self.base, "attempts", self._name(n, "json"))
+
+    def failure(self, n: int) -> str:
+        return storage.join(self.base, "failures", self._name(n, "json"))
+
+    def committed(self) -> dict[int, dict[str, Any]]:
+        """``{n: marker}`` of the committed partitions. O(partitions)."""
+        return markers_in(self.progress(0), self.prefix)
+
+
 class ResultsLayout:
+    """Where everything of one results folder lives: the parts and, per phase, ``PartitionFiles``
+    (``parts``: results parts; ``routes``: phase 1, search partitions; ``strays``: phase 2, search
+    partition s's stray pairs by the score partition that owns them; ``scores``: phase 3, the
+    scores of every pair whose candidate lies in score partition q's rows)."""
+
     def __init__(self, root: str):
         self.root = root.rstrip("/")
+        self.parts = PartitionFiles(self.root, "part-")
+        self.routes = PartitionFiles(storage.join(self.root, "routes"), "search-")
+        self.strays = PartitionFiles(storage.join(self.root, "strays"), "search-")
+        self.scores = PartitionFiles(storage.join(self.root, "scores"), "score-")
 
     @property
     def plan(self) -> str:
@@ -83,62 +121,16 @@ class ResultsLayout:
     def manifest(self) -> str:
         return storage.join(self.root, "manifest.json")
 
-    def part(self, partition: int) -> str:
-        return storage.join(self.root, f"part-{partition:05d}.parquet")
-
-    def progress(self, partition: int) -> str:
-        return storage.join(self.root, "progress", f"part-{partition:05d}.json")
-
-    def attempts(self, partition: int) -> str:
-        """How often this run started partition ``partition`` (written before each try, so a try
-        that takes its actor down still counts)."""
-        return storage.join(self.root, "attempts", f"part-{partition:05d}.json")
-
-    def failure(self, partition: int) -> str:
-        return storage.join(self.root, "failures", f"part-{partition:05d}.json")
-
-    # phase 1 (route.py): search partitions
-    def route(self, s: int) -> str:
-        return storage.join(self.root, "routes", f"search-{s:05d}.parquet")
-
-    def route_progress(self, s: int) -> str:
-        return storage.join(self.root, "routes", "progress", f"search-{s:05d}.json")
-
-    def route_attempts(self, s: int) -> str:
-        return storage.join(self.root, "routes", "attempts", f"search-{s:05d}.json")
-
-    def route_failure(self, s: int) -> str:
-        return storage.join(self.root, "routes", "failures", f"search-{s:05d}.json")
-
     @property
     def bounds(self) -> str:
+        """The barrier after phase 1: which route bins each score partition covers."""
         return storage.join(self.root, "routes", "bounds.json")
 
-    # phase 2 (strays.py): search partition s's stray pairs, by the score partition that owns them
-    def strays(self, s: int) -> str:
-        return storage.join(self.root, "strays", f"search-{s:05d}.parquet")
+    def part(self, partition: int) -> str:
+        return self.parts.file(partition)
 
-    def strays_progress(self, s: int) -> str:
-        return storage.join(self.root, "strays", "progress", f"search-{s:05d}.json")
-
-    def strays_attempts(self, s: int) -> str:
-        return storage.join(self.root, "strays", "attempts", f"search-{s:05d}.json")
-
-    def strays_failure(self, s: int) -> str:
-        return storage.join(self.root, "strays", "failures", f"search-{s:05d}.json")
-
-    # phase 3 (score.py): the scores of every pair whose candidate lies in score partition q's rows
-    def scores(self, q: int) -> str:
-        return storage.join(self.root, "scores", f"score-{q:05d}.parquet")
-
-    def scores_progress(self, q: int) -> str:
-        return storage.join(self.root, "scores", "progress", f"score-{q:05d}.json")
-
-    def scores_attempts(self, q: int) -> str:
-        return storage.join(self.root, "scores", "attempts", f"score-{q:05d}.json")
-
-    def scores_failure(self, q: int) -> str:
-        return storage.join(self.root, "scores", "failures", f"score-{q:05d}.json")
+    def progress(self, partition: int) -> str:
+        return self.parts.progress(partition)
 
 
 def markers_in(url_of_zero: str, prefix: str) -> dict[int, dict[str, Any]]:
@@ -160,7 +152,7 @@ def is_single_file(results: str) -> bool:
 
 def committed_partitions(results: str) -> dict[int, dict[str, Any]]:
     """Progress markers of the committed partitions: ``{partition: marker}``. O(partitions)."""
-    return markers_in(ResultsLayout(results).progress(0), "part-")
+    return ResultsLayout(results).parts.committed()
 
 
 def write_part(results: str, partition: int, table: pa.Table, marker: dict[str, Any]) -> None:

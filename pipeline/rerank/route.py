@@ -38,7 +38,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .. import storage
-from .results import ResultsLayout, markers_in
+from .results import ResultsLayout
 
 BINS = 65536
 ROW_GROUP = 256
@@ -79,22 +79,51 @@ def tokens_column(tokens: np.ndarray | None, n: int, valid: np.ndarray | None = 
                                             null_count=int(n - valid.sum()))
 
 
-def tokens_of(column: pa.ChunkedArray | pa.Array, shape: tuple[int, ...], dtype) -> np.ndarray:
-    """The inverse of ``tokens_column``: (n, *shape) in the stored dtype, for a column without
-    nulls (a view of the column's buffer when it is one chunk)."""
-    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    n = len(arr)
-    if n == 0:
-        return np.zeros((0,) + tuple(shape), dtype)
-    if arr.null_count:
-        raise ValueError(f"route tokens: {arr.null_count} of {n} values are null")
-    width = int(np.prod(shape)) * np.dtype(dtype).itemsize
-    offsets = np.frombuffer(arr.buffers()[1], np.int64)[arr.offset:arr.offset + n + 1]
-    data = np.frombuffer(arr.buffers()[2], np.uint8)
-    if n and not (np.diff(offsets) == width).all():
-        raise ValueError(f"route tokens are not {shape} {np.dtype(dtype).name} per query")
-    start = int(offsets[0]) if n else 0
-    return data[start:start + n * width].view(dtype).reshape((n,) + tuple(shape))
+class TokenRows:
+    """The non-null values of a ``tokens_column`` (any number of chunks, as read from Parquet) as
+    (n, *shape) rows in the stored dtype, without copying them: one view per chunk of the
+    column's own buffers (a null value is zero bytes, so a chunk's values are contiguous).
+    ``gather(idx)`` copies only the rows a batch asks for. Memory: the column, nothing more."""
+
+    def __init__(self, column: pa.ChunkedArray | pa.Array, shape: tuple[int, ...], dtype):
+        self.shape, self.dtype = tuple(int(d) for d in shape), np.dtype(dtype)
+        width = int(np.prod(self.shape)) * self.dtype.itemsize
+        chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+        self.views: list[np.ndarray] = []
+        valid = []
+        for c in chunks:
+            n = len(c)
+            if n == 0:
+                continue
+            ok = np.ones(n, bool) if c.null_count == 0 else c.is_valid().to_numpy(zero_copy_only=False)
+            valid.append(ok)
+            offsets = np.frombuffer(c.buffers()[1], np.int64)[c.offset:c.offset + n + 1]
+            lengths = np.diff(offsets)
+            if not (lengths[ok] == width).all() or (lengths[~ok] != 0).any():
+                raise ValueError(f"route tokens are not {self.shape} {self.dtype.name} per query")
+            if ok.any():
+                data = np.frombuffer(c.buffers()[2], np.uint8)[int(offsets[0]):int(offsets[-1])]
+                self.views.append(data.view(self.dtype).reshape((int(ok.sum()),) + self.shape))
+        self.valid = np.concatenate(valid) if valid else np.zeros(0, bool)  # per value of the column
+        self.starts = np.cumsum([0] + [len(v) for v in self.views])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(v.nbytes for v in self.views)
+
+    def gather(self, idx: np.ndarray, dtype=None) -> np.ndarray:
+        """Rows ``idx`` (positions among the non-null values) as one new array."""
+        idx = np.asarray(idx, np.int64)
+        out = np.empty((len(idx),) + self.shape, dtype or self.dtype)
+        if len(idx):
+            which = np.searchsorted(self.starts, idx, side="right") - 1
+            for c in np.unique(which):
+                sel = np.flatnonzero(which == c)
+                out[sel] = self.views[c][idx[sel] - self.starts[c]]
+        return out
 
 
 def route_bin(top1_rows: np.ndarray, num_rows: int) -> np.ndarray:
@@ -107,18 +136,18 @@ def write_route(results: str, s: int, table: pa.Table, marker: dict[str, Any]) -
     """Commit search partition ``s``: its route part (sorted by bin, then key), then its marker
     with the sparse histogram of bins."""
     lay = ResultsLayout(results)
-    fs, path = storage.filesystem(lay.route(s))
+    fs, path = storage.filesystem(lay.routes.file(s))
     fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
     with fs.open(path, "wb") as f:
         pq.write_table(table, f, row_group_size=ROW_GROUP)
     bins, counts = np.unique(table.column("route_bin").to_numpy(), return_counts=True)
-    storage.write_json(lay.route_progress(s), {**marker, "search_partition": s, "queries": table.num_rows,
+    storage.write_json(lay.routes.progress(s), {**marker, "search_partition": s, "queries": table.num_rows,
                                                "bins": bins.tolist(), "counts": counts.tolist()})
 
 
 def searched_partitions(results: str) -> dict[int, dict[str, Any]]:
     """Progress markers of the committed search partitions: ``{s: marker}``. O(partitions)."""
-    return markers_in(ResultsLayout(results).route_progress(0), "search-")
+    return ResultsLayout(results).routes.committed()
 
 
 def cut_bounds(histogram: np.ndarray, partition_queries: int) -> list[int]:
@@ -193,7 +222,7 @@ def partition_routes(results: str, bounds: dict[str, Any], p: int, columns: list
     """All route rows of score partition ``p``, in (search partition, key) order: deterministic."""
     lay = ResultsLayout(results)
     lo, hi = bounds["edges"][p], bounds["edges"][p + 1]
-    tables = [read_route_rows(lay.route(s), lo, hi, columns) for s in bounds["searched"]]
+    tables = [read_route_rows(lay.routes.file(s), lo, hi, columns) for s in bounds["searched"]]
     tables = [t for t in tables if t.num_rows]
     if tables:
         return pa.concat_tables(tables)

@@ -178,19 +178,50 @@ def reranked_ranks(qi: np.ndarray, scores: np.ndarray, global_rank: np.ndarray) 
     return rank
 
 
-class _Attempts:
-    """Tries of one partition: counted before each try (a try that kills the actor counts too),
+class PartitionWorker:
+    """One phase's worker: ``{"partition": [n]}`` -> one summary row per partition, its work
+    committed to storage by ``work(n)`` (which returns the row's counters). A subclass names its
+    ``phase`` (its ``PartitionFiles`` in ``ResultsLayout``), the counters of a failed partition
+    (``empty``) and how to list a partition's queries (``_query_ids``).
+
+    Tries of one partition are counted before each try (a try that kills the actor counts too),
     ``max_attempts`` per run, then a failure record (query ids, reason) and the job goes on."""
 
     kind = "part"
+    phase = "parts"
+    empty: dict[str, Any] = {}
 
-    def _paths(self, p: int) -> tuple[str, str]:
+    def __init__(self, job: dict[str, Any], catalog: list):
+        import ray
+
+        from .route import read_bounds
+        self.job = job
+        self.layout = ResultsLayout(job["results"])
+        self.files = getattr(self.layout, self.phase)
+        ctx = ray.get_runtime_context()
+        self.node_id, self.pid = ctx.get_node_id(), os.getpid()
+        self.catalog = ray.get(catalog[0])
+        self.bounds = read_bounds(job["results"])  # None in phase 1 (written after it)
+
+    def work(self, p: int) -> dict[str, Any]:
         raise NotImplementedError
 
     def _query_ids(self, p: int) -> list[int]:
         raise NotImplementedError
 
-    def attempt(self, p: int, work) -> tuple[str, str, Any]:
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rows = []
+        for p in batch["partition"]:
+            t0 = time.perf_counter()
+            status, reason, got = self.attempt(int(p))
+            rows.append({"partition": int(p), "status": status, "reason": reason, "node_id": self.node_id,
+                         "seconds": time.perf_counter() - t0, **(self.empty if got is None else got)})
+            pa.default_memory_pool().release_unused()  # the partition's tables go back to the OS
+        # Array values (a partition's candidate rows) become one object per row.
+        return {k: (np.array([r[k] for r in rows], dtype=object) if isinstance(rows[0][k], np.ndarray)
+                    else np.asarray([r[k] for r in rows])) for k in rows[0]}
+
+    def attempt(self, p: int) -> tuple[str, str, Any]:
         attempts = max(1, int(self.job["max_attempts"]))
         reason, tb = "", ""
         while True:
@@ -199,7 +230,7 @@ class _Attempts:
                 reason = reason or f"{attempts} attempts of this run ended without a result (the worker died)"
                 break
             try:
-                return "done", "", work(p)
+                return "done", "", self.work(p)
             except Exception as exc:  # recorded, the job goes on (bad input must not stop a city)
                 reason, tb = f"{type(exc).__name__}: {exc}", traceback.format_exc()
                 log.warning("%s %d attempt %d/%d failed: %s", self.kind, p, tried, attempts, reason)
@@ -207,7 +238,7 @@ class _Attempts:
         return "failed", reason, None
 
     def _count_attempt(self, p: int) -> int:
-        url = self._paths(p)[0]
+        url = self.files.attempts(p)
         rec = storage.read_json(url) if storage.exists(url) else {}
         n = int(rec.get("attempts", 0)) + 1 if rec.get("run") == self.job["run_id"] else 1
         storage.write_json(url, {"run": self.job["run_id"], "attempts": n, "node_id": self.node_id, "pid": self.pid})
@@ -218,28 +249,20 @@ class _Attempts:
             qids = self._query_ids(p)
         except Exception as exc:  # the inputs themselves are unreadable: say so
             qids, reason = [], f"{reason}; its queries are unreadable: {exc}"
-        storage.write_json(self._paths(p)[1], {self.kind: p, "query_ids": qids, "reason": reason,
-                                               "traceback": tb[-4000:]})
-
-    def _setup(self, job: dict[str, Any]) -> None:
-        import ray
-        self.job = job
-        self.layout = ResultsLayout(job["results"])
-        ctx = ray.get_runtime_context()
-        self.node_id, self.pid = ctx.get_node_id(), os.getpid()
+        storage.write_json(self.files.failure(p), {self.kind: p, "query_ids": qids, "reason": reason,
+                                                   "traceback": tb[-4000:]})
 
 
 # ---------------------------------------------------------------- phase 1: search and route
-class SearchWorker(_Attempts):
-    """``{"partition": [s]}`` -> one summary row; the route part goes to storage (route.py)."""
+class SearchWorker(PartitionWorker):
+    """Search partition s -> its route part (route.py); an actor that calls the index shard actors."""
 
     kind = "search partition"
+    phase = "routes"
+    empty = {"queries": 0, "fetched_query_bytes": 0}
 
     def __init__(self, job: dict[str, Any], catalog: list, shard_actors: list):
-        import ray
-
-        self._setup(job)
-        self.catalog = ray.get(catalog[0])
+        super().__init__(job, catalog)
         self.shard_actors = shard_actors
         self.query_manifest = storage.read_manifest(job["query_store"])
         self.q_tokens = None
@@ -247,23 +270,9 @@ class SearchWorker(_Attempts):
             from .tokens import ChunkCache
             self.q_tokens = ChunkCache(job["query_store"], 1)
 
-    def _paths(self, s: int) -> tuple[str, str]:
-        return self.layout.route_attempts(s), self.layout.route_failure(s)
-
     def _query_ids(self, s: int) -> list[int]:
         qt = self._query_table(s, ["image_id"])
         return [] if qt is None else qt.column("image_id").to_pylist()
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out: dict[str, list] = {k: [] for k in ("partition", "status", "queries", "fetched_query_bytes",
-                                                  "node_id", "reason")}
-        for s in batch["partition"]:
-            status, reason, got = self.attempt(int(s), self.route)
-            n, q_fetched = got or (0, 0)
-            for k, v in (("partition", int(s)), ("status", status), ("queries", n), ("fetched_query_bytes", q_fetched),
-                         ("node_id", self.node_id), ("reason", reason)):
-                out[k].append(v)
-        return {k: np.asarray(v) for k, v in out.items()}
 
     def _query_table(self, s: int, columns: list[str]) -> pa.Table | None:
         from .partitions import partition_shards
@@ -285,7 +294,7 @@ class SearchWorker(_Attempts):
         scores, ids = merge_topk(parts, k)
         return ids, scores
 
-    def route(self, s: int) -> int:
+    def work(self, s: int) -> dict[str, int]:
         from ..evaluate import positions_of
         from .route import ROUTE_SCHEMA, route_bin, tokens_column, write_route
 
@@ -293,7 +302,7 @@ class SearchWorker(_Attempts):
         if qt is None:
             write_route(self.job["results"], s, ROUTE_SCHEMA.empty_table(),
                         {"node_id": self.node_id, "database_rows": self.job["database_rows"]})
-            return 0, 0
+            return dict(self.empty)
         ids, gscores = self._search(storage.descriptors_of(qt))
         cat = self.catalog
         pos = np.minimum(np.searchsorted(cat["image_id"], ids), len(cat["image_id"]) - 1)
@@ -325,46 +334,29 @@ class SearchWorker(_Attempts):
         write_route(self.job["results"], s, table, {"node_id": self.node_id, "pid": self.pid,
                                                     "database_rows": self.job["database_rows"],
                                                     "fetched_query_token_bytes": fetched})
-        return qt.num_rows, fetched
+        return {"queries": qt.num_rows, "fetched_query_bytes": fetched}
 
 
 # ---------------------------------------------------------------- phase 2: split off the strays
-class SplitWorker(_Attempts):
-    """``{"partition": [s]}`` -> one summary row; search partition s's stray pairs go to storage
-    (strays.py). Stateless apart from the catalog: run as Ray tasks (``split_batch``)."""
+class SplitWorker(PartitionWorker):
+    """Search partition s -> its stray pairs (strays.py). Stateless apart from the catalog: run as
+    Ray tasks (``split_batch``)."""
 
     kind = "stray split"
-
-    def __init__(self, job: dict[str, Any], catalog: list):
-        import ray
-
-        from .route import read_bounds
-        self._setup(job)
-        self.catalog = ray.get(catalog[0])
-        self.bounds = read_bounds(job["results"])
-
-    def _paths(self, s: int) -> tuple[str, str]:
-        return self.layout.strays_attempts(s), self.layout.strays_failure(s)
+    phase = "strays"
+    empty = {"stray_pairs": 0, "stray_bytes": 0}
 
     def _query_ids(self, s: int) -> list[int]:
         from .route import read_route_rows
-        return read_route_rows(self.layout.route(s), 0, self.bounds["bins"], ["query_id"]).column("query_id").to_pylist()
+        rt = read_route_rows(self.layout.routes.file(s), 0, self.bounds["bins"], ["query_id"])
+        return rt.column("query_id").to_pylist()
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out: dict[str, list] = {k: [] for k in ("partition", "status", "stray_pairs", "stray_bytes", "reason")}
-        for s in batch["partition"]:
-            status, reason, got = self.attempt(int(s), self.split)
-            got = got or {}
-            for k, v in (("partition", int(s)), ("status", status), ("stray_pairs", got.get("stray_pairs", 0)),
-                         ("stray_bytes", got.get("stray_query_token_bytes", 0)), ("reason", reason)):
-                out[k].append(v)
-        return {k: np.asarray(v) for k, v in out.items()}
-
-    def split(self, s: int) -> dict[str, int]:
+    def work(self, s: int) -> dict[str, int]:
         from .strays import split_strays
-        arr = storage.open_local_tokens(self.job["query_store"])
-        return split_strays(self.job["results"], s, self.bounds, self.catalog, tuple(arr.shape[1:]), arr.dtype,
-                            {"node_id": self.node_id, "pid": self.pid})
+        tokens = self.job["query_tokens"]  # shape and dtype of the query store's tokens
+        got = split_strays(self.job["results"], s, self.bounds, self.catalog, tuple(tokens["shape"]),
+                           np.dtype(tokens["dtype"]), {"node_id": self.node_id, "pid": self.pid})
+        return {"stray_pairs": got["stray_pairs"], "stray_bytes": got["stray_query_token_bytes"]}
 
 
 def split_batch(batch: dict[str, np.ndarray], job: dict[str, Any], catalog: list) -> dict[str, np.ndarray]:
@@ -380,7 +372,7 @@ def scores_schema(scorers: list[str]) -> pa.Schema:
                      + [(f"score_{n}", pa.float32()) for n in scorers])
 
 
-class ScoreWorker(_Attempts):
+class ScoreWorker(PartitionWorker):
     """``{"partition": [q]}`` -> one summary row; the scores go to storage.
 
     Score partition q scores the pairs whose candidate lies in its stretch of database rows: its
@@ -389,16 +381,13 @@ class ScoreWorker(_Attempts):
     ``scores/score-QQQQQ.parquet`` sorted by (origin, query, position), then its marker."""
 
     kind = "score partition"
+    phase = "scores"
+    empty = {"pairs": 0, "fetched_bytes": 0, "candidate_rows": np.zeros(0, np.int64)}
 
     def __init__(self, job: dict[str, Any], catalog: list):
-        import ray
-
-        from .route import read_bounds
         from .tokens import ChunkCache
 
-        self._setup(job)
-        self.catalog = ray.get(catalog[0])
-        self.bounds = read_bounds(job["results"])
+        super().__init__(job, catalog)
         self.scorers: dict[str, PairScorer] = {}
         self.caches = (ChunkCache(job["query_store"], job["cache_chunks"]),
                        ChunkCache(job["database_store"], job["cache_chunks"]))
@@ -408,28 +397,12 @@ class ScoreWorker(_Attempts):
                                             threads=job["threads"], rerank_dtype=job["rerank_dtype"],
                                             caches=self.caches)
 
-    def _paths(self, q: int) -> tuple[str, str]:
-        return self.layout.scores_attempts(q), self.layout.scores_failure(q)
-
     def _query_ids(self, q: int) -> list[int]:
         from .route import partition_routes
         return partition_routes(self.job["results"], self.bounds, q, ["query_id"]).column("query_id").to_pylist()
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out: dict[str, list] = {k: [] for k in ("partition", "status", "pairs", "fetched_bytes", "candidate_rows",
-                                                  "node_id", "seconds", "reason")}
-        for q in batch["partition"]:
-            t0 = time.perf_counter()
-            status, reason, got = self.attempt(int(q), self.score_partition)
-            pairs, fetched, cand_rows = got or (0, 0, np.zeros(0, np.int64))
-            for k, v in (("partition", int(q)), ("status", status), ("pairs", pairs), ("fetched_bytes", fetched),
-                         ("candidate_rows", cand_rows), ("node_id", self.node_id),
-                         ("seconds", time.perf_counter() - t0), ("reason", reason)):
-                out[k].append(v)
-        return {k: (np.array(v, dtype=object) if k == "candidate_rows" else np.asarray(v)) for k, v in out.items()}
-
-    def score_partition(self, q: int):
-        from .route import candidate_pairs, owner_of, partition_routes, tokens_of
+    def work(self, q: int) -> dict[str, Any]:
+        from .route import TokenRows, candidate_pairs, owner_of, partition_routes
         from .strays import owned_strays, stray_query_tokens
 
         qc, cc = self.caches
@@ -439,11 +412,10 @@ class ScoreWorker(_Attempts):
         local = np.flatnonzero(owner_of(pairs["row"], self.bounds) == q)
         st = owned_strays(self.job["results"], self.bounds["searched"], q)
         nq, ns = rt.num_rows, st.num_rows
-        # Two token arrays, indexed per batch (never concatenated): own queries' (one contiguous
-        # copy; the route table drops its column) and one copy per distinct stray query.
-        own = np.ascontiguousarray(tokens_of(rt.column("query_tokens"), shape, dtype))
+        # Query tokens stay in the tables' buffers (route rows: own queries; strays: one copy per
+        # distinct stray query); each batch gathers the rows it needs (float32), nothing else is copied.
+        own = TokenRows(rt.column("query_tokens"), shape, dtype)
         stray, stray_at = stray_query_tokens(st, shape, dtype)
-        rt, st = rt.drop_columns(["query_tokens"]), st.drop_columns(["query_tokens"])
         # Token locality: own queries by their top-1 candidate's row, then the strays (sorted by
         # candidate row already); pairs by candidate chunk.
         qpos = np.empty(nq, np.int64)
@@ -461,7 +433,7 @@ class ScoreWorker(_Attempts):
             ti = tok_idx[sel]
             mine = ti < nq
             qtok = np.empty((len(sel),) + tuple(shape), np.float32)
-            qtok[mine], qtok[~mine] = own[ti[mine]], stray[ti[~mine] - nq]
+            qtok[mine], qtok[~mine] = own.gather(ti[mine], np.float32), stray.gather(ti[~mine] - nq, np.float32)
             ctok = cc.read(rows[sel])
             for name, scorer in self.scorers.items():
                 t = time.perf_counter()
@@ -476,27 +448,26 @@ class ScoreWorker(_Attempts):
         table = pa.table({"origin": origin, "query_id": qid.astype(np.int64), "gi": gi,
                           **{f"score_{name}": v for name, v in scores.items()}}, schema=schema).take(pa.array(order))
         lay = self.layout
-        fs, path = storage.filesystem(lay.scores(q))
+        fs, path = storage.filesystem(lay.scores.file(q))
         fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         with fs.open(path, "wb") as f:
             pq.write_table(table, f, row_group_size=SCORES_ROW_GROUP)
         distinct = np.unique(rows)
-        storage.write_json(lay.scores_progress(q), {
+        storage.write_json(lay.scores.progress(q), {
             "score_partition": q, "queries": nq, "pairs": n, "own_pairs": int(len(local)), "stray_pairs": ns,
             "stray_queries": int(len(stray)),
             "fetched_token_bytes": fetched, "distinct_candidates": int(len(distinct)), "rerank_seconds": seconds,
             "node_id": self.node_id, "pid": self.pid, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-        return n, fetched, distinct
+        return {"pairs": n, "fetched_bytes": fetched, "candidate_rows": distinct}
 
 
 def scored_partitions(results: str) -> dict[int, dict[str, Any]]:
     """Markers of the committed score partitions (phase 3): ``{q: marker}``. O(partitions)."""
-    from .results import markers_in
-    return markers_in(ResultsLayout(results).scores_progress(0), "score-")
+    return ResultsLayout(results).scores.committed()
 
 
 # ---------------------------------------------------------------- phase 4: commit one results part
-class CommitWorker(_Attempts):
+class CommitWorker(PartitionWorker):
     """``{"partition": [p]}`` -> one summary row; partition p's results part goes to storage.
     Stateless apart from the catalog: run as Ray tasks (``commit_batch``).
 
@@ -505,43 +476,24 @@ class CommitWorker(_Attempts):
     (sorted by origin, so only p's row groups are read). Every pair must have exactly one score."""
 
     kind = "partition"
-
-    def __init__(self, job: dict[str, Any], catalog: list):
-        import ray
-
-        from .route import read_bounds
-        self._setup(job)
-        self.catalog = ray.get(catalog[0])
-        self.bounds = read_bounds(job["results"])
-
-    def _paths(self, p: int) -> tuple[str, str]:
-        return self.layout.attempts(p), self.layout.failure(p)
+    phase = "parts"
+    empty = {"pairs": 0, "queries": 0}
 
     def _query_ids(self, p: int) -> list[int]:
         from .route import partition_routes
         return partition_routes(self.job["results"], self.bounds, p, ["query_id"]).column("query_id").to_pylist()
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out: dict[str, list] = {k: [] for k in ("partition", "status", "pairs", "queries", "reason")}
-        for p in batch["partition"]:
-            status, reason, got = self.attempt(int(p), self.commit)
-            pairs, queries = got or (0, 0)
-            for k, v in (("partition", int(p)), ("status", status), ("pairs", pairs), ("queries", queries),
-                         ("reason", reason)):
-                out[k].append(v)
-        return {k: np.asarray(v) for k, v in out.items()}
 
     def _gather(self, p: int, rt: pa.Table, pairs: dict[str, np.ndarray], scorers: list[str]) -> dict[str, np.ndarray]:
         """Each pair's score per reranker, from the score files of the partitions owning its candidate."""
         from .route import owner_of, read_range
         lay = self.layout
         owners = np.unique(owner_of(pairs["row"], self.bounds)).tolist()
-        missing = [o for o in owners if not storage.exists(lay.scores_progress(o))]
+        missing = [o for o in owners if not storage.exists(lay.scores.progress(o))]
         if missing:
             raise RuntimeError(f"score partition(s) {missing} scored no pairs (see {self.job['results']}/scores/"
                                f"failures/); this partition's candidates in their rows have no score")
         schema = scores_schema(scorers)
-        tables = [read_range(lay.scores(o), "origin", p, p + 1, schema) for o in owners]
+        tables = [read_range(lay.scores.file(o), "origin", p, p + 1, schema) for o in owners]
         sc = pa.concat_tables([t for t in tables if t.num_rows] or [schema.empty_table()])
         ids = rt.column("query_id").to_numpy()
         sorter = np.argsort(ids, kind="stable")
@@ -560,7 +512,7 @@ class CommitWorker(_Attempts):
                                f"partitions {owners}")
         return {name: sc.column(f"score_{name}").to_numpy()[take] for name in scorers}
 
-    def commit(self, p: int):
+    def work(self, p: int) -> dict[str, int]:
         from .route import ROUTE_SCHEMA, candidate_pairs, partition_routes
 
         names = self.job["rerankers"]
@@ -571,7 +523,7 @@ class CommitWorker(_Attempts):
         nq, n = rt.num_rows, len(pairs["qi"])
         if n == 0:
             write_part(self.job["results"], p, schema.empty_table(), self._marker(nq, 0))
-            return 0, nq
+            return {"pairs": 0, "queries": nq}
         qi, cand, global_rank, gs = pairs["qi"], pairs["cand"], pairs["global_rank"], pairs["global_score"]
         scorers = [r for r in names if r != "none"]
         scores = self._gather(p, rt, pairs, scorers) if scorers else {}
@@ -598,7 +550,7 @@ class CommitWorker(_Attempts):
             cols[f"rerank_score_{name}"] = scores[name].astype(np.float32)
         table = pa.table(cols, schema=schema).take(pa.array(order))
         write_part(self.job["results"], p, table, self._marker(nq, n))
-        return n, nq
+        return {"pairs": n, "queries": nq}
 
     def _marker(self, queries: int, pairs: int) -> dict[str, Any]:
         # Token bytes and scoring seconds are the score partitions' (scores/progress/).

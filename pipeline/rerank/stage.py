@@ -232,6 +232,9 @@ def _phases(config, rerankers, k, state, version, searches, seconds, ransac, res
                batch_pairs=config.batch_pairs, partition_queries=config.partition_queries,
                threads=config.threads_per_actor, rerank_dtype=config.rerank_dtype, cache_chunks=config.cache_chunks,
                max_attempts=config.max_attempts, ransac=ransac, run_id=uuid.uuid4().hex)
+    if any(r != "none" for r in rerankers):  # what phase 2 copies for the strays (metadata only)
+        arr = storage.open_local_tokens(config.query_store)
+        job["query_tokens"] = {"shape": [int(d) for d in arr.shape[1:]], "dtype": arr.dtype.str}
     lay = ResultsLayout(config.results)
     bounds = read_bounds(config.results)
     catalog = None
@@ -263,7 +266,7 @@ def _phases(config, rerankers, k, state, version, searches, seconds, ransac, res
         bounds = write_bounds(config.results, searched_partitions(config.results), config.partition_queries)
     seconds["search"] = time.perf_counter() - t
     failed_searches = sorted(set(failed_searches) | {s for s in range(searches)
-                                                     if s not in bounds["searched"] and storage.exists(lay.route_failure(s))})
+                                                     if s not in bounds["searched"] and storage.exists(lay.routes.failure(s))})
 
     total = int(bounds["partitions"])
     pending, done_before = pending_partitions(config.results, total)
@@ -326,19 +329,12 @@ def _catalog_rows(catalog: dict) -> int:
     return int(catalog["row"].max()) + 1 if len(catalog["row"]) else 1
 
 
-def _done_in(config, phase: str) -> set[int]:
-    from .route import searched_partitions
-    from .score import scored_partitions
-    from .strays import split_partitions
-    done = {"search": searched_partitions, "split": split_partitions, "score": scored_partitions,
-            "commit": committed_partitions}[phase]
-    return set(done(config.results))
+# Each phase's partitions and where their files are in the results folder (ResultsLayout).
+PHASE_FILES = {"search": "routes", "split": "strays", "score": "scores", "commit": "parts"}
 
 
-def _failure_url(config, phase: str, p: int) -> str:
-    lay = ResultsLayout(config.results)
-    return {"search": lay.route_failure, "split": lay.strays_failure, "score": lay.scores_failure,
-            "commit": lay.failure}[phase](p)
+def _phase_files(config, phase: str):
+    return getattr(ResultsLayout(config.results), PHASE_FILES[phase])
 
 
 def _run_pool(config, phase: str, pending: list[int], make, summary: dict) -> list[int]:
@@ -357,7 +353,7 @@ def _run_pool(config, phase: str, pending: list[int], make, summary: dict) -> li
                 if row["status"] != "done":
                     failed.append(p)
                     log.error("%s partition %d failed every attempt and is recorded in %s: %s", phase, p,
-                              _failure_url(config, phase, p), row["reason"])
+                              _phase_files(config, phase).failure(p), row["reason"])
                     continue
                 _summarise(phase, row, summary)
             pending = []
@@ -365,7 +361,7 @@ def _run_pool(config, phase: str, pending: list[int], make, summary: dict) -> li
             restarts += 1
             if restarts > config.max_pool_restarts:
                 raise
-            done = _done_in(config, phase)
+            done = _phase_files(config, phase).committed()
             pending = [p for p in pending if p not in done and p not in failed]
             log.warning("%s pool lost an actor (%s); restarting it on %d remaining partition(s) (%d/%d)", phase,
                         type(exc).__name__, len(pending), restarts, config.max_pool_restarts)
@@ -459,8 +455,8 @@ def _write_manifest(config: RerankConfig, res: RerankResult, plan: dict, state, 
     })
     res.failed_partitions = failures
     res.num_failed_queries = sum(len(storage.read_json(url).get("query_ids", []))
-                                 for url in [lay.failure(p) for p in failures]
-                                 + [lay.route_failure(s) for s in res.failed_search_partitions]
+                                 for url in [lay.parts.failure(p) for p in failures]
+                                 + [lay.routes.failure(s) for s in res.failed_search_partitions]
                                  if storage.exists(url))
 
 

@@ -30,8 +30,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .. import storage
-from .results import ResultsLayout, markers_in
-from .route import ROW_GROUP, candidate_pairs, owner_of, read_range, tokens_column, tokens_of
+from .results import ResultsLayout
+from .route import ROW_GROUP, TokenRows, candidate_pairs, owner_of, read_range, tokens_column
 
 STRAY_SCHEMA = pa.schema([
     ("owner", pa.int32()),            # the score partition that scores the pair (its rows hold the candidate)
@@ -49,7 +49,7 @@ def split_strays(results: str, s: int, bounds: dict[str, Any], catalog: dict[str
     marker. Returns the counts written."""
     from .route import read_route_rows
     lay = ResultsLayout(results)
-    rt = read_route_rows(lay.route(s), 0, int(bounds["bins"]))
+    rt = read_route_rows(lay.routes.file(s), 0, int(bounds["bins"]))
     pairs = candidate_pairs(rt, catalog)
     origin_of_query = (np.searchsorted(np.asarray(bounds["edges"]), rt.column("route_bin").to_numpy(),
                                        side="right") - 1).astype(np.int32)
@@ -61,9 +61,9 @@ def split_strays(results: str, s: int, bounds: dict[str, Any], catalog: dict[str
     qi_sorted = pairs["qi"][order]
     first = np.zeros(len(order), bool)
     first[np.unique(owner[order].astype(np.int64) * max(1, rt.num_rows) + qi_sorted, return_index=True)[1]] = True
-    tokens = tokens_of(rt.column("query_tokens"), token_shape, token_dtype) if len(order) else None
+    tokens = TokenRows(rt.column("query_tokens"), token_shape, token_dtype)
     qids = rt.column("query_id").to_numpy()
-    fs, path = storage.filesystem(lay.strays(s))
+    fs, path = storage.filesystem(lay.strays.file(s))
     fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
     with fs.open(path, "wb") as f, pq.ParquetWriter(f, STRAY_SCHEMA) as w:
         for a in range(0, len(order), ROW_GROUP):
@@ -71,7 +71,7 @@ def split_strays(results: str, s: int, bounds: dict[str, Any], catalog: dict[str
             qi = qi_sorted[a:a + ROW_GROUP]
             w.write_table(pa.table({
                 "owner": owner[sel], "origin": origin[sel], "query_id": qids[qi], "gi": pairs["gi"][sel].astype(np.int32),
-                "candidate_row": pairs["row"][sel], "query_tokens": tokens_column(tokens[qi[keep]], len(sel), keep),
+                "candidate_row": pairs["row"][sel], "query_tokens": tokens_column(tokens.gather(qi[keep]), len(sel), keep),
             }, schema=STRAY_SCHEMA))
         if not len(order):
             w.write_table(STRAY_SCHEMA.empty_table())
@@ -79,13 +79,13 @@ def split_strays(results: str, s: int, bounds: dict[str, Any], catalog: dict[str
     copies = int(first.sum())
     got = {"pairs": int(len(origin)), "stray_pairs": int(len(order)), "stray_token_copies": copies,
            "stray_query_token_bytes": copies * row_bytes}
-    storage.write_json(lay.strays_progress(s), {**marker, "search_partition": s, **got})
+    storage.write_json(lay.strays.progress(s), {**marker, "search_partition": s, **got})
     return got
 
 
 def split_partitions(results: str) -> dict[int, dict[str, Any]]:
     """Markers of the search partitions whose strays are split: ``{s: marker}``. O(partitions)."""
-    return markers_in(ResultsLayout(results).strays_progress(0), "search-")
+    return ResultsLayout(results).strays.committed()
 
 
 def owned_strays(results: str, searched: list[int], q: int) -> pa.Table:
@@ -93,21 +93,20 @@ def owned_strays(results: str, searched: list[int], q: int) -> pa.Table:
     order and within one by candidate row: deterministic. ``query_tokens`` is null but on one row
     per query (``stray_query_tokens``)."""
     lay = ResultsLayout(results)
-    tables = [read_range(lay.strays(s), "owner", q, q + 1, STRAY_SCHEMA) for s in searched]
+    tables = [read_range(lay.strays.file(s), "owner", q, q + 1, STRAY_SCHEMA) for s in searched]
     tables = [t for t in tables if t.num_rows]
     return pa.concat_tables(tables) if tables else STRAY_SCHEMA.empty_table()
 
 
-def stray_query_tokens(strays: pa.Table, shape: tuple[int, ...], dtype) -> tuple[np.ndarray, np.ndarray]:
-    """``(tokens, index)``: the distinct stray queries' tokens (one copy each, in the stored dtype)
-    and, per stray row, the position of its query's tokens in them. Memory: O(distinct queries)."""
-    col = strays.column("query_tokens").combine_chunks() if strays.num_rows else pa.array([], pa.large_binary())
-    valid = np.flatnonzero(col.is_valid().to_numpy(zero_copy_only=False)) if len(col) else np.zeros(0, np.int64)
+def stray_query_tokens(strays: pa.Table, shape: tuple[int, ...], dtype) -> tuple[TokenRows, np.ndarray]:
+    """``(tokens, index)``: the stray queries' tokens (the strays table's own buffers, one copy per
+    (owner, query), not copied again) and, per stray row, the position of its query's tokens in
+    them. Memory: O(distinct stray queries), held by the table."""
+    tokens = TokenRows(strays.column("query_tokens"), shape, dtype)
     qids = strays.column("query_id").to_numpy()
-    have, at = np.unique(qids[valid], return_index=True)  # a query's tokens are the same in every copy
-    tokens = np.ascontiguousarray(tokens_of(col.take(pa.array(valid[at])), shape, dtype))
-    index = np.minimum(np.searchsorted(have, qids), max(0, len(have) - 1))
-    if len(qids) and (not len(have) or (have[index] != qids).any()):
-        lost = sorted(set(qids[(have[index] != qids) if len(have) else slice(None)].tolist()))[:5]
+    have, at = np.unique(qids[tokens.valid], return_index=True)  # a query's tokens are the same in every copy
+    pos = np.minimum(np.searchsorted(have, qids), max(0, len(have) - 1))
+    if len(qids) and (not len(have) or (have[pos] != qids).any()):
+        lost = sorted(set(qids[(have[pos] != qids) if len(have) else slice(None)].tolist()))[:5]
         raise ValueError(f"stray pairs of queries {lost} carry no query tokens")
-    return tokens, index
+    return tokens, (at[pos] if len(have) else pos)
