@@ -65,15 +65,11 @@ def tokens_column(tokens: np.ndarray | None, n: int, valid: np.ndarray | None = 
         return pa.nulls(n, pa.large_binary())
     flat = np.ascontiguousarray(tokens)
     width = flat[0].nbytes if len(flat) else 0
-    if valid is None:
-        offsets = np.arange(0, n * width + 1, max(width, 1), dtype=np.int64)[:n + 1]
-        return pa.LargeBinaryArray.from_buffers(pa.large_binary(), n, [None, pa.py_buffer(offsets),
-                                                                       pa.py_buffer(flat.tobytes())])
-    valid = np.asarray(valid, bool)
+    valid = np.ones(n, bool) if valid is None else np.asarray(valid, bool)
     if int(valid.sum()) != len(flat):
         raise ValueError(f"{len(flat)} token rows for {int(valid.sum())} valid values")
     offsets = np.r_[0, np.cumsum(valid.astype(np.int64) * width)]
-    bitmap = pa.py_buffer(np.packbits(valid, bitorder="little").tobytes())
+    bitmap = None if valid.all() else pa.py_buffer(np.packbits(valid, bitorder="little").tobytes())
     return pa.LargeBinaryArray.from_buffers(pa.large_binary(), n, [bitmap, pa.py_buffer(offsets),
                                                                    pa.py_buffer(flat.tobytes())],
                                             null_count=int(n - valid.sum()))
@@ -109,10 +105,6 @@ class TokenRows:
 
     def __len__(self) -> int:
         return int(self.starts[-1])
-
-    @property
-    def nbytes(self) -> int:
-        return sum(v.nbytes for v in self.views)
 
     def gather(self, idx: np.ndarray, dtype=None) -> np.ndarray:
         """Rows ``idx`` (positions among the non-null values) as one new array."""

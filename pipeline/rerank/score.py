@@ -182,7 +182,8 @@ class PartitionWorker:
     """One phase's worker: ``{"partition": [n]}`` -> one summary row per partition, its work
     committed to storage by ``work(n)`` (which returns the row's counters). A subclass names its
     ``phase`` (its ``PartitionFiles`` in ``ResultsLayout``), the counters of a failed partition
-    (``empty``) and how to list a partition's queries (``_query_ids``).
+    (``empty``) and, where its partitions are not score partitions, how to list a partition's
+    queries (``_query_ids``).
 
     Tries of one partition are counted before each try (a try that kills the actor counts too),
     ``max_attempts`` per run, then a failure record (query ids, reason) and the job goes on."""
@@ -207,7 +208,10 @@ class PartitionWorker:
         raise NotImplementedError
 
     def _query_ids(self, p: int) -> list[int]:
-        raise NotImplementedError
+        """The queries of score partition ``p`` (phases 3 and 4; phases 1 and 2 number search
+        partitions and say their own)."""
+        from .route import partition_routes
+        return partition_routes(self.job["results"], self.bounds, p, ["query_id"]).column("query_id").to_pylist()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows = []
@@ -397,10 +401,6 @@ class ScoreWorker(PartitionWorker):
                                             threads=job["threads"], rerank_dtype=job["rerank_dtype"],
                                             caches=self.caches)
 
-    def _query_ids(self, q: int) -> list[int]:
-        from .route import partition_routes
-        return partition_routes(self.job["results"], self.bounds, q, ["query_id"]).column("query_id").to_pylist()
-
     def work(self, q: int) -> dict[str, Any]:
         from .route import TokenRows, candidate_pairs, owner_of, partition_routes
         from .strays import owned_strays, stray_query_tokens
@@ -478,10 +478,6 @@ class CommitWorker(PartitionWorker):
     kind = "partition"
     phase = "parts"
     empty = {"pairs": 0, "queries": 0}
-
-    def _query_ids(self, p: int) -> list[int]:
-        from .route import partition_routes
-        return partition_routes(self.job["results"], self.bounds, p, ["query_id"]).column("query_id").to_pylist()
 
     def _gather(self, p: int, rt: pa.Table, pairs: dict[str, np.ndarray], scorers: list[str]) -> dict[str, np.ndarray]:
         """Each pair's score per reranker, from the score files of the partitions owning its candidate."""
