@@ -22,6 +22,12 @@ ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
 
 
+# Below Linux's ephemeral range (32768-60999): a port found free there can be taken by any
+# outgoing connection before the node binds it (a raylet whose agent's port is taken exits).
+# Ray's own default worker ports are 10002-19999.
+PORT_LO, PORT_HI = 20000, 32000
+
+
 def _port_free(port: int) -> bool:
     with socket.socket() as s:
         try:
@@ -48,7 +54,7 @@ class LocalCluster:
     def _ports(self, n: int) -> list[int]:
         out = []
         while len(out) < n:
-            p = random.randint(20000, 59000)
+            p = random.randint(PORT_LO, PORT_HI)
             if p not in self.taken and _port_free(p):
                 out.append(p)
                 self.taken.add(p)
@@ -56,7 +62,7 @@ class LocalCluster:
 
     def _range(self, width: int) -> tuple[int, int]:
         while True:
-            base = random.randint(20000, 59000 - width)
+            base = random.randint(PORT_LO, PORT_HI - width)
             span = set(range(base, base + width))
             if not span & self.taken and all(_port_free(p) for p in range(base, base + width, 7)):
                 self.taken |= span

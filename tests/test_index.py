@@ -5,6 +5,7 @@ import faiss
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import ray
 
 from pipeline import index as I
 from pipeline import storage
@@ -69,7 +70,11 @@ def test_sharded_search_equals_one_exact_index(tmp_path, ray_session):
     np.testing.assert_allclose(got.scores, d_ref, rtol=1e-5, atol=1e-5)
     with I.open_index(res.index_dir, use_actors=True) as searcher:  # shards held by Ray actors
         by_actors = searcher.search(queries, k=25)
+        # a shard actor that dies (its node lost) is restarted, reloads its shard, and answers
+        ray.kill(searcher._actors[1], no_restart=False)
+        again = searcher.search(queries, k=25)
     np.testing.assert_array_equal(by_actors.ids, i_ref)
+    np.testing.assert_array_equal(again.ids, i_ref)
     # k larger than the database: k' = N, every image exactly once
     everything = I.search(res.index_dir, queries[:3], k=10_000)
     assert everything.ids.shape == (3, len(ids))

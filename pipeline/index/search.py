@@ -95,6 +95,9 @@ def _load(url: str, expected: dict[str, Any] | None, params: dict[str, Any], use
     return index
 
 
+SHARD_RESTARTS = 3  # restarts of one shard actor (node loss) before a search fails
+
+
 class _ShardActor:
     """Holds one index shard in a Ray worker; placed by the shard's memory."""
 
@@ -152,9 +155,12 @@ class ShardedSearcher:
             n_gpus = 0 if str(use_gpu).lower() in ("no", "false", "0", "off", "cpu") else cluster_gpus()
             gpus = min(1.0, n_gpus / max(1, len(shards))) if n_gpus else 0
             for e in shards:
-                # Ray's memory resource packs shards onto nodes that can hold them
+                # Ray's memory resource packs shards onto nodes that can hold them. A shard actor
+                # whose node dies is started again elsewhere (it reloads its shard), and the
+                # calls it had not answered are sent again: a search is a pure read.
                 self._actors.append(actor_cls.options(
                     num_cpus=0, num_gpus=gpus, memory=max(1, int(e["bytes"] * 1.2)), scheduling_strategy="SPREAD",
+                    max_restarts=SHARD_RESTARTS, max_task_retries=SHARD_RESTARTS,
                 ).remote(lay.file(self.version, e["file"]), e, self.params, use_gpu, actor_threads))
             errors = [e for e in ray.get([a.ready.remote() for a in self._actors]) if e]
             if errors:  # a missing or corrupt shard: report it by name, now rather than at the first query
