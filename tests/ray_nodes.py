@@ -1,6 +1,7 @@
 """A multi-node Ray cluster on 127.0.0.1 for tests: a head and nodes started with ``ray start
 --block``, token auth for every process, every port a fresh free one, the session in its own
-``--temp-dir`` under pytest's base temp (short: Ray's socket paths are length-limited), so
+``--temp-dir`` (a short one under /tmp, removed by ``stop()``: Ray's socket paths are limited to
+107 bytes, which pytest-xdist's per-worker base temp can pass), so
 ``/tmp/ray/ray_current_cluster`` and any Ray of the user's are left as they were. ``stop()`` stops
 only the processes started here (SIGINT makes each tear down its own daemons; never ``ray stop``).
 """
@@ -10,6 +11,7 @@ import json
 import os
 import random
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -38,8 +40,8 @@ def _port_free(port: int) -> bool:
 
 
 class LocalCluster:
-    def __init__(self, log_dir: Path, base_temp: Path):
-        self.temp_dir = tempfile.mkdtemp(prefix="rn", dir=base_temp)
+    def __init__(self, log_dir: Path):
+        self.temp_dir = tempfile.mkdtemp(prefix="r2fn-", dir="/tmp")
         self.log_dir = Path(log_dir)
         self.taken: set[int] = set()
         self.gcs, self.client = self._ports(2)
@@ -144,3 +146,4 @@ class LocalCluster:
                 p.wait()
         for f in self.logs:
             f.close()
+        shutil.rmtree(self.temp_dir, ignore_errors=True)

@@ -16,10 +16,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture()
-def two_node_cluster(tmp_path, tmp_path_factory):
+def two_node_cluster(tmp_path):
     """``(address, env)`` of a head plus one worker node (tests/ray_nodes.py). One "extract_slot"
     per node and one per model actor: exactly one actor lands on each node."""
-    cluster = LocalCluster(tmp_path, tmp_path_factory.getbasetemp())
+    cluster = LocalCluster(tmp_path)
     try:
         cluster.start_head(2, {"extract_slot": 1})
         cluster.add_node(2, {"extract_slot": 1})

@@ -24,8 +24,8 @@ def city(tmp_path_factory, ray_session):
     return indexed_city(tmp_path_factory.mktemp("city_nodes"), DB_ROWS, QUERIES, PART)
 
 
-def test_partitions_scored_on_a_node_that_joined_mid_job(city, tmp_path, tmp_path_factory):
-    cluster = LocalCluster(tmp_path, tmp_path_factory.getbasetemp())
+def test_partitions_scored_on_a_node_that_joined_mid_job(city, tmp_path):
+    cluster = LocalCluster(tmp_path)
     results = tmp_path / "res"
     cfg = json.dumps(dict(query_store=str(city / "q"), database_store=str(city / "db"), index_dir=str(city / "index"),
                           results=str(results), backbone="efficientnet-lite0", reranker="ransac", candidates=K,
