@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -174,7 +175,6 @@ def main() -> int:
     index_dir = out / "index"
     if not (index_dir / "CURRENT").exists() or db.with_suffix(".params.json").stat().st_mtime > \
             (index_dir / "CURRENT").stat().st_mtime:
-        import shutil
         shutil.rmtree(index_dir, ignore_errors=True)
         ensure_ray(num_cpus=args.cpus)
         t = time.perf_counter()
@@ -193,7 +193,6 @@ def main() -> int:
         _write_once(q, {"queries": n, "of": args.images, "tokens": args.tokens},
                     lambda: write_city(str(q), n, tokens=args.tokens, queries_of=args.images, strip_positions=True))
         results = out / f"results_{n}"
-        import shutil
         shutil.rmtree(results, ignore_errors=True)
         cfg = dict(query_store=str(q), database_store=str(db), index_dir=str(index_dir), results=str(results),
                    backbone="efficientnet-lite0", reranker=args.reranker, candidates=args.candidates,

@@ -50,7 +50,7 @@ def main() -> int:
 
     import numpy as np
 
-    from pipeline import index, storage
+    from pipeline import index
     from pipeline.cluster import ensure_ray
     from pipeline.log import setup_logging
     from pipeline.ransac import RansacConfig

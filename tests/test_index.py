@@ -3,7 +3,6 @@ import os
 
 import faiss
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import ray
 

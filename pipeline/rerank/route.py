@@ -110,11 +110,16 @@ class TokenRows:
         """Rows ``idx`` (positions among the non-null values) as one new array."""
         idx = np.asarray(idx, np.int64)
         out = np.empty((len(idx),) + self.shape, dtype or self.dtype)
+        return self.gather_into(out, np.arange(len(idx)), idx)
+
+    def gather_into(self, out: np.ndarray, at: np.ndarray, idx: np.ndarray) -> np.ndarray:
+        """``out[at[i]] = row idx[i]`` (converted to ``out``'s dtype), with no array between."""
+        idx, at = np.asarray(idx, np.int64), np.asarray(at, np.int64)
         if len(idx):
             which = np.searchsorted(self.starts, idx, side="right") - 1
             for c in np.unique(which):
                 sel = np.flatnonzero(which == c)
-                out[sel] = self.views[c][idx[sel] - self.starts[c]]
+                out[at[sel]] = self.views[c][idx[sel] - self.starts[c]]
         return out
 
 
@@ -135,11 +140,6 @@ def write_route(results: str, s: int, table: pa.Table, marker: dict[str, Any]) -
     bins, counts = np.unique(table.column("route_bin").to_numpy(), return_counts=True)
     storage.write_json(lay.routes.progress(s), {**marker, "search_partition": s, "queries": table.num_rows,
                                                "bins": bins.tolist(), "counts": counts.tolist()})
-
-
-def searched_partitions(results: str) -> dict[int, dict[str, Any]]:
-    """Progress markers of the committed search partitions: ``{s: marker}``. O(partitions)."""
-    return ResultsLayout(results).routes.committed()
 
 
 def cut_bounds(histogram: np.ndarray, partition_queries: int) -> list[int]:

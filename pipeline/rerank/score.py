@@ -433,7 +433,8 @@ class ScoreWorker(PartitionWorker):
             ti = tok_idx[sel]
             mine = ti < nq
             qtok = np.empty((len(sel),) + tuple(shape), np.float32)
-            qtok[mine], qtok[~mine] = own.gather(ti[mine], np.float32), stray.gather(ti[~mine] - nq, np.float32)
+            own.gather_into(qtok, np.flatnonzero(mine), ti[mine])
+            stray.gather_into(qtok, np.flatnonzero(~mine), ti[~mine] - nq)
             ctok = cc.read(rows[sel])
             for name, scorer in self.scorers.items():
                 t = time.perf_counter()
@@ -459,11 +460,6 @@ class ScoreWorker(PartitionWorker):
             "fetched_token_bytes": fetched, "distinct_candidates": int(len(distinct)), "rerank_seconds": seconds,
             "node_id": self.node_id, "pid": self.pid, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
         return {"pairs": n, "fetched_bytes": fetched, "candidate_rows": distinct}
-
-
-def scored_partitions(results: str) -> dict[int, dict[str, Any]]:
-    """Markers of the committed score partitions (phase 3): ``{q: marker}``. O(partitions)."""
-    return ResultsLayout(results).scores.committed()
 
 
 # ---------------------------------------------------------------- phase 4: commit one results part

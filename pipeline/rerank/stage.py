@@ -3,10 +3,9 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -185,7 +184,6 @@ def run(config: RerankConfig) -> RerankResult:
     seconds: dict[str, float] = {}
     rerankers = resolve_rerankers(config.reranker, config.backbone, config.checkpoint,
                                   allow_untrained=config.allow_untrained_reranker)
-    reranker = rerankers[0]
 
     t = time.perf_counter()
     if config.queries:
@@ -223,9 +221,8 @@ def _phases(config, rerankers, k, state, version, searches, seconds, ransac, res
 
     from ..cluster import cluster_gpus
     from ..index.search import ShardedSearcher
-    from .route import read_bounds, searched_partitions, write_bounds
-    from .score import build_catalog, scored_partitions
-    from .strays import split_partitions
+    from .route import read_bounds, write_bounds
+    from .score import build_catalog
 
     job = dict(results=config.results, query_store=config.query_store, database_store=config.database_store,
                rerankers=rerankers, backbone=config.backbone, checkpoint=config.checkpoint, candidates=k,
@@ -250,7 +247,7 @@ def _phases(config, rerankers, k, state, version, searches, seconds, ransac, res
                    seen=np.zeros(0, bool))
     t = time.perf_counter()
     if bounds is None:
-        done = searched_partitions(config.results)
+        done = lay.routes.committed()
         pending = [s for s in range(searches) if s not in done]
         if resuming:
             log.info("resuming %s: %d of %d search partitions already routed", config.results, len(done), searches)
@@ -263,7 +260,7 @@ def _phases(config, rerankers, k, state, version, searches, seconds, ransac, res
                     config, job, the_catalog(), searcher, todo), summary)
             finally:
                 searcher.close()
-        bounds = write_bounds(config.results, searched_partitions(config.results), config.partition_queries)
+        bounds = write_bounds(config.results, lay.routes.committed(), config.partition_queries)
     seconds["search"] = time.perf_counter() - t
     failed_searches = sorted(set(failed_searches) | {s for s in range(searches)
                                                      if s not in bounds["searched"] and storage.exists(lay.routes.failure(s))})
@@ -278,11 +275,11 @@ def _phases(config, rerankers, k, state, version, searches, seconds, ransac, res
     failed_scores: list[int] = []
     scored_before: dict[int, dict] = {}
     if pending and scorers:
-        split_done = split_partitions(config.results)
+        split_done = lay.strays.committed()
         to_split = [s for s in bounds["searched"] if s not in split_done]
         if to_split:
             _run_pool(config, "split", to_split, lambda todo: _task_pool("split", job, the_catalog(), todo), summary)
-        scored_before = scored_partitions(config.results)
+        scored_before = lay.scores.committed()
         to_score = [q for q in range(total) if q not in scored_before]
         if resuming and scored_before:
             log.info("resuming %s: %d of %d score partitions already scored", config.results, len(scored_before), total)
@@ -298,8 +295,8 @@ def _phases(config, rerankers, k, state, version, searches, seconds, ransac, res
     seconds["commit"] = time.perf_counter() - t
     del catalog
 
-    markers = committed_partitions(config.results)
-    scored = scored_partitions(config.results) if scorers else {}
+    markers = lay.parts.committed()
+    scored = lay.scores.committed() if scorers else {}
     row_bytes = _row_bytes(config.database_store) if scorers else 0
     num_queries = sum(int(m.get("queries", 0)) for m in markers.values())
     num_pairs = sum(int(m.get("pairs", 0)) for m in markers.values())

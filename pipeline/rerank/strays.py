@@ -83,11 +83,6 @@ def split_strays(results: str, s: int, bounds: dict[str, Any], catalog: dict[str
     return got
 
 
-def split_partitions(results: str) -> dict[int, dict[str, Any]]:
-    """Markers of the search partitions whose strays are split: ``{s: marker}``. O(partitions)."""
-    return ResultsLayout(results).strays.committed()
-
-
 def owned_strays(results: str, searched: list[int], q: int) -> pa.Table:
     """The stray pairs score partition ``q`` owns, from every search partition, in search-partition
     order and within one by candidate row: deterministic. ``query_tokens`` is null but on one row
