@@ -281,3 +281,11 @@ def test_two_rerankers_over_one_search_equal_each_alone(city, ransac_run, tmp_pa
         assert (mine[key].to_numpy() == theirs[key].to_numpy()).all(), name
         assert (mine[f"rerank_score_{name}"].to_numpy() == theirs["rerank_score"].to_numpy()).all(), name
     assert (df["rank"] == df["rank_ransac"]).all() and (df["rerank_score"] == df["rerank_score_ransac"]).all()
+
+
+def test_task_workers_are_recycled_by_queries_handled():
+    """Phases 2 and 4 replace a pooled worker after WORKER_QUERIES queries' partitions (its peak
+    grew with the partitions it had run): two at the default partition size, never fewer."""
+    from pipeline.rerank.stage import WORKER_QUERIES, tasks_per_worker
+    assert tasks_per_worker(4096) == 2 and tasks_per_worker(WORKER_QUERIES * 4) == 2
+    assert tasks_per_worker(16) == WORKER_QUERIES // 16 and tasks_per_worker(3000) == 3

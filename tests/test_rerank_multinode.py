@@ -33,26 +33,38 @@ def test_partitions_scored_on_a_node_that_joined_mid_job(city, tmp_path):
     code = ("import json, sys; from pipeline.rerank import RerankConfig, run\n"
             "r = run(RerankConfig(**json.loads(sys.argv[1])))\n"
             "print('RESULT', json.dumps({'nodes': r.scorer_nodes, 'pairs': r.num_pairs}))\n")
+    out_path, err_path = tmp_path / "driver.out", tmp_path / "driver.err"
     try:
         cluster.start_head(1)
-        driver = subprocess.Popen([sys.executable, "-c", code, cfg], env=dict(cluster.env, RAY_ADDRESS=cluster.address),
-                                  cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        with open(out_path, "w") as out_f, open(err_path, "w") as err_f:
+            driver = subprocess.Popen([sys.executable, "-c", code, cfg], env=dict(cluster.env, RAY_ADDRESS=cluster.address),
+                                      cwd=ROOT, stdout=out_f, stderr=err_f, text=True)
         deadline = time.time() + 120
         while not (results / "plan.json").exists():  # the job has started: state pinned, plan written
-            assert driver.poll() is None and time.time() < deadline, driver.communicate()[1][-3000:]
+            assert driver.poll() is None and time.time() < deadline, err_path.read_text()[-3000:]
             time.sleep(0.2)
         # the job runs on the head alone (one CPU: one scorer); now a second node joins
         cluster.add_node(2)
         joined = time.time()
-        out, err = driver.communicate(timeout=300)
-        assert driver.returncode == 0, err[-4000:]
-        got = json.loads(out.split("RESULT ", 1)[1])
+        deadline, replaced = joined + 300, False
+        while driver.poll() is None:
+            assert time.time() < deadline, err_path.read_text()[-3000:]
+            if cluster.procs[-1].poll() is not None and not replaced:
+                # the joined node's raylet died (as a loaded CI machine has seen): the job must
+                # survive losing it, and one more node joins in its place
+                print(f"joined node exited ({cluster.procs[-1].returncode}); joining another")
+                cluster.procs.pop()
+                cluster.add_node(2)
+                replaced = True
+            time.sleep(0.5)
+        assert driver.returncode == 0, err_path.read_text()[-4000:]
+        got = json.loads(out_path.read_text().split("RESULT ", 1)[1])
     finally:
         cluster.stop()
     markers = [json.loads(p.read_text()) for p in sorted((results / "scores" / "progress").glob("*.json"))]
     assert len(markers) == QUERIES // PART and got["pairs"] == QUERIES * K
     nodes = {m["node_id"] for m in markers}
-    assert len(nodes) == 2, markers  # partitions were scored on the head and on the node that joined
+    assert len(nodes) >= 2, markers  # partitions were scored on the head and on the node that joined
     head = min(markers, key=lambda m: m["finished_at"])["node_id"]
     assert sum(m["node_id"] != head for m in markers) >= 1
     assert time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(joined - 1)) <= max(m["finished_at"] for m in markers)

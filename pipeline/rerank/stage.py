@@ -417,25 +417,31 @@ def _score_pool(config, job, catalog, pending, gpus):
         num_cpus=config.threads_per_actor, num_gpus=1 if gpus else 0, ray_remote_args_fn=_scorer_name)
 
 
-# Partitions one pooled worker runs in phases 2 and 4 before Ray replaces it. Measured by
-# bench/bench_city.py: a worker's high-water mark grew with the partitions it had run (what the
-# allocators keep of the Arrow and Zarr buffers of each partition), 473 MB after 1-2 partitions
-# and 608 MB after ~12; recycling bounds it by this count, not by the job's partitions, at one
-# worker start (~2 s) per this many partitions.
-TASKS_PER_WORKER = 2
+# Queries one pooled worker handles in phases 2 and 4 before Ray replaces it (``max_calls``).
+# Measured by bench/bench_city.py: a worker's high-water mark grew with the partitions it had
+# run (what the allocators keep of each partition's Arrow and Zarr buffers), 473 MB after 1-2
+# partitions of 4,096 queries and 608 MB after ~12; recycling bounds it by this many queries, not
+# by the job's, at one worker start (~2 s) per worker's worth: 2 partitions at the default
+# partition_queries, more of smaller ones.
+WORKER_QUERIES = 8192
+
+
+def tasks_per_worker(partition_queries: int) -> int:
+    return max(2, -(-WORKER_QUERIES // max(1, int(partition_queries))))
 
 
 def _task_pool(phase: str, job, catalog, pending):
     """Phases 2 and 4 (split the strays, commit the parts): file work without a model, as Ray Data
     tasks (Ray's pooled workers, as many at once as the cluster has CPUs, each recycled after
-    TASKS_PER_WORKER partitions)."""
+    tasks_per_worker(partition_queries) partitions)."""
     import ray
 
     from .score import commit_batch, split_batch
 
     ds = ray.data.from_items([{"partition": p} for p in pending], override_num_blocks=len(pending))
     return ds.map_batches(split_batch if phase == "split" else commit_batch, batch_size=1, batch_format="numpy",
-                          fn_kwargs=dict(job=job, catalog=[catalog]), num_cpus=1, max_calls=TASKS_PER_WORKER)
+                          fn_kwargs=dict(job=job, catalog=[catalog]), num_cpus=1,
+                          max_calls=tasks_per_worker(job["partition_queries"]))
 
 
 def _row_bytes(store: str) -> int:
