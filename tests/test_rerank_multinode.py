@@ -64,7 +64,9 @@ def test_partitions_scored_on_a_node_that_joined_mid_job(city, tmp_path):
     markers = [json.loads(p.read_text()) for p in sorted((results / "scores" / "progress").glob("*.json"))]
     assert len(markers) == QUERIES // PART and got["pairs"] == QUERIES * K
     nodes = {m["node_id"] for m in markers}
-    assert len(nodes) >= 2, markers  # partitions were scored on the head and on the node that joined
+    # partitions were scored on the head and on the node that joined (and, where that node died
+    # and another joined in its place, perhaps on both)
+    assert len(nodes) == 2 or (replaced and len(nodes) == 3), markers
     head = min(markers, key=lambda m: m["finished_at"])["node_id"]
     assert sum(m["node_id"] != head for m in markers) >= 1
     assert time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(joined - 1)) <= max(m["finished_at"] for m in markers)

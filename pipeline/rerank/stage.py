@@ -419,7 +419,7 @@ def _score_pool(config, job, catalog, pending, gpus):
 
 # Queries one pooled worker handles in phases 2 and 4 before Ray replaces it (``max_calls``).
 # Measured by bench/bench_city.py: a worker's high-water mark grew with the partitions it had
-# run (what the allocators keep of each partition's Arrow and Zarr buffers), 473 MB after 1-2
+# run (what it keeps is not identified; allocator retention is the guess), 473 MB after 1-2
 # partitions of 4,096 queries and 608 MB after ~12; recycling bounds it by this many queries, not
 # by the job's, at one worker start (~2 s) per worker's worth: 2 partitions at the default
 # partition_queries, more of smaller ones.
