@@ -79,12 +79,34 @@ class StoreError(RuntimeError):
     pass
 
 
+# Retries of every S3 request (throttling, 5xx, timeouts, dropped connections): botocore's
+# "standard" mode with this many attempts, unless R2F_S3_RETRY_MODE / R2F_S3_MAX_ATTEMPTS say
+# otherwise. Both are forwarded to Ray workers (pipeline.cluster), so every node retries alike.
+S3_RETRY_MODE = "standard"
+S3_MAX_ATTEMPTS = 10
+
+
+def s3_retry_settings() -> dict[str, Any]:
+    """botocore's ``retries`` setting as this process sees it (``infra/OPERATIONS.md``)."""
+    mode = os.environ.get("R2F_S3_RETRY_MODE", S3_RETRY_MODE)
+    if mode not in ("legacy", "standard", "adaptive"):
+        raise ValueError(f"R2F_S3_RETRY_MODE must be legacy, standard or adaptive, got {mode!r}")
+    try:
+        attempts = int(os.environ.get("R2F_S3_MAX_ATTEMPTS", str(S3_MAX_ATTEMPTS)))
+    except ValueError:
+        raise ValueError(f"R2F_S3_MAX_ATTEMPTS must be an int, got {os.environ['R2F_S3_MAX_ATTEMPTS']!r}") from None
+    if attempts < 1:
+        raise ValueError(f"R2F_S3_MAX_ATTEMPTS must be at least 1, got {attempts}")
+    return {"mode": mode, "max_attempts": attempts}
+
+
 def storage_options(url: str) -> dict[str, Any]:
-    """fsspec options for ``url``. S3 endpoint comes from ``R2F_S3_ENDPOINT_URL`` / ``AWS_ENDPOINT_URL``;
-    credentials come from the standard AWS environment and are never logged."""
+    """fsspec options for ``url``. S3 endpoint comes from ``R2F_S3_ENDPOINT_URL`` / ``AWS_ENDPOINT_URL``,
+    retries from ``s3_retry_settings``; credentials come from the standard AWS chain (environment,
+    instance or pod role) and are never logged or passed here."""
     if url.startswith("s3://"):
         endpoint = os.environ.get("R2F_S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL")
-        opts: dict[str, Any] = {}
+        opts: dict[str, Any] = {"config_kwargs": {"retries": s3_retry_settings()}}
         if endpoint:
             opts["endpoint_url"] = endpoint
         return opts

@@ -871,6 +871,9 @@ def _ray_storage(output: str):
         region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
         if region:
             kwargs["region"] = region
+        retries = storage.s3_retry_settings()
+        strategy = pafs.AwsDefaultS3RetryStrategy if retries["mode"] == "legacy" else pafs.AwsStandardS3RetryStrategy
+        kwargs["retry_strategy"] = strategy(max_attempts=retries["max_attempts"])
         return output[len("s3://"):], pafs.S3FileSystem(**kwargs)
     path = os.path.abspath(output)
     return path, None
