@@ -194,7 +194,7 @@ def write_manifests(split: BenchmarkSplit, out_dir: str) -> tuple[str, str]:
     for kind, table in (("database", split.database), ("queries", split.queries)):
         url = storage.join(out_dir, f"{kind}.csv")
         fs, path = storage.filesystem(url)
-        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        storage.makedirs(fs, path.rsplit("/", 1)[0])
         buf = io.BytesIO()
         pacsv.write_csv(table.select(list(MANIFEST_COLUMNS)), buf)
         with fs.open(path, "wb") as f:

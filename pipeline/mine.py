@@ -498,11 +498,14 @@ def run(config: MineConfig) -> MineResult:
         raise ValueError("mine needs `queries` (an extraction store) and `output` (a folder or URL)")
     if config.top_k < 1 or config.query_block_size < 1 or config.blocks_in_flight < 1:
         raise ValueError("top_k, query_block_size and blocks_in_flight must be >= 1")
+    storage.check_output(config.output, "--output")
     t0 = time.perf_counter()
     database = config.database or config.queries
     # The published state is resolved once; everything below reads through these manifests.
     db_state = resolve(database, config.index_dir or None)
     q_state = db_state if database == config.queries else resolve(config.queries)
+    storage.check_same_model(("query store", config.queries, q_state.manifest),
+                             ("database store", database, db_state.manifest))
     fingerprint = _fingerprint(config, database, q_state.manifest, db_state.manifest)
     info_url = storage.join(config.output, "mine.json")
     if storage.exists(info_url):

@@ -71,7 +71,7 @@ def rank_of(name: str, names: list[str], columns: list[str]) -> str:
 
 def _write_bytes(url: str, data: bytes) -> None:
     fs, path = storage.filesystem(url)
-    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    storage.makedirs(fs, path.rsplit("/", 1)[0])
     with fs.open(path, "wb") as f:
         f.write(data)
 
@@ -263,6 +263,11 @@ def _tag_attr(tag: str | None) -> str:
     return "" if tag is UNTAGGED else f' data-tag="{html.escape(str(tag))}"'
 
 
+def _unit(metrics: dict) -> str:
+    unit = (metrics.get("settings") or {}).get("positive_radius_unit")
+    return f" {unit}" if unit else ""
+
+
 def write_report(out: str, metrics: dict, results: "pa.Table | str", radius: float, image_size: tuple[int, int],
                  query_store: str | None = None, database_store: str | None = None, samples: int = 6,
                  match_pairs: int = 2, title: str = "R²Former run", model=None, explain_top: int = 20) -> str:
@@ -414,7 +419,7 @@ figcaption {{ padding: 2px; overflow-wrap: anywhere; }}
 </style></head><body>
 <h1>{html.escape(title)}</h1>
 <p>{metrics.get('num_queries', 0)} queries, {metrics.get('num_queries_without_positive', 0)} without a database
-image within the positive radius ({radius:g}), excluded from the recalls.</p>
+image within the positive radius ({radius:g}{html.escape(_unit(metrics))}), excluded from the recalls.</p>
 <h2>Recall@N</h2>
 <img id="recall-plot" src="{ASSETS}/recall.png" alt="recall@N plot" data-methods="{html.escape(curves)}">
 {''.join(tables)}

@@ -34,6 +34,7 @@ import pyarrow as pa
 
 from . import storage
 from .log import get_logger
+from .weights import build_model
 
 log = get_logger(__name__)
 
@@ -47,7 +48,7 @@ class RunConfig:
     checkpoint: str | None = None
     reranker: str = "auto"
     candidates: int = 100
-    positive_radius: float = 25.0
+    positive_radius: float | None = None  # None: the database's kind decides (datasets.default_radius)
     image_size: list[int] = field(default_factory=lambda: [480, 640])
     batch_pairs: int = 400
     report_samples: int = 6
@@ -93,7 +94,7 @@ def collect_errors(*stores: str) -> pa.Table:
 
 def run(cfg: RunConfig) -> RunOutput:
     from . import evaluate, index, report
-    from .model import build_model
+    from .datasets import default_radius, radius_unit
     from .extract import extract_into
     from .rerank import RerankConfig, resolve_rerankers
     from .rerank import run as rerank_run
@@ -103,6 +104,8 @@ def run(cfg: RunConfig) -> RunOutput:
             raise ValueError(f"r2f run needs --{name}")
     if len(cfg.image_size) != 2:
         raise ValueError(f"image size must be H W, got {cfg.image_size}")
+    if cfg.positive_radius is None:
+        cfg.positive_radius = default_radius(cfg.database)
     if cfg.positive_radius <= 0:
         raise ValueError(f"--positive-radius must be > 0, got {cfg.positive_radius}")
     if cfg.candidates < 1:
@@ -111,6 +114,8 @@ def run(cfg: RunConfig) -> RunOutput:
         reranker_list(cfg.reranker)
     except argparse.ArgumentTypeError as exc:
         raise ValueError(str(exc)) from None
+    # Before Ray starts or a model loads: a missing or read-only output bucket is one line.
+    storage.check_output(cfg.out, "--out")
     t_all = time.perf_counter()
     # Fails fast (before any extraction) on a backbone without weights, naming the options.
     model = build_model(cfg.backbone, cfg.checkpoint)
@@ -158,6 +163,7 @@ def run(cfg: RunConfig) -> RunOutput:
         "rerank_seconds": {k: round(v, 3) for k, v in (getattr(rr, "rerank_seconds", None) or {}).items()},
         "candidates": cfg.candidates,
         "candidates_used": rr.candidates, "positive_radius": cfg.positive_radius,
+        "positive_radius_unit": radius_unit(cfg.database),
         "image_size": list(cfg.image_size), "num_database_images": _num_images(db_store), "num_pairs": rr.num_pairs,
         "num_errors": int(errors.num_rows), "pairs_per_second": round(rr.pairs_per_second, 2),
     }
@@ -169,7 +175,8 @@ def run(cfg: RunConfig) -> RunOutput:
     write_metrics(metrics_url, metrics)
 
     t = time.perf_counter()
-    report_url = report.write_report(cfg.out, metrics, rr.results, cfg.positive_radius, tuple(cfg.image_size),
+    report_url = report.write_report(cfg.out, metrics, rr.results, cfg.positive_radius,
+                                     storage.extraction_size(storage.read_manifest(db_store)),
                                      query_store=q_store, database_store=db_store, samples=cfg.report_samples,
                                      title=f"R²Former run: {cfg.queries} against {cfg.database}",
                                      model=explain_model)
@@ -238,7 +245,8 @@ def register_cli(subparsers) -> None:
                    help="rerankers over the same candidates, comma-separated: auto, r2former, ransac, none "
                         "(default auto); the first is 'reranked'")
     p.add_argument("--candidates", type=int, help="top-K global candidates reranked per query (default 100)")
-    p.add_argument("--positive-radius", type=float, help="in the units of the position columns (default 25)")
+    p.add_argument("--positive-radius", type=float, help="in the units of the positions: frames for a sequence: dataset "
+                        "(default 2), metres otherwise (default 25)")
     add_image_size_argument(p)
     p.set_defaults(func=_cli)
 

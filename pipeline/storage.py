@@ -79,6 +79,14 @@ class StoreError(RuntimeError):
     pass
 
 
+class OutputLocationError(ValueError):
+    """An output URL that cannot be written (missing bucket, no permission); names the option."""
+
+
+class StoreMismatch(ValueError):
+    """Two stores (or a store and a model) made by different models; names both and the field."""
+
+
 # Retries of every S3 request (throttling, 5xx, timeouts, dropped connections): botocore's
 # "standard" mode with this many attempts, unless R2F_S3_RETRY_MODE / R2F_S3_MAX_ATTEMPTS say
 # otherwise. Both are forwarded to Ray workers (pipeline.cluster), so every node retries alike.
@@ -191,14 +199,89 @@ class StoreLayout:
         return join(self.progress_dir, f"shard-{shard:05d}.json")
 
 
+# ---------------------------------------------------------------- output locations
+def makedirs(fs, path: str) -> None:
+    """The folder a file is about to be written in. Only on local disks: object stores have no
+    folders, and s3fs's ``makedirs`` creates a missing bucket, which outputs never do."""
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    if "file" in protocols or "local" in protocols:
+        fs.makedirs(path, exist_ok=True)
+
+
+def check_output(url: str, option: str) -> None:
+    """Before any work: the bucket of an ``s3://`` output exists and takes a write (a probe object,
+    deleted again), else one ``OutputLocationError`` naming ``option``, the URL and the reason.
+    Local outputs are created as needed."""
+    if not url.startswith("s3://"):
+        return
+    fs, path = filesystem(url)
+    bucket = path.split("/", 1)[0]
+    if not bucket:
+        raise OutputLocationError(f"{option} {url}: no bucket named")
+    probe = f"{path.rstrip('/')}/.r2f-write-check-{os.getpid()}-{os.urandom(4).hex()}"
+    try:
+        fs.pipe_file(probe, b"")
+        fs.rm_file(probe)
+    except FileNotFoundError:  # s3fs: NoSuchBucket
+        raise OutputLocationError(f"{option} {url}: bucket {bucket!r} does not exist; outputs never create "
+                                  f"buckets, create it first (or fix the name)") from None
+    except PermissionError as exc:
+        raise OutputLocationError(f"{option} {url}: cannot write to bucket {bucket!r}: "
+                                  f"{_reason(exc)}") from None
+    except OSError as exc:
+        raise OutputLocationError(f"{option} {url}: the store cannot be written: {_reason(exc)}") from None
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:200]
+
+
+# ---------------------------------------------------------------- which model made a store
+# What a store records of the model that made it; two stores scored or searched together must
+# agree on every one of these that both record.
+MODEL_FIELDS = ("backbone", "checkpoint_hash", "global_dim", "image_size", "tokens")
+
+
+def model_signature(manifest: dict[str, Any]) -> dict[str, Any]:
+    model = manifest.get("model") or {}
+    size = (manifest.get("preprocessing") or {}).get("image_size") or manifest.get("image_size")
+    return {"backbone": model.get("backbone"), "checkpoint_hash": model.get("checkpoint_hash"),
+            "global_dim": manifest.get("global_dim"), "image_size": list(size) if size else None,
+            "tokens": manifest.get("tokens")}
+
+
+def check_same_model(first: tuple[str, str, dict[str, Any]], second: tuple[str, str, dict[str, Any]],
+                     fields: Iterable[str] = MODEL_FIELDS) -> None:
+    """``(role, url, manifest or signature)`` twice: a ``StoreMismatch`` naming both and the first
+    field they disagree on (fields one side does not record are not compared)."""
+    (role_a, url_a, a), (role_b, url_b, b) = first, second
+    sig_a = model_signature(a) if "model" in a or "layout_version" in a else a
+    sig_b = model_signature(b) if "model" in b or "layout_version" in b else b
+    for field in fields:
+        va, vb = sig_a.get(field), sig_b.get(field)
+        if va is not None and vb is not None and va != vb:
+            raise StoreMismatch(f"{role_a} {url_a} and {role_b} {url_b} come from different models: {field} "
+                                f"{va!r} vs {vb!r}; extract both with the same --backbone, --checkpoint and "
+                                f"--image-size")
+
+
+def extraction_size(manifest: dict[str, Any], default: Iterable[int] | None = None) -> tuple[int, int]:
+    """(H, W) the store's images were resized to (RANSAC's pixel scale, the report's thumbnails);
+    ``default`` only for a store that records none."""
+    size = model_signature(manifest)["image_size"] or (list(default) if default is not None else None)
+    if not size:
+        raise StoreError("the store's manifest records no image size")
+    return int(size[0]), int(size[1])
+
+
 # ---------------------------------------------------------------- small JSON / Parquet helpers
 def write_json(url: str, obj: Any) -> None:
     """Write JSON so that readers never see a half-written file (temp file + move on local disks;
     S3 PUTs are atomic already)."""
     fs, path = filesystem(url)
     data = json.dumps(obj, indent=2, sort_keys=True, default=_json_default).encode()
-    parent = path.rsplit("/", 1)[0]
-    fs.makedirs(parent, exist_ok=True)
+    makedirs(fs, path.rsplit("/", 1)[0])
     if fs.protocol in ("file", "local") or "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
         tmp = f"{path}.tmp-{os.getpid()}"
         with fs.open(tmp, "wb") as f:
@@ -230,7 +313,7 @@ def _json_default(o: Any) -> Any:
 
 def write_parquet(url: str, table: pa.Table, metadata: dict[str, Any] | None = None) -> None:
     fs, path = filesystem(url)
-    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    makedirs(fs, path.rsplit("/", 1)[0])
     if metadata:
         meta = dict(table.schema.metadata or {})
         meta.update({k.encode(): json.dumps(v, default=_json_default).encode() for k, v in metadata.items()})

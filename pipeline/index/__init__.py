@@ -115,9 +115,13 @@ def _cli_search(args: argparse.Namespace) -> int:
     from ..leases import hold_lease
     from .layout import read_pointer
 
-    query_ids, queries = read_queries(args.queries)
+    storage.check_output(args.out, "--out")
     # the published state, resolved once: the version searched and the store generation it indexes
     pointer = read_pointer(args.index_dir) if args.version is None else {"version": args.version}
+    if pointer.get("store") and not args.queries.endswith(".npy"):
+        storage.check_same_model(("query store", args.queries, storage.read_manifest(args.queries)),
+                                 ("indexed store", pointer["store"], storage.read_manifest(pointer["store"])))
+    query_ids, queries = read_queries(args.queries)
     state = {"index_dir": args.index_dir, "index_version": pointer["version"],
              "store_generation": pointer.get("store_generation"), "store": pointer.get("store")}
     with hold_lease(args.index_dir, f"search-{os.getpid()}", state), \

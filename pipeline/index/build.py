@@ -357,8 +357,7 @@ def _claim_version_dir(url: str) -> None:
     fs, path = storage.filesystem(url)
     if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
         os.makedirs(path, exist_ok=False)  # atomic: two concurrent builds never share a folder
-    else:
-        fs.makedirs(path, exist_ok=True)
+    # Object stores: no folders to claim (and s3fs's makedirs would create a missing bucket).
 
 
 def _task_gpus(config: IndexConfig, n_tasks: int) -> float:

@@ -134,7 +134,7 @@ def write_route(results: str, s: int, table: pa.Table, marker: dict[str, Any]) -
     with the sparse histogram of bins."""
     lay = ResultsLayout(results)
     fs, path = storage.filesystem(lay.routes.file(s))
-    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    storage.makedirs(fs, path.rsplit("/", 1)[0])
     with fs.open(path, "wb") as f:
         pq.write_table(table, f, row_group_size=ROW_GROUP)
     bins, counts = np.unique(table.column("route_bin").to_numpy(), return_counts=True)

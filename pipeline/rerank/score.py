@@ -89,7 +89,7 @@ class PairScorer:
                                                       ChunkCache(database_store, cache_chunks))
         if reranker == "r2former":
             from ..device import choose_device, place_model
-            from ..model import build_model
+            from ..weights import build_model
 
             self.plan = choose_device()
             self.model = place_model(build_model(backbone, checkpoint), self.plan).eval()
@@ -450,7 +450,7 @@ class ScoreWorker(PartitionWorker):
                           **{f"score_{name}": v for name, v in scores.items()}}, schema=schema).take(pa.array(order))
         lay = self.layout
         fs, path = storage.filesystem(lay.scores.file(q))
-        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        storage.makedirs(fs, path.rsplit("/", 1)[0])
         with fs.open(path, "wb") as f:
             pq.write_table(table, f, row_group_size=SCORES_ROW_GROUP)
         distinct = np.unique(rows)

@@ -12,6 +12,7 @@ import numpy as np
 
 from .. import storage
 from ..log import get_logger
+from ..weights import checkpoint_hash
 from .partitions import check_plan, job_plan, num_partitions, pending_partitions
 from .results import ResultsLayout, committed_partitions, is_single_file
 
@@ -104,7 +105,7 @@ def resolve_reranker(name: str, backbone: str, checkpoint: str | None, model=Non
     if name != "auto":
         return name
     if model is None:
-        from ..model import build_model
+        from ..weights import build_model
         model = build_model(backbone, checkpoint)
     trained = bool(getattr(model, "has_trained_reranker", False))
     chosen = "r2former" if trained else "ransac"
@@ -131,13 +132,19 @@ def resolve_rerankers(spec: str | list[str], backbone: str, checkpoint: str | No
         names = [n for n in names if n != "none"]
     if "r2former" in names and "auto" not in items and not allow_untrained:
         if model is None:
-            from ..model import build_model
+            from ..weights import build_model
             model = build_model(backbone, checkpoint)
         if not getattr(model, "has_trained_reranker", False):
             raise ValueError(f"--reranker lists r2former, but the weights of {backbone} from "
                              f"{checkpoint or '(no --checkpoint: pretrained backbone only)'} include no trained "
                              f"reranker; train one (r2f train --stage rerank) or drop r2former from the list")
     return names
+
+
+def _model_signature(config) -> dict[str, Any]:
+    """What stores extracted by this config's model record (``storage.model_signature``)."""
+    return {"backbone": config.backbone, "checkpoint_hash": checkpoint_hash(config.backbone, config.checkpoint),
+            "image_size": list(config.image_size)}
 
 
 def reranked_order(rerank_score: np.ndarray, global_rank: np.ndarray) -> np.ndarray:
@@ -181,6 +188,15 @@ def run(config: RerankConfig) -> RerankResult:
     if storage.exists(config.results) and is_single_file(config.results):
         raise RerankError(f"{config.results} is a single results file of an older run; the streaming job writes "
                           f"a folder: name a new --results folder")
+    # Before Ray starts or a model loads: outputs that cannot be written are one line each.
+    storage.check_output(config.results, "--results")
+    if config.queries:
+        storage.check_output(config.query_store, "--query-store")
+    database_manifest = storage.read_manifest(config.database_store)
+    if config.queries:  # the queries are extracted with this model: it must be the database's
+        storage.check_same_model(("database store", config.database_store, database_manifest),
+                                 ("model", f"--backbone {config.backbone} --checkpoint {config.checkpoint}",
+                                  _model_signature(config)))
     seconds: dict[str, float] = {}
     rerankers = resolve_rerankers(config.reranker, config.backbone, config.checkpoint,
                                   allow_untrained=config.allow_untrained_reranker)
@@ -191,12 +207,19 @@ def run(config: RerankConfig) -> RerankResult:
                      config.extract)
     seconds["extract_queries"] = time.perf_counter() - t
     query_manifest = storage.read_manifest(config.query_store)
+    storage.check_same_model(("query store", config.query_store, query_manifest),
+                             ("database store", config.database_store, database_manifest))
+    if "r2former" in rerankers:  # the learned reranker scores the stores' tokens with these weights
+        storage.check_same_model(("database store", config.database_store, database_manifest),
+                                 ("reranker weights", config.checkpoint or config.backbone,
+                                  {"checkpoint_hash": checkpoint_hash(config.backbone, config.checkpoint)}))
     failed_queries = int((query_manifest.get("counts") or {}).get("failed", 0))
 
     state = resolve(config.database_store, config.index_dir)  # once: the whole job reads this state
     ensure_ray()
+    # Token x, y are in the extraction's pixels: the scale is the store's, whatever the config says.
     ransac = dict(method=config.ransac_method, reprojection_threshold=config.ransac_threshold_px,
-                  image_scale=float(max(config.image_size)))
+                  image_scale=float(max(storage.extraction_size(database_manifest, config.image_size))))
     lease_job = "rerank-" + hashlib.sha256(config.results.encode()).hexdigest()[:12]
     version = state.index_version or L.resolve_version(config.index_dir, None)
     num_vectors = int(L.read_infos(config.index_dir, version)["num_vectors"])

@@ -64,7 +64,7 @@ def split_strays(results: str, s: int, bounds: dict[str, Any], catalog: dict[str
     tokens = TokenRows(rt.column("query_tokens"), token_shape, token_dtype)
     qids = rt.column("query_id").to_numpy()
     fs, path = storage.filesystem(lay.strays.file(s))
-    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    storage.makedirs(fs, path.rsplit("/", 1)[0])
     with fs.open(path, "wb") as f, pq.ParquetWriter(f, STRAY_SCHEMA) as w:
         for a in range(0, len(order), ROW_GROUP):
             sel, keep = order[a:a + ROW_GROUP], first[a:a + ROW_GROUP]
