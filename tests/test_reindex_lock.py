@@ -1,6 +1,7 @@
 """The reindex lock on a real S3 endpoint (moto) and on local disk: of runs that start at once exactly
-one proceeds; a stale lock is broken by a conditional overwrite, with a logged message, and the run
-it belonged to finds out before publishing."""
+one proceeds; a lock seen unchanged for its staleness period is broken by a conditional overwrite,
+with a logged message, and the run it belonged to finds out before publishing. Faults, clock skew
+and the fenced pointer write: tests/test_reindex_lock_faults.py."""
 import json
 import logging
 import threading
@@ -8,16 +9,19 @@ import time
 
 import pytest
 
-from pipeline import published, reindex
+from pipeline import cas, published, reindex
 from pipeline.reindex.lock import ReindexLock
 from tests.helpers_reindex import s3_fs, write_hand_store, write_source
+
+
+STALE_S, BEAT_S = 3.0, 0.3  # seconds: a live holder rewrites the lock 10 times per staleness period
 
 
 def _race(url: str, n: int = 4) -> list:
     barrier, out = threading.Barrier(n), []
 
     def take():
-        lock = ReindexLock(url, stale_s=60, heartbeat_s=5)
+        lock = ReindexLock(url, stale_s=STALE_S, heartbeat_s=BEAT_S)
         barrier.wait()
         try:
             out.append(lock.acquire())
@@ -40,31 +44,24 @@ def test_lock_taken_by_exactly_one_and_stale_lock_broken_by_conditional_overwrit
     assert len(held) == 1 and sum(isinstance(g, reindex.ReindexBusy) for g in got) == 3
     holder = held[0]
 
-    # the holder stops heartbeating (a dead run): once its heartbeat is old, a new run breaks the lock
+    # the holder stops heartbeating (a dead run): a new run that has watched the lock stay
+    # unchanged for STALE_S of its own time breaks it
     holder._stop.set()
-    rec = json.loads(holder.fs.cat_file(holder.path))
-    rec["heartbeat"] = rec["since"] = time.time() - 3600
-    if where == "s3":
-        bucket, key, _ = holder.fs.split_path(holder.path)
-        holder.etag = holder.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=json.dumps(rec).encode(),
-                                        IfMatch=holder.etag)["ETag"]
-        holder.fs.invalidate_cache(holder.path)
-    else:
-        import os
-        with open(holder.path, "w") as f:
-            json.dump(rec, f)
-        os.utime(holder.path, (time.time() - 3600, time.time() - 3600))
+    holder._thread.join()
+    t0 = time.monotonic()
     with caplog.at_level(logging.WARNING):
-        breaker = ReindexLock(url, stale_s=60, heartbeat_s=5).acquire()
+        breaker = ReindexLock(url, stale_s=STALE_S, heartbeat_s=BEAT_S).acquire()
+    assert time.monotonic() >= holder._landed + STALE_S and time.monotonic() - t0 < STALE_S + 5
     assert any("breaking the stale reindex lock" in r.getMessage() for r in caplog.records)
     with pytest.raises(reindex.ReindexBusy, match="another reindex is running"):
-        ReindexLock(url, stale_s=60, heartbeat_s=5).acquire()
+        ReindexLock(url, stale_s=STALE_S, heartbeat_s=BEAT_S).acquire()
 
     # the old holder learns at its next heartbeat that it lost the lock, and would not publish
-    holder.lost = None
     holder.heartbeat()
     with pytest.raises(reindex.ReindexBusy, match="lost the reindex lock"):
         holder.check()
+    holder.release()  # leaves the breaker's lock alone
+    assert json.loads(cas.read(url)[0])["token"] == breaker.token
     breaker.heartbeat()
     breaker.check()
     breaker.release()
@@ -77,7 +74,8 @@ def test_two_reindex_runs_at_once_on_s3_exactly_one_proceeds(ray_session, s3_buc
     store = f"{s3_bucket}/store"
     write_hand_store(store, source, tokens=4, dim=32)
     write_source(tmp_path / "src.csv", folder, [0, 1, 3, 4, 5])  # one image deleted, and no index yet
-    cfg = reindex.ReindexConfig(source=source, store=store, index=dict(held_back_queries=2, num_shards=2))
+    cfg = reindex.ReindexConfig(source=source, store=store, index=dict(held_back_queries=2, num_shards=2),
+                                lock_heartbeat_s=1.0, lock_stale_s=60.0)  # the loser sees a beat land within 1 s
 
     barrier, loser_done = threading.Barrier(2), threading.Event()
     results: list = []

@@ -18,15 +18,18 @@ resolves it): the index version, the store generation that version was built fro
 plain ``r2f index`` build, whose readers use the store's ``manifest.json``), when it was
 published, and the states it replaced (``history``, newest first), so garbage collection can keep
 whatever was superseded less than a grace period ago. Writing it is one atomic write (temp file and
-rename locally, one PUT on S3), so a reader sees the old state or the new one, never a mix.
+rename locally, one PUT on S3), so a reader sees the old state or the new one, never a mix, and a
+conditional one (``set_current``): it replaces only the pointer it read, so two writers racing
+cannot both publish, and the later one cannot silently drop the other's state from ``history``.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import time
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import faiss
 import numpy as np
@@ -100,6 +103,20 @@ def next_version(index_dir: str) -> str:
 POINTER_HISTORY = 32  # superseded states remembered in CURRENT (for the GC grace period)
 
 
+class PointerChanged(RuntimeError):
+    """``CURRENT`` was not what this writer read or expected when it went to replace it: another
+    writer published in between. Nothing was written."""
+
+
+def _checked_pointer(pointer: Any, url: str) -> dict[str, Any]:
+    version = pointer.get("version") if isinstance(pointer, dict) else None
+    if not isinstance(version, str) or not _VERSION_RE.match(version):
+        raise IndexFileError(f"corrupt index pointer {url}: no valid version in {pointer!r}")
+    gen = pointer.get("store_generation")
+    return {**pointer, "store_generation": None if gen is None else int(gen),
+            "history": list(pointer.get("history") or [])}
+
+
 def read_pointer(index_dir: str) -> dict[str, Any]:
     """The pointer, read once and checked: ``{"version", "store_generation", "published_at",
     "history"}`` (older pointers hold only ``version``; the missing keys read as ``None``/``[]``)."""
@@ -110,12 +127,7 @@ def read_pointer(index_dir: str) -> dict[str, Any]:
         raise IndexFileError(f"{index_dir} holds no built index (no {layout.current}); run `r2f index` first") from None
     except ValueError as exc:
         raise IndexFileError(f"corrupt index pointer {layout.current}: {exc}") from None
-    version = pointer.get("version") if isinstance(pointer, dict) else None
-    if not isinstance(version, str) or not _VERSION_RE.match(version):
-        raise IndexFileError(f"corrupt index pointer {layout.current}: no valid version in {pointer!r}")
-    gen = pointer.get("store_generation")
-    return {**pointer, "store_generation": None if gen is None else int(gen),
-            "history": list(pointer.get("history") or [])}
+    return _checked_pointer(pointer, layout.current)
 
 
 def current_version(index_dir: str) -> str:
@@ -126,25 +138,60 @@ def resolve_version(index_dir: str, version: str | None) -> str:
     return current_version(index_dir) if version is None else version
 
 
+POINTER_WRITE_RETRY_S = 60.0  # transient storage errors of the pointer write are retried this long
+_ANY = object()
+
+
 def set_current(index_dir: str, version: str, store_generation: int | None = None,
-                store: str | None = None) -> dict[str, Any]:
+                store: str | None = None, expected_version: Any = _ANY,
+                fence: Callable[[], None] | None = None) -> dict[str, Any]:
     """Publish ``version`` (it must be finished), with the store generation it was built from:
     one atomic write of ``CURRENT``; readers see the old pointer or the new one, never a mix.
-    The replaced state goes to the front of ``history``. Returns the pointer written."""
-    if not storage.exists(IndexLayout(index_dir).infos(version)):
+    The replaced state goes to the front of ``history``. Returns the pointer written.
+
+    The write is conditional on the ``CURRENT`` it read (``pipeline.cas``: S3 If-Match on its ETag,
+    If-None-Match when there was none; locally a compare-and-rename), so of two writers racing
+    from the same pointer one wins and the other raises ``PointerChanged``, writing nothing.
+    ``expected_version`` (a version, or ``None`` for no pointer) also refuses a pointer that moved
+    since the caller based its work on it; ``fence`` runs after the read and right before the
+    write (the reindex lock's ownership check) and stops the write by raising."""
+    from .. import cas
+
+    layout = IndexLayout(index_dir)
+    if not storage.exists(layout.infos(version)):
         raise IndexFileError(f"cannot point {index_dir} at {version}: it has no infos.json (unfinished or absent)")
+    try:
+        raw, tag = cas.retrying(f"reading {layout.current}", lambda: cas.read(layout.current), POINTER_WRITE_RETRY_S)
+    except FileNotFoundError:
+        raw, tag = None, None
+    old = None
+    if raw is not None:
+        try:
+            old = _checked_pointer(json.loads(raw), layout.current)
+        except (ValueError, IndexFileError):
+            old = None  # a corrupt pointer is replaced (still conditionally: the bytes that were read)
+    found = old["version"] if old else None
+    if expected_version is not _ANY and found != expected_version:
+        raise PointerChanged(f"{layout.current} names {found or 'no version'}, but this publication was based on "
+                             f"{expected_version or 'no version'}: another writer published in between; "
+                             f"{version} was not published")
     now = time.time()
     history: list[dict[str, Any]] = []
-    try:
-        old = read_pointer(index_dir)
-    except IndexFileError:
-        old = None
     if old is not None:
         history = [{"version": old["version"], "store_generation": old["store_generation"],
                     "published_at": old.get("published_at"), "superseded_at": now}, *old["history"]]
     pointer = {"version": version, "store_generation": None if store_generation is None else int(store_generation),
                "store": store, "published_at": now, "history": history[:POINTER_HISTORY]}
-    storage.write_json(IndexLayout(index_dir).current, pointer)
+    data = json.dumps(pointer, indent=2, sort_keys=True).encode()
+    if fence is not None:
+        fence()
+    try:
+        cas.retrying(f"writing {layout.current}",
+                     lambda: cas.create(layout.current, data) if tag is None else cas.replace(layout.current, data, tag),
+                     POINTER_WRITE_RETRY_S)
+    except cas.PreconditionFailed:
+        raise PointerChanged(f"{layout.current} changed after it was read (it named {found or 'no version'}): "
+                             f"another writer published in between; {version} was not published") from None
     return pointer
 
 

@@ -294,7 +294,7 @@ def _rollback(cfg: ReindexConfig, layout: ReindexLayout, version: str, lock: Rei
                            f"generation (built by `r2f index`?); point at it with pipeline.index.set_current")
     snapshot = read_snapshot(cfg.store, generation)  # fails naming the snapshot if it was collected
     lock.check()
-    publish_pointer(cfg.store, index_dir, version, snapshot)
+    publish_pointer(cfg.store, index_dir, version, snapshot, lock=lock, expected_version=previous)
     msg = f"rolled back {index_dir} from {previous} to {version} (store generation {generation})"
     log.info("%s", msg)
     infos = L.read_infos(index_dir, version)
@@ -442,7 +442,8 @@ def _reindex(cfg: ReindexConfig, layout: ReindexLayout, on_stage: Hook, lock: Re
     lock.check()
     lap("check")
     on_stage("checked", {"version": version, "store_generation": store_gen})
-    publish_pointer(cfg.store, index_dir, version, manifest)  # the one write that switches every reader
+    publish_pointer(cfg.store, index_dir, version, manifest, lock=lock,  # the one write that switches every reader
+                    expected_version=previous_version)
     lap("publish")
     on_stage("published", {"version": version, "store_generation": store_gen})
 

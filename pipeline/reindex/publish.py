@@ -117,12 +117,24 @@ def pending_generation(store: str, index_dir: str, published_generation: int) ->
     return None
 
 
-def publish_pointer(store: str, index_dir: str, version: str, manifest: dict[str, Any]) -> dict[str, Any]:
-    """Step 4 (the one write readers see), then step 5 (informational)."""
+def publish_pointer(store: str, index_dir: str, version: str, manifest: dict[str, Any], lock: Any = None,
+                    expected_version: Any = ...) -> dict[str, Any]:
+    """Step 4 (the one write readers see), then step 5 (informational).
+
+    The pointer write is fenced: right before it, ``lock.check()`` proves the reindex lock is
+    still this run's (one conditional write of the lock), and the write itself is conditional on
+    the ``CURRENT`` it replaces (and on it naming ``expected_version``, the version this run built
+    on, when given). Either failing publishes nothing and raises (``ReindexBusy`` /
+    ``ReindexError``)."""
     from ..index import layout as L
 
     generation = store_generation(manifest)
-    pointer = L.set_current(index_dir, version, store_generation=generation, store=store)
+    fence = {} if expected_version is ... else {"expected_version": expected_version}
+    try:
+        pointer = L.set_current(index_dir, version, store_generation=generation, store=store,
+                                fence=None if lock is None else lock.check, **fence)
+    except L.PointerChanged as exc:
+        raise ReindexError(f"not published: {exc}") from None
     try:
         storage.write_json(storage.StoreLayout(store).manifest, manifest)
     except Exception as exc:  # informational only: the pointer already switched every reader
