@@ -1,41 +1,38 @@
-"""Training R²Former (and the EfficientNet-Lite0 variant) on Ray Train, in the paper's stages.
+"""Training: configuration, data, validation, the Ray Train loop, checkpoints and resume, CLI.
 
-``r2f train --stage retrieval|rerank|finetune --config configs/train_X.yaml`` and
-``pipeline.train.run(TrainConfig) -> TrainResult``.
+``r2f train --recipe rerank|finetune|end_to_end|retrieval --config configs/train_X.yaml`` and
+``pipeline.train.run(TrainConfig) -> TrainResult``. Recipes (``recipes.py``) are the official ones;
+``--stage retrieval|rerank|finetune`` is a deprecated alias of the recipe of the same name.
 
-Stages
-------
-* ``retrieval`` (stage 1, global retrieval): triplet margin loss (margin 0.1) on the global
-  descriptors, Adam lr 1e-5, batches of 16 triplets with 2 negatives each, triplets from partial
-  mining (``pipeline.mine.PartialMiner``) refreshed every ``cache_queries`` queries; stops when
-  validation recall@5 has not improved for ``patience`` epochs.
-* ``rerank`` (stage 2, reranking): backbone frozen; the local projection and the reranker learn
-  from cross-entropy on (query, positive) = 1 and (query, negative) = 0 pairs, the negative drawn
-  at random from the query's top-``negatives_top`` (100) global hardest negatives (``r2f mine``).
-  AdamW with linear warmup then cosine decay. ``rerank_source: tokens`` is the fast path: with a
-  frozen backbone the local tokens never change, so they are read from extraction stores instead
-  of recomputed from images (the stored tokens are already projected, so this path trains the
-  reranker only). ``rerank_source: images`` recomputes tokens and trains the projection too.
-* ``finetune``: the last round, backbone unfrozen, triplets from partial mining, loss = triplet
-  loss + reranking cross-entropy on each triplet's (query, positive) and (query, first negative).
+Data per recipe
+---------------
+* ``mining: partial`` (retrieval, finetune, end_to_end): triplets from partial mining
+  (``pipeline.mine.PartialMiner``) over dataset images, refreshed every ``cache_queries`` queries.
+* ``mining: global`` (rerank): each query with its best positive and ``num_negatives`` negatives
+  drawn from its top-``negatives_top`` (100) global hardest negatives (``r2f mine``). The images
+  path (default, official) recomputes tokens, so ``local_head`` learns; ``rerank_source: tokens``
+  reads them from extraction stores instead (fast, a project deviation: only the reranker and a
+  token adapter learn).
 
 Distributed layout
 ------------------
-``TorchTrainer`` with DDP (gloo on CPU, NCCL on GPU) and ``ScalingConfig`` from the config. Every
-worker derives the same mining rounds and permutations from ``seed`` and the epoch, so workers agree
-on the data without exchanging it; descriptor caches for mining and validation are computed split
-across workers and all-gathered. The global batch is ``batch_size``; each of W workers takes
-``batch_size // W`` of it.
+``TorchTrainer`` with a gloo (CPU) or NCCL (GPU) process group. Every worker derives the same
+mining rounds and permutations from ``seed`` and the epoch, so workers agree on the data without
+exchanging it; descriptor caches for mining and validation are computed split across workers and
+all-gathered. The global batch is the recipe's ``batch_size``; worker r takes items ``r::W`` of it
+and ``step.step`` sums the gradients over workers, so the update is the official one on the
+global batch (the loss is divided by the global batch, not by a worker's share).
 
 Checkpoints (every epoch, to ``<output>/<name>/checkpoint_*`` through Ray Train's storage, local
 or ``s3://``) hold:
 
     model.pt              the project's own layout (``model.save_checkpoint(..., layout="project")``)
     model_official.pth    the official release layout, when ``official_layout: true`` (R²Former only)
-    train_state.pt        model + optimizer + LR schedule state for exact resumption
+    train_state.pt        model + optimizer (+ token adapter) state for exact resumption
     r2f_state.json        epoch, step, metrics history, best recall, epochs without improvement
 
-A rerun with the same ``output`` and ``name`` resumes from the newest checkpoint.
+A rerun with the same ``output`` and ``name`` resumes from the newest checkpoint. This file is
+over 450 lines: it still holds the data sources and validation helpers that issue 23 splits out.
 """
 from __future__ import annotations
 
@@ -45,14 +42,18 @@ import math
 import os
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
 
-from . import storage
-from .config import ConfigError, from_dict, load_config, to_dict
-from .log import get_logger
+from .. import storage
+from ..config import ConfigError, from_dict, load_config, to_dict
+from ..log import get_logger
+from ..model import training as mt
+from .recipes import RECIPES, STAGE_ALIASES, Recipe, build_optimizer, epoch_lr, set_lr
+from .step import Batch, describe, prepare_model, step, triplet_rows
 
 log = get_logger(__name__)
 
@@ -74,7 +75,8 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    stage: Literal["retrieval", "rerank", "finetune"] = "retrieval"
+    recipe: str | None = None               # rerank | finetune | end_to_end | retrieval (recipes.RECIPES)
+    stage: str | None = None                # deprecated alias of `recipe` (retrieval, rerank, finetune)
     name: str = "r2former"                  # run name: checkpoints live under <output>/<name>
     output: str = "runs"                    # local folder or s3:// URL (Ray Train storage)
     backbone: str = "r2former"              # r2former | efficientnet-lite0
@@ -85,13 +87,17 @@ class TrainConfig:
     val: DataConfig = field(default_factory=DataConfig)
     image_size: list[int] = field(default_factory=lambda: [480, 640])   # H, W
 
-    # schedule
-    epochs: int = 50
-    batch_size: int = 16                    # triplets (retrieval/finetune) or queries (rerank), global
-    lr: float = 1e-5
-    weight_decay: float = 0.0
-    warmup_epochs: float = 1.0              # rerank: linear warmup, then cosine decay to zero
-    patience: int = 3                       # early stop: epochs without a better val recall@5
+    # The recipe's settings; None keeps the official value, anything else is a deviation (logged).
+    epochs: int | None = None
+    batch_size: int | None = None           # queries per step, global over workers (train_batch_size)
+    lr: float | None = None
+    weight_decay: float | None = None       # AdamW only
+    optimizer: str | None = None            # adamw | adam
+    schedule: str | None = None             # warmup_cosine (per epoch, official) | constant
+    warmup_epochs: float | None = None
+    num_negatives: int | None = None        # negatives per query (negs_num_per_query)
+    margin: float | None = None
+    patience: int | None = None             # early stop: epochs without a better val recall@5
     max_steps_per_epoch: int = 0            # 0 = no cap (a cap keeps tests and smoke runs short)
 
     # mining (radii in the datasets' position units: metres, or frames for sequences)
@@ -102,13 +108,13 @@ class TrainConfig:
     cache_queries: int = 1000               # queries per partial-mining refresh
     database_subset: int = 1000             # random database images per refresh (negative pool)
     cache_passes: int = 1                   # passes over each refresh's triplets (1 = VG benchmark)
-    num_negatives: int = 2
-    margin: float = 0.1
     negatives_top: int = 100                # rerank: negatives drawn from this many hardest
-    rerank_source: Literal["tokens", "images"] = "tokens"
+    # Project options (docs/training.md): official values by default.
+    rerank_source: Literal["tokens", "images"] = "images"   # tokens: the fast stored-token path (reranker
+                                            # and token adapter only; local_head cannot learn from images)
     token_adapter: bool = True              # rerank on stored tokens: learn the local projection as a
                                             # linear map on the stored features, folded in when saving
-    rerank_weight: float = 1.0              # finetune: weight of the reranking loss
+    rerank_weight: float = 1.0              # weight of the reranking cross-entropy (official: 1)
     freeze_batchnorm: bool = True           # BatchNorm layers keep their statistics (tiny per-worker batches)
     val_candidates: int = 20                # rerank validation: candidates reranked per query
     augment: str = "none"                   # rerank on stored tokens: "homography" warps each candidate's
@@ -127,6 +133,47 @@ class TrainConfig:
     max_failures: int = 0
 
 
+# Config fields that override a recipe field of the same name.
+_RECIPE_OPTIONS = ("epochs", "batch_size", "lr", "weight_decay", "optimizer", "schedule", "warmup_epochs",
+                   "num_negatives", "margin", "patience")
+
+
+def recipe_name(cfg: TrainConfig, warn: bool = True) -> str:
+    """``cfg.recipe``, else the deprecated ``cfg.stage`` (with a warning), else ``retrieval``."""
+    if cfg.recipe:
+        if cfg.stage and STAGE_ALIASES.get(cfg.stage) != cfg.recipe:
+            raise ConfigError(f"stage {cfg.stage!r} (deprecated) contradicts recipe {cfg.recipe!r}; set recipe only")
+        return cfg.recipe
+    if cfg.stage:
+        if cfg.stage not in STAGE_ALIASES:
+            raise ConfigError(f"stage must be one of {STAGES} (deprecated: use recipe), got {cfg.stage!r}")
+        if warn:
+            warnings.warn(f"`stage: {cfg.stage}` is deprecated; it runs `recipe: {STAGE_ALIASES[cfg.stage]}`, "
+                          f"the official recipe", DeprecationWarning, stacklevel=3)
+        return STAGE_ALIASES[cfg.stage]
+    return "retrieval"
+
+
+def resolve_recipe(cfg: TrainConfig, warn: bool = True) -> Recipe:
+    """The official recipe the config names, with the config's deviations applied."""
+    name = recipe_name(cfg, warn)
+    if name not in RECIPES:
+        raise ConfigError(f"recipe must be one of {sorted(RECIPES)}, got {name!r}")
+    return RECIPES[name].with_options(**{k: getattr(cfg, k) for k in _RECIPE_OPTIONS})
+
+
+def deviations(cfg: TrainConfig) -> dict[str, Any]:
+    """The settings in which this run differs from the official recipe (for the log and state)."""
+    official = RECIPES[recipe_name(cfg, warn=False)]
+    out = {k: getattr(cfg, k) for k in _RECIPE_OPTIONS
+           if getattr(cfg, k) is not None and getattr(cfg, k) != getattr(official, k)}
+    if official.rerank_loss and cfg.rerank_weight != 1.0:
+        out["rerank_weight"] = cfg.rerank_weight
+    if official.name == "rerank" and cfg.rerank_source == "tokens":
+        out["rerank_source"] = "tokens"
+    return out
+
+
 @dataclass
 class TrainResult:
     checkpoint: str                         # folder or URL of the newest checkpoint
@@ -136,42 +183,46 @@ class TrainResult:
     seconds: float
 
 
-def validate(cfg: TrainConfig) -> None:
-    """Clear errors for configs that cannot train, before any worker starts."""
-    if cfg.stage not in STAGES:
-        raise ConfigError(f"stage must be one of {STAGES}, got {cfg.stage!r}")
+def validate(cfg: TrainConfig) -> Recipe:
+    """Clear errors for configs that cannot train, before any worker starts; returns the recipe."""
+    recipe = resolve_recipe(cfg, warn=False)
     if len(cfg.image_size) != 2 or any(s % 16 for s in cfg.image_size):
         raise ConfigError(f"image_size must be [H, W], multiples of 16, got {cfg.image_size}")
-    if cfg.batch_size < cfg.num_workers:
-        raise ConfigError(f"batch_size ({cfg.batch_size}) must be at least num_workers ({cfg.num_workers})")
+    if recipe.batch_size < cfg.num_workers:
+        raise ConfigError(f"batch_size ({recipe.batch_size}) must be at least num_workers ({cfg.num_workers})")
     if cfg.init == "checkpoint" and not cfg.checkpoint and cfg.backbone == "r2former":
         raise ConfigError("backbone r2former with init=checkpoint needs `checkpoint`; "
                           "use init=pretrained (timm DeiT-S) or init=random")
-    from .augment import AUGMENTS
+    from ..augment import AUGMENTS
     if cfg.augment not in AUGMENTS:
         raise ConfigError(f"augment must be one of {AUGMENTS}, got {cfg.augment!r}")
-    if cfg.augment != "none" and not (cfg.stage == "rerank" and cfg.rerank_source == "tokens"):
-        raise ConfigError("augment applies to stage rerank on stored tokens (rerank_source: tokens) only")
-    if cfg.stage == "rerank":
+    tokens = recipe.mining == "global" and cfg.rerank_source == "tokens"
+    if cfg.augment != "none" and not tokens:
+        raise ConfigError("augment applies to recipe rerank on stored tokens (rerank_source: tokens) only")
+    if recipe.mining == "global":
+        if cfg.rerank_source == "tokens" and recipe.triplet_loss:
+            raise ConfigError(f"recipe {recipe.name} has a triplet loss: rerank_source tokens cannot train it")
         need = ["queries_store", "database_store", "hardest_negatives"]
         if cfg.rerank_source == "images":
             need += ["queries", "database"]
         missing = [f"train.{n}" for n in need if not getattr(cfg.train, n)]
         if missing:
-            raise ConfigError(f"stage rerank needs {', '.join(missing)} (extraction stores and `r2f mine` output)")
+            raise ConfigError(f"recipe {recipe.name} needs {', '.join(missing)} (extraction stores and `r2f mine` "
+                              f"output{'' if cfg.rerank_source == 'tokens' else ', dataset specs of the images'})")
     else:
         missing = [f"train.{n}" for n in ("queries", "database") if not getattr(cfg.train, n)]
         if missing:
-            raise ConfigError(f"stage {cfg.stage} needs {', '.join(missing)} (dataset specs)")
+            raise ConfigError(f"recipe {recipe.name} needs {', '.join(missing)} (dataset specs)")
+    return recipe
 
 
 # ====================================================================== model helpers
 def build_training_model(cfg: TrainConfig):
     """The start model on CPU (float32)."""
-    from .model import build_model
+    from ..model import build_model
 
     if cfg.backbone == "r2former":
-        from .model import R2Former
+        from ..model import R2Former
         if cfg.init == "pretrained":
             return R2Former.from_timm_pretrained(**cfg.model)
         if cfg.init == "random":
@@ -184,55 +235,11 @@ def build_training_model(cfg: TrainConfig):
 
 def local_projection(model):
     """The module turning backbone features into the 128-d local token features."""
-    for name in ("local_head", "local_proj"):
-        mod = getattr(model, name, None)
-        if mod is not None:
-            return mod
-    raise AttributeError(f"{type(model).__name__} has no local projection (local_head / local_proj)")
+    return mt.local_head(model)
 
 
-# Reranker parameters the logits never read (kept for checkpoint fidelity): DDP must not wait for them.
-_UNUSED_RERANKER_PARAMS = ("decoder_pos_embed", "ratio")
-
-
-def set_trainable(model, stage: str, rerank_source: str = "images") -> list[str]:
-    """Freeze what the stage does not train; returns the names of trainable parameters.
-    (On the stored-token path the local projection is already applied, so only the reranker learns.)"""
-    import torch
-
-    for p in model.parameters():
-        p.requires_grad_(stage != "rerank")
-    if stage == "rerank":
-        for p in local_projection(model).parameters():
-            p.requires_grad_(rerank_source == "images")
-        for p in model.reranker.parameters():
-            p.requires_grad_(True)
-    if stage == "retrieval":
-        # Stage 1 trains global retrieval only; the local branch gets no gradient from the loss.
-        for p in local_projection(model).parameters():
-            p.requires_grad_(False)
-        for p in model.reranker.parameters():
-            p.requires_grad_(False)
-    for n in _UNUSED_RERANKER_PARAMS:
-        p = getattr(model.reranker, n, None)
-        if isinstance(p, torch.nn.Parameter):
-            p.requires_grad_(False)
-    return [n for n, p in model.named_parameters() if p.requires_grad]
-
-
-def describe(model, images):
-    """Differentiable features of normalised images: ``Features(global_descriptor, local_tokens)``."""
-    from .model import Features
-
-    fn = getattr(model, "forward_features", None)
-    out = fn(images) if fn is not None else model(images)
-    if isinstance(out, dict):
-        return Features(out["global_descriptor"], out["local_tokens"])
-    return out
-
-
-def save_model_files(model, folder: str, official: bool, stage: str) -> None:
-    if stage in ("rerank", "finetune") and hasattr(model, "has_trained_reranker"):
+def save_model_files(model, folder: str, official: bool, recipe: Recipe) -> None:
+    if recipe.rerank_loss:
         model.has_trained_reranker = True
     model.save_checkpoint(os.path.join(folder, "model.pt"), layout="project")
     if official:
@@ -288,8 +295,8 @@ class ImageSource:
     def batch(self, rows) -> "Any":
         import torch
 
-        from .images import load_image
-        from .model import normalize_images
+        from ..images import load_image
+        from ..model import normalize_images
 
         pix = []
         for r in np.asarray(rows).reshape(-1):
@@ -304,7 +311,7 @@ class ImageSource:
 
 
 def dataset_positions(table) -> np.ndarray:
-    from .mine import positions_of
+    from ..mine import positions_of
 
     return positions_of(table, "dataset")
 
@@ -353,8 +360,8 @@ def recall_at(query_desc: np.ndarray, db_desc: np.ndarray, query_pos: np.ndarray
     memory is the index (database x D float32) plus block x k, never queries x database."""
     import faiss
 
-    from .index.choose import to_device
-    from .spatial import geo_within
+    from ..index.choose import to_device
+    from ..spatial import geo_within
 
     q = np.ascontiguousarray(query_desc, dtype=np.float32)
     db = np.ascontiguousarray(db_desc, dtype=np.float32)
@@ -378,7 +385,7 @@ def nearest_rows(query_desc: np.ndarray, db_desc: np.ndarray, k: int, block: int
     index plus block x k)."""
     import faiss
 
-    from .index.choose import to_device
+    from ..index.choose import to_device
 
     db = np.ascontiguousarray(db_desc, dtype=np.float32)
     index = faiss.IndexFlatL2(db.shape[1])
@@ -407,14 +414,17 @@ def best_positives(query_desc: np.ndarray, db_desc: np.ndarray, positives, chunk
     return out
 
 
-# ====================================================================== stage steps (run on workers)
+# ====================================================================== workers
 class _Step:
-    """Wraps the model so that each training step is ONE ``forward`` through DDP (DDP expects one
-    forward per backward, and syncs the gradients of what that forward used)."""
+    """The model (and the token adapter) as one module with a mode argument, for validation and
+    benchmarks: ``"global"`` images -> global descriptors, ``"rerank_tokens"`` (query tokens,
+    candidate tokens) -> logits. Training steps go through ``step.step``."""
 
     @staticmethod
     def module(model, adapter=None):
         import torch
+
+        from .step import adapt_tokens
 
         class StepModule(torch.nn.Module):
             def __init__(self, m, adapter):
@@ -422,33 +432,19 @@ class _Step:
                 self.model = m
                 self.adapter = adapter
 
-            def _adapt(self, t):
-                if self.adapter is None:
-                    return t
-                return torch.cat([t[..., :3], self.adapter(t[..., 3:])], dim=-1)
-
-            def forward(self, mode: str, a, b=None, n_queries: int = 0, n_neg: int = 0):
-                if mode == "global":          # images -> global descriptors
+            def forward(self, mode: str, a, b=None):
+                if mode == "global":
                     return describe(self.model, a).global_descriptor
-                if mode == "rerank_tokens":   # (query tokens, candidate tokens) -> logits
-                    return self.model.reranker(self._adapt(a), self._adapt(b))
-                f = describe(self.model, a)
-                B = n_queries
-                tok = f.local_tokens
-                if mode == "rerank_images":   # images [q, pos, neg] -> logits of (q,pos), (q,neg)
-                    return self.model.reranker(torch.cat([tok[:B], tok[:B]]), tok[B:])
-                if mode == "finetune":        # images [q, pos, negs] -> (global, logits of (q,pos), (q,neg0))
-                    first_neg = 2 * B + torch.arange(B, device=tok.device) * n_neg
-                    logits = self.model.reranker(torch.cat([tok[:B], tok[:B]]),
-                                                 torch.cat([tok[B:2 * B], tok[first_neg]]))
-                    return f.global_descriptor, logits
-                raise ValueError(f"unknown step mode {mode!r}")
+                if mode == "rerank_tokens":
+                    return mt.reranker(self.model)(adapt_tokens(a, self.adapter), adapt_tokens(b, self.adapter))
+                raise ValueError(f"unknown mode {mode!r}")
 
         return StepModule(model, adapter)
 
 
 def _triplet_loss(q, p, n, margin: float):
-    """Mean over triplets and negatives of max(0, |q-p| - |q-n| + margin) (VG benchmark loss)."""
+    """Mean over triplets and negatives of max(0, |q-p| - |q-n| + margin): the official loss's
+    triplet part for a (B, K) batch, as a held-out measure (training uses ``step.losses``)."""
     import torch.nn.functional as F
 
     B, K, D = n.shape
@@ -456,25 +452,20 @@ def _triplet_loss(q, p, n, margin: float):
                                  p.unsqueeze(1).expand(-1, K, -1).reshape(-1, D), n.reshape(-1, D), margin=margin)
 
 
-def _cosine_lr(step: int, total: int, warmup: int) -> float:
-    if step < warmup:
-        return (step + 1) / max(1, warmup)
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
 def _train_loop(loop_config: dict) -> None:
-    """The per-worker training function handed to TorchTrainer."""
+    """The per-worker training function handed to TorchTrainer. Each step is ``step.step`` on
+    this worker's share of the global batch; gradients are summed over workers inside it."""
     import torch
     import torch.distributed as dist
     import ray.train
     import ray.train.torch
 
-    from .device import set_cpu_threads
-    from .log import setup_logging
+    from ..device import set_cpu_threads
+    from ..log import setup_logging
 
     setup_logging()
     cfg = from_dict(TrainConfig, loop_config["config"])
+    recipe = resolve_recipe(cfg, warn=False)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     set_cpu_threads(cfg.threads_per_worker)
@@ -482,16 +473,13 @@ def _train_loop(loop_config: dict) -> None:
     device = ray.train.torch.get_device()
 
     model = build_training_model(cfg)
-    trainable = set_trainable(model, cfg.stage, cfg.rerank_source)
-    adapter = token_adapter(model) if (cfg.stage == "rerank" and cfg.rerank_source == "tokens"
-                                       and cfg.token_adapter) else None
+    tokens = recipe.mining == "global" and cfg.rerank_source == "tokens"
+    trainable = prepare_model(model, recipe, cfg.rerank_source if tokens else "images", cfg.freeze_batchnorm)
+    adapter = token_adapter(model) if (tokens and cfg.token_adapter) else None
     params = [p for p in model.parameters() if p.requires_grad]
     if adapter is not None:
         params += list(adapter.parameters())
-    if cfg.stage == "rerank":
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    else:
-        optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = build_optimizer(params, recipe)
 
     state = {"epoch": 0, "step": 0, "history": [], "best_recall@5": -1.0, "not_improved": 0, "stopped": False}
     # Ray hands back the newest checkpoint of this run after a worker failure; a new driver resumes
@@ -500,7 +488,6 @@ def _train_loop(loop_config: dict) -> None:
     if ckpt is None and loop_config.get("resume"):
         path, fs = _ray_storage(loop_config["resume"])
         ckpt = ray.train.Checkpoint(path, filesystem=fs)
-    sched_state = None
     if ckpt is not None:
         with ckpt.as_directory() as d:
             saved = torch.load(os.path.join(d, "train_state.pt"), map_location="cpu", weights_only=True)
@@ -511,29 +498,26 @@ def _train_loop(loop_config: dict) -> None:
         if adapter is not None and saved.get("adapter") is not None:
             adapter.load_state_dict(saved["adapter"])
         optimizer.load_state_dict(saved["optimizer"])
-        sched_state = saved.get("scheduler")
         log.info("rank %d resumed from epoch %d (step %d)", rank, state["epoch"], state["step"])
 
     model.to(device)
     if adapter is not None:
         adapter.to(device)
-    step_module = _Step.module(model, adapter)
-    ddp = ray.train.torch.prepare_model(step_module, move_to_device=False) if world > 1 else step_module
-    stage_runner = _StageRunner(cfg, model, ddp, optimizer, rank, world, device)
-    stage_runner.step_module = step_module
-    if sched_state is not None and stage_runner.scheduler is not None:
-        stage_runner.scheduler.load_state_dict(sched_state)
-    log.info("rank %d/%d stage %s: %d trainable tensors, start epoch %d", rank, world, cfg.stage, len(trainable),
-             state["epoch"])
+    runner = _StageRunner(cfg, recipe, model, adapter, optimizer, rank, world, device)
+    if rank == 0:
+        log.info("recipe %s (%s): %d trainable tensors, %s, start epoch %d, deviations %s", recipe.name,
+                 recipe.source, len(trainable), mt.freeze_state(model), state["epoch"], deviations(cfg) or "none")
 
-    while state["epoch"] < cfg.epochs and not state["stopped"]:
+    while state["epoch"] < recipe.epochs and not state["stopped"]:
         epoch = state["epoch"]
         t0 = time.perf_counter()
-        losses = stage_runner.epoch(epoch)
-        val = stage_runner.validate()
+        lr = epoch_lr(recipe, epoch)     # per epoch, as the official adjust_learning_rate
+        set_lr(optimizer, lr)
+        losses = runner.epoch(epoch)
+        val = runner.validate()
         state["step"] += len(losses)
         state["epoch"] = epoch + 1
-        metrics: dict[str, Any] = {"epoch": epoch + 1, "step": state["step"], "stage": cfg.stage,
+        metrics: dict[str, Any] = {"epoch": epoch + 1, "step": state["step"], "recipe": recipe.name, "lr": lr,
                                    "loss": float(np.mean(losses)) if losses else float("nan"),
                                    "step_losses": [float(x) for x in losses],
                                    "epoch_seconds": time.perf_counter() - t0}
@@ -543,16 +527,15 @@ def _train_loop(loop_config: dict) -> None:
                 state["best_recall@5"], state["not_improved"] = val["recall@5"], 0
             else:
                 state["not_improved"] += 1
-            state["stopped"] = state["not_improved"] >= cfg.patience
+            state["stopped"] = state["not_improved"] >= recipe.patience
         metrics["best_recall@5"] = state["best_recall@5"]
         metrics["stopped_early"] = state["stopped"]
         state["history"].append({k: v for k, v in metrics.items() if k != "step_losses"} | {"step_losses": metrics["step_losses"]})
         if rank == 0:
             with tempfile.TemporaryDirectory() as d:
-                save_model_files(fold_adapter(model, adapter), d, cfg.official_layout, cfg.stage)
+                save_model_files(fold_adapter(model, adapter), d, cfg.official_layout, recipe)
                 torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                            "adapter": adapter.state_dict() if adapter is not None else None,
-                            "scheduler": stage_runner.scheduler.state_dict() if stage_runner.scheduler else None},
+                            "adapter": adapter.state_dict() if adapter is not None else None},
                            os.path.join(d, "train_state.pt"))
                 # File sizes let a reader tell a fully uploaded checkpoint from one cut off mid-copy.
                 files = {n: os.path.getsize(os.path.join(d, n)) for n in sorted(os.listdir(d))}
@@ -561,46 +544,73 @@ def _train_loop(loop_config: dict) -> None:
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
         else:
             ray.train.report(metrics, checkpoint=None)
-        log.info("epoch %d: loss %.4f %s", epoch + 1, metrics["loss"], {k: round(v, 2) for k, v in val.items()})
+        log.info("epoch %d: lr %.3g loss %.4f %s", epoch + 1, lr, metrics["loss"],
+                 {k: round(v, 2) for k, v in val.items()})
     if dist.is_initialized():
         dist.barrier()
 
 
 class _StageRunner:
-    """The data and steps of one stage on one worker."""
+    """The data of one recipe on one worker: each step's share of the global batch, in the
+    official layout (``step.triplet_rows``), handed to ``step.step``."""
 
-    def __init__(self, cfg: TrainConfig, model, ddp, optimizer, rank: int, world: int, device):
-        import torch
-
-        self.cfg, self.model, self.ddp, self.optimizer = cfg, model, ddp, optimizer
+    def __init__(self, cfg: TrainConfig, recipe: Recipe, model, adapter, optimizer, rank: int, world: int, device):
+        self.cfg, self.recipe, self.model, self.adapter, self.optimizer = cfg, recipe, model, adapter, optimizer
         self.rank, self.world, self.device = rank, world, device
-        self.local_batch = cfg.batch_size // world
-        self.scheduler = None
-        if cfg.stage == "rerank":
+        self.tokens = recipe.mining == "global" and cfg.rerank_source == "tokens"
+        self.step_module = _Step.module(model, adapter)
+        if recipe.mining == "global":
             self._init_rerank()
-            steps = self.steps_per_epoch
-            total, warmup = steps * cfg.epochs, int(round(cfg.warmup_epochs * steps))
-            self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _cosine_lr(s, total, warmup))
         else:
             self._init_triplets()
         self._init_val()
 
-    # ------------------------------------------------------------------ stage 1 / finetune
+    def _set_train_mode(self) -> None:
+        mt.set_modes(self.model, self.recipe.train_mode, freeze_batchnorm=self.cfg.freeze_batchnorm)
+        if self.adapter is not None:
+            self.adapter.train()
+
+    def _step(self, batch: Batch) -> float:
+        """One step; returns the global batch's loss (the workers' shares summed)."""
+        import torch
+        import torch.distributed as dist
+
+        out = step(self.model, batch, self.recipe, self.optimizer, adapter=self.adapter,
+                   rerank_weight=self.cfg.rerank_weight)
+        value = torch.tensor([out.loss], dtype=torch.float64)
+        if self.world > 1 and dist.is_initialized():
+            dist.all_reduce(value)
+        return float(value)
+
+    def _capped(self, n: int) -> bool:
+        return bool(self.cfg.max_steps_per_epoch) and n >= self.cfg.max_steps_per_epoch
+
+    # ------------------------------------------------------------------ partial mining (triplets of images)
     def _init_triplets(self) -> None:
-        from .datasets import load_dataset
-        from .mine import PartialMiner
+        from ..datasets import load_dataset
+        from ..mine import PartialMiner
 
         cfg = self.cfg
         q, db = load_dataset(cfg.train.queries), load_dataset(cfg.train.database)
         self.q_src, self.db_src = ImageSource(q, cfg.image_size), ImageSource(db, cfg.image_size)
         self.miner = PartialMiner(dataset_positions(q), dataset_positions(db), positive_radius=cfg.positive_radius,
                                   negative_radius=cfg.negative_radius, cache_queries=cfg.cache_queries,
-                                  database_subset=cfg.database_subset, num_negatives=cfg.num_negatives, seed=cfg.seed)
+                                  database_subset=cfg.database_subset, num_negatives=self.recipe.num_negatives,
+                                  seed=cfg.seed)
+
+    def _images(self, qi: np.ndarray, pi: np.ndarray, ni: np.ndarray):
+        """Images of items (query, positive, negatives...) in the official collate order."""
+        import torch
+
+        b, K = len(qi), ni.shape[1]
+        q, p, n = self.q_src.batch(qi), self.db_src.batch(pi), self.db_src.batch(ni.reshape(-1))
+        items = torch.cat([q[:, None], p[:, None], n.view(b, K, *n.shape[1:])], dim=1)
+        return items.reshape(b * (2 + K), *q.shape[1:]).to(self.device)
 
     def _triplet_epoch(self, epoch: int) -> list[float]:
         import torch
 
-        cfg = self.cfg
+        cfg, B = self.cfg, self.recipe.batch_size
         losses: list[float] = []
         refreshes = max(1, math.ceil(min(cfg.queries_per_epoch, len(self.miner.trainable_queries)) / cfg.cache_queries))
         for r in range(refreshes):
@@ -609,34 +619,26 @@ class _StageRunner:
             dd = describe_rows(self.model, self.db_src, round_.database, self.rank, self.world, self.device)
             trip = self.miner.triplets(round_, qd, dd)
             order = np.random.default_rng([cfg.seed, epoch, r]).permutation(len(trip.queries))
-            steps = len(order) // cfg.batch_size
+            steps = len(order) // B
             self._set_train_mode()
             for s in [s for _ in range(cfg.cache_passes) for s in range(steps)]:
-                if cfg.max_steps_per_epoch and len(losses) >= cfg.max_steps_per_epoch:
+                if self._capped(len(losses)):
                     break
-                idx = order[s * cfg.batch_size:(s + 1) * cfg.batch_size][self.rank::self.world]
-                qi, pi, ni = trip.queries[idx], trip.positives[idx], trip.negatives[idx]
-                B, K = len(idx), ni.shape[1]
-                images = torch.cat([self.q_src.batch(qi), self.db_src.batch(pi), self.db_src.batch(ni)]).to(self.device)
-                if cfg.stage == "finetune":
-                    g, logits = self.ddp("finetune", images, n_queries=B, n_neg=K)
-                    labels = torch.cat([torch.ones(B), torch.zeros(B)]).long().to(g.device)
-                    rerank_loss = torch.nn.functional.cross_entropy(logits, labels)
-                else:
-                    g, rerank_loss = self.ddp("global", images), 0.0
-                loss = _triplet_loss(g[:B], g[B:2 * B], g[2 * B:].view(B, K, -1), cfg.margin)
-                loss = loss + cfg.rerank_weight * rerank_loss
-                losses.append(self._step(loss))
-            if cfg.max_steps_per_epoch and len(losses) >= cfg.max_steps_per_epoch:
+                idx = order[s * B:(s + 1) * B][self.rank::self.world]
+                ni = trip.negatives[idx]
+                batch = Batch(triplets=torch.from_numpy(triplet_rows(len(idx), ni.shape[1])).to(self.device),
+                              global_batch=B, images=self._images(trip.queries[idx], trip.positives[idx], ni))
+                losses.append(self._step(batch))
+            if self._capped(len(losses)):
                 break
         return losses
 
-    # ------------------------------------------------------------------ stage 2
+    # ------------------------------------------------------------------ global hardest negatives (rerank)
     def _init_rerank(self) -> None:
         """Training items as arrays: query row, best positive row, negative pool (rows, nearest
         first, -1 padded). Memory O(queries x negatives_top), no Python object per query."""
-        from .mine import read_hardest_negatives
-        from .spatial import PositionIndex
+        from ..mine import read_hardest_negatives
+        from ..spatial import PositionIndex
 
         cfg = self.cfg
         cols = ["image_id", "row", "utm_east", "utm_north", "global_descriptor"]
@@ -665,90 +667,67 @@ class _StageRunner:
             raise ValueError("rerank training found no query with both a positive and hardest negatives; "
                              "check positive_radius and the `r2f mine` output")
         self.num_items = len(keep)
-        self.steps_per_epoch = max(1, self.num_items // cfg.batch_size)
+        self.steps_per_epoch = max(1, self.num_items // self.recipe.batch_size)
         if cfg.max_steps_per_epoch:
             self.steps_per_epoch = min(self.steps_per_epoch, cfg.max_steps_per_epoch)
-        if cfg.rerank_source == "tokens":
+        if self.tokens:
             self.q_tokens = _TokenSource(cfg.train.queries_store, self.q_rows)
             self.db_tokens = _TokenSource(cfg.train.database_store, self.db_rows)
         else:
-            from .datasets import load_dataset
+            from ..datasets import load_dataset
             qt, dbt = load_dataset(cfg.train.queries), load_dataset(cfg.train.database)
             self.q_src = ImageSource(_align(qt, q_ids, cfg.train.queries), cfg.image_size)
             self.db_src = ImageSource(_align(dbt, db_ids, cfg.train.database), cfg.image_size)
 
-    def _rerank_epoch(self, epoch: int) -> list[float]:
+    def _item_tokens(self, qi: np.ndarray, pi: np.ndarray, ni: np.ndarray, epoch: int, s: int):
+        """Stored tokens of items (query, positive, negatives...) in the official collate order."""
         import torch
 
         cfg = self.cfg
+        b, K = len(qi), ni.shape[1]
+        c_np = self.db_tokens.get(np.concatenate([pi, ni.reshape(-1)]))
+        if cfg.augment != "none":
+            from ..augment import augment_candidates
+            c_np = augment_candidates(c_np, cfg.augment, cfg.augment_scale,
+                                      np.random.default_rng([cfg.seed, epoch, s, self.rank]),
+                                      aspect=cfg.image_size[0] / cfg.image_size[1])
+        q = self.q_tokens.get(qi)
+        items = np.concatenate([q[:, None], c_np[:b, None], c_np[b:].reshape(b, K, *c_np.shape[1:])], axis=1)
+        return torch.from_numpy(items.reshape(b * (2 + K), *q.shape[1:])).to(self.device)
+
+    def _rerank_epoch(self, epoch: int) -> list[float]:
+        import torch
+
+        cfg, B, K = self.cfg, self.recipe.batch_size, self.recipe.num_negatives
         rng = np.random.default_rng([cfg.seed, epoch])
         order = rng.permutation(self.num_items)
-        neg_pick = rng.integers(0, 1 << 30, self.num_items)
+        neg_pick = rng.integers(0, 1 << 30, (self.num_items, K))   # negatives drawn from each query's pool
         self._set_train_mode()
         losses = []
         for s in range(self.steps_per_epoch):
-            idx = order[s * cfg.batch_size:(s + 1) * cfg.batch_size][self.rank::self.world]
+            idx = order[s * B:(s + 1) * B][self.rank::self.world]
             qi, pi = self.item_q[idx], self.item_pos[idx]
-            ni = self.item_pool[idx, neg_pick[idx] % self.item_pool_len[idx]]
-            B = len(idx)
-            if cfg.rerank_source == "tokens":
-                q_tok = torch.from_numpy(self.q_tokens.get(qi)).to(self.device)
-                c_np = self.db_tokens.get(np.concatenate([pi, ni]))
-                if cfg.augment != "none":
-                    from .augment import augment_candidates
-                    c_np = augment_candidates(c_np, cfg.augment, cfg.augment_scale,
-                                              np.random.default_rng([cfg.seed, epoch, s, self.rank]),
-                                              aspect=cfg.image_size[0] / cfg.image_size[1])
-                c_tok = torch.from_numpy(c_np).to(self.device)
-                logits = self.ddp("rerank_tokens", torch.cat([q_tok, q_tok]), c_tok)
+            ni = self.item_pool[idx[:, None], neg_pick[idx] % self.item_pool_len[idx, None]]
+            triplets = torch.from_numpy(triplet_rows(len(idx), K)).to(self.device)
+            if self.tokens:
+                batch = Batch(triplets=triplets, global_batch=B, tokens=self._item_tokens(qi, pi, ni, epoch, s))
             else:
-                images = torch.cat([self.q_src.batch(qi), self.db_src.batch(pi), self.db_src.batch(ni)])
-                logits = self.ddp("rerank_images", images.to(self.device), n_queries=B)
-            labels = torch.cat([torch.ones(B), torch.zeros(B)]).long().to(logits.device)
-            losses.append(self._step(torch.nn.functional.cross_entropy(logits, labels)))
+                batch = Batch(triplets=triplets, global_batch=B, images=self._images(qi, pi, ni))
+            losses.append(self._step(batch))
         return losses
 
-    # ------------------------------------------------------------------ shared
-    def _set_train_mode(self) -> None:
-        import torch
-
-        self.model.train()
-        if self.cfg.freeze_batchnorm:
-            # A few images per worker give useless batch statistics; keep the pretrained ones.
-            for m in self.model.modules():
-                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                    m.eval()
-        if self.cfg.stage == "rerank":
-            # Frozen backbone: keep its normalisation statistics fixed too.
-            self.model.eval()
-            local_projection(self.model).train()
-            self.model.reranker.train()
-
-    def _step(self, loss) -> float:
-        import torch.distributed as dist
-
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        if self.scheduler is not None:
-            self.scheduler.step()
-        value = loss.detach().float().cpu()
-        if self.world > 1 and dist.is_initialized():
-            dist.all_reduce(value)
-            value /= self.world
-        return float(value)
-
     def epoch(self, epoch: int) -> list[float]:
-        return self._rerank_epoch(epoch) if self.cfg.stage == "rerank" else self._triplet_epoch(epoch)
+        return self._rerank_epoch(epoch) if self.recipe.mining == "global" else self._triplet_epoch(epoch)
 
+    # ------------------------------------------------------------------ validation
     def _init_val(self) -> None:
         self.val = None
         v = self.cfg.val
-        if self.cfg.stage == "rerank":
+        if self.recipe.mining == "global":
             if v.queries_store and v.database_store:
                 self.val = "tokens"
         elif v.queries and v.database:
-            from .datasets import load_dataset
+            from ..datasets import load_dataset
             q, db = load_dataset(v.queries), load_dataset(v.database)
             self.val_q, self.val_db = ImageSource(q, self.cfg.image_size), ImageSource(db, self.cfg.image_size)
             self.val_q_pos, self.val_db_pos = dataset_positions(q), dataset_positions(db)
@@ -798,7 +777,7 @@ def rerank_recall_at(logits_of, queries_store: str, database_store: str, radius:
     besides): never the stores' tokens, so it does not grow with the validation database."""
     import torch
 
-    from .spatial import geo_within
+    from ..spatial import geo_within
 
     cols = ["row", "utm_east", "utm_north", "global_descriptor"]
     q = storage.read_global_table(queries_store, cols)
@@ -907,14 +886,19 @@ def latest_checkpoint(output: str, name: str) -> tuple[str | None, dict | None]:
 
 
 def run(config: TrainConfig) -> TrainResult:
-    """Train one stage (see the module docstring). Resumes from ``<output>/<name>`` when it holds a
+    """Train one recipe (see the module docstring). Resumes from ``<output>/<name>`` when it holds a
     checkpoint."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from .cluster import cluster_gpus, ensure_ray
+    from ..cluster import cluster_gpus, ensure_ray
 
-    validate(config)
+    if not config.recipe and config.stage:
+        recipe_name(config)          # the deprecation warning, once, in the driver
+    recipe = validate(config)
+    dev = deviations(config)
+    if dev:
+        log.warning("recipe %s with project deviations from the official one: %s", recipe.name, dev)
     ensure_ray(config.address)
     use_gpu = cluster_gpus() > 0 if config.use_gpu == "auto" else config.use_gpu == "true"
     storage_path, fs = _ray_storage(config.output)
@@ -923,7 +907,7 @@ def run(config: TrainConfig) -> TrainResult:
     resume_url, resume_state = latest_checkpoint(config.output, config.name)
     if resume_url:
         log.info("resuming %s from %s (epoch %d)", config.name, resume_url, resume_state["epoch"])
-        if resume_state.get("stopped") or resume_state["epoch"] >= config.epochs:
+        if resume_state.get("stopped") or resume_state["epoch"] >= recipe.epochs:
             log.info("run %s already finished (epoch %d)", config.name, resume_state["epoch"])
     resources = {"CPU": config.cpus_per_worker}
     if use_gpu:
@@ -957,18 +941,25 @@ def read_state(checkpoint: str) -> dict:
 
 # ====================================================================== CLI
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
-    from .cli import add_config_arguments
+    from ..cli import add_config_arguments
 
-    p = subparsers.add_parser("train", help="train a stage (retrieval, rerank, finetune) on Ray Train")
+    p = subparsers.add_parser("train", help="train an official recipe (rerank, finetune, end_to_end, retrieval) "
+                                            "on Ray Train")
     add_config_arguments(p)
-    p.add_argument("--stage", choices=STAGES, help="overrides the config's stage")
+    p.add_argument("--recipe", choices=sorted(RECIPES), help="overrides the config's recipe")
+    p.add_argument("--stage", choices=STAGES, help="deprecated alias: runs the recipe of the same name")
     p.set_defaults(func=_cli)
 
 
 def _cli(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     if args.stage:
-        overrides.append(f"stage={args.stage}")
+        warnings.warn(f"--stage is deprecated; use --recipe {STAGE_ALIASES[args.stage]}", DeprecationWarning,
+                      stacklevel=2)
+        if not args.recipe:
+            overrides.append(f"recipe={STAGE_ALIASES[args.stage]}")
+    if args.recipe:
+        overrides.append(f"recipe={args.recipe}")
     cfg = load_config(TrainConfig, args.config, overrides)
     result = run(cfg)
     print(json.dumps({"checkpoint": result.checkpoint, "model": result.model_path, "epochs": result.epochs_run,
