@@ -92,12 +92,9 @@ def collect_errors(*stores: str) -> pa.Table:
     return pa.concat_tables(tables) if tables else storage.ERROR_SCHEMA.empty_table()
 
 
-def run(cfg: RunConfig) -> RunOutput:
-    from . import evaluate, index, report
-    from .datasets import default_radius, radius_unit
-    from .extract import extract_into
-    from .rerank import RerankConfig, resolve_rerankers
-    from .rerank import run as rerank_run
+def check_config(cfg: RunConfig) -> RunConfig:
+    """Errors naming the option; fills the dataset-dependent defaults (the positive radius)."""
+    from .datasets import default_radius
 
     for name in ("database", "queries", "out"):
         if not getattr(cfg, name):
@@ -114,6 +111,17 @@ def run(cfg: RunConfig) -> RunOutput:
         reranker_list(cfg.reranker)
     except argparse.ArgumentTypeError as exc:
         raise ValueError(str(exc)) from None
+    return cfg
+
+
+def run(cfg: RunConfig) -> RunOutput:
+    from . import evaluate, index, report
+    from .datasets import radius_unit
+    from .extract import extract_into
+    from .rerank import RerankConfig, resolve_rerankers
+    from .rerank import run as rerank_run
+
+    check_config(cfg)
     # Before Ray starts or a model loads: a missing or read-only output bucket is one line.
     storage.check_output(cfg.out, "--out")
     t_all = time.perf_counter()
