@@ -340,7 +340,7 @@ class EvaluateConfig:
     out: str | None = None  # a folder written by `r2f run` (results.parquet, database_store)
     results: str | None = None
     database_store: str | None = None
-    positive_radius: float = 25.0
+    positive_radius: float | None = None  # None: frames 2 for a sequence database, 25 metres otherwise
     recall_ns: list[int] = field(default_factory=lambda: list(RECALL_NS))
     sweep_candidates: list[int] = field(default_factory=list)
 
@@ -443,6 +443,9 @@ def run(config: EvaluateConfig) -> EvaluateResult:
     db_store = db_store or recorded_store
     if not db_store:
         raise ValueError(f"{results_url} records no database store: pass --database-store")
+    radius = config.positive_radius
+    if radius is None:
+        radius = default_radius_of(db_store)
     db_xy = database_positions(db_store, state)
     available = _part_columns(results_url)
     names = results_rerankers(results_url) or rerankers_in(available)
@@ -450,10 +453,27 @@ def run(config: EvaluateConfig) -> EvaluateResult:
     cols += [c for pair in reranker_columns(names, available).values() for c in pair]
     cols += ["query_tag"] if "query_tag" in available else []
     metrics, sweep = evaluate_parts(iter_parts(results_url, list(dict.fromkeys(cols))), db_xy,
-                                    config.positive_radius, config.recall_ns, config.sweep_candidates,
+                                    radius, config.recall_ns, config.sweep_candidates,
                                     rerankers=names)
     ms = rerank_ms_per_query(results_url, metrics["num_queries"], names, config.out) if sweep else None
+    metrics["positive_radius"] = radius
+    metrics["positive_radius_unit"] = radius_unit_of(db_store)
     return EvaluateResult(metrics, sweep, ms)
+
+
+def default_radius_of(db_store: str) -> float:
+    """The positive radius a database store's dataset kind implies (``datasets.default_radius``)."""
+    from .datasets import DEFAULT_RADIUS_M, default_radius
+    source = storage.read_manifest(db_store).get("dataset")
+    return default_radius(source) if source else DEFAULT_RADIUS_M
+
+
+def radius_unit_of(db_store: str) -> str | None:
+    """``frames`` or ``metres``: the unit of the database's positions, from the dataset the store
+    was extracted from (None when the store does not record it)."""
+    from .datasets import radius_unit
+    source = storage.read_manifest(db_store).get("dataset")
+    return radius_unit(source) if source else None
 
 
 def format_sweep(rows: list[dict], rerank_ms: Mapping[str, float] | None = None) -> str:
@@ -515,7 +535,8 @@ def register_cli(subparsers) -> None:
     p.add_argument("--reranker", default="auto", type=_reranker_list,
                    help="with --database: rerankers of the run, comma-separated (see `r2f run`)")
     add_image_size_argument(p)
-    p.add_argument("--positive-radius", type=float, default=25.0)
+    p.add_argument("--positive-radius", type=float, default=None,
+                   help="frames for a sequence: database (default 2), metres otherwise (default 25)")
     p.add_argument("--sweep-candidates", type=_int_list, default=[], metavar="K1,K2,...")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.set_defaults(func=_cli)
