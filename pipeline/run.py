@@ -227,12 +227,7 @@ def _num_images(store: str) -> int:
 
 def write_metrics(url: str, metrics: dict) -> None:
     """metrics.json in the documented key order (recall@1, @5, ... as written, not sorted)."""
-    fs, path = storage.filesystem(url)
-    data = json.dumps(metrics, indent=2).encode()
-    tmp = f"{path}.tmp"
-    with fs.open(tmp, "wb") as f:
-        f.write(data)
-    fs.mv(tmp, path)
+    storage.write_bytes(url, json.dumps(metrics, indent=2).encode())
 
 
 def _pct(v: float | None) -> str:

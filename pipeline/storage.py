@@ -277,10 +277,14 @@ def extraction_size(manifest: dict[str, Any], default: Iterable[int] | None = No
 
 # ---------------------------------------------------------------- small JSON / Parquet helpers
 def write_json(url: str, obj: Any) -> None:
-    """Write JSON so that readers never see a half-written file (temp file + move on local disks;
-    S3 PUTs are atomic already)."""
+    """Write JSON so that readers never see a half-written file (``write_bytes``)."""
+    write_bytes(url, json.dumps(obj, indent=2, sort_keys=True, default=_json_default).encode())
+
+
+def write_bytes(url: str, data: bytes) -> None:
+    """One whole file: temp file + rename on local disks; one PUT on S3 (atomic, and repeating it
+    after a lost answer writes the same object again)."""
     fs, path = filesystem(url)
-    data = json.dumps(obj, indent=2, sort_keys=True, default=_json_default).encode()
     makedirs(fs, path.rsplit("/", 1)[0])
     if fs.protocol in ("file", "local") or "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
         tmp = f"{path}.tmp-{os.getpid()}"
