@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any, Callable
 
-from pipeline.log import get_logger, setup_logging
+from pipeline.log import get_logger, redact, redact_obj, setup_logging
 
 log = get_logger("jobs")
 
@@ -159,7 +159,7 @@ def run_job(spec: JobSpec, config_path: str | None, overrides: list[str] | None 
         inputs = _describe_inputs(cfg) if cfg is not None else config_path
         record["status"] = "failed"
         record["error"] = {"type": type(exc).__name__, "message": str(exc), "inputs": inputs,
-                           "traceback": traceback.format_exc(limit=20)}
+                           "traceback": redact(traceback.format_exc(limit=20))}
         log.error("job %s failed on input %s: %s: %s", spec.name, inputs, type(exc).__name__, exc,
                   exc_info=True)
 
@@ -175,7 +175,8 @@ def run_job(spec: JobSpec, config_path: str | None, overrides: list[str] | None 
     if where:
         try:
             from pipeline.storage import write_json
-            write_json(where, record)
+            # the summary outlives the run and is read by people: no credential in any field
+            write_json(where, redact_obj(record))
             log.info("job %s: summary written to %s", spec.name, where)
         except Exception as exc:  # the summary never hides the stage's own outcome
             log.warning("job %s: could not write summary %s: %s", spec.name, where, exc)

@@ -1,22 +1,37 @@
 """Connecting to Ray: an existing cluster when one is named, otherwise an embedded local one.
 
-Workers get the storage settings (S3 endpoint, AWS credentials, R2F_* knobs) through the
-runtime environment, so that ``s3://`` URLs resolve the same on every node. Values are passed,
-never logged.
+Credentials never travel in the runtime environment: Ray keeps a job's runtime_env in its config
+(dashboard, state API, GCS). Workers get them the way the cluster provides them: the nodes' own
+environment (the KubeRay secret as envFrom on every pod, variables set before ``ray start``), an
+instance profile or pod role; the embedded local Ray's raylet and workers are children of the
+driver and inherit its environment. Only non-secret storage settings (endpoint, region, retries,
+R2F_* knobs) are forwarded, so that ``s3://`` URLs resolve the same on every node
+(infra/OPERATIONS.md, "Credentials").
 """
 from __future__ import annotations
 
 import os
 
-from .log import get_logger
+from .log import SECRET_ENV_NAME, get_logger
 
 log = get_logger(__name__)
 
-_FORWARD_PREFIXES = ("AWS_", "R2F_")
+# An allow-list: a new AWS variable is not forwarded until it is known to hold no secret.
+FORWARDED_AWS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION",
+                 "AWS_RETRY_MODE", "AWS_MAX_ATTEMPTS")
+# Every worker process logs through pipeline.log's redacting handler.
+WORKER_SETUP_HOOK = "pipeline.log.setup_worker_logging"
 
 
 def forwarded_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k.startswith(_FORWARD_PREFIXES)}
+    """The settings every Ray worker gets from the driver: the non-secret AWS ones above and the
+    project's R2F_* knobs, except any R2F_* whose name says it holds a secret."""
+    return {k: v for k, v in os.environ.items()
+            if k in FORWARDED_AWS or (k.startswith("R2F_") and not SECRET_ENV_NAME.search(k))}
+
+
+def runtime_env() -> dict:
+    return {"env_vars": forwarded_env(), "worker_process_setup_hook": WORKER_SETUP_HOOK}
 
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None,
@@ -28,17 +43,16 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None,
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
-    runtime_env = {"env_vars": forwarded_env()}
     if address:
         log.info("joining Ray cluster at %s", address)
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        ray.init(address=address, runtime_env=runtime_env(), log_to_driver=True)
         return
     store = object_store_memory or int(os.environ.get("R2F_OBJECT_STORE_BYTES", str(512 * 1024 * 1024)))
     log.info("starting an embedded local Ray (%s CPUs)", num_cpus or os.cpu_count())
     # address="local": without it ray.init() joins whatever cluster /tmp/ray/ray_current_cluster
     # names (any `ray start --head` on this machine), instead of starting the embedded one.
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, object_store_memory=store,
-             runtime_env=runtime_env, log_to_driver=True)
+             runtime_env=runtime_env(), log_to_driver=True)
 
 
 def cluster_gpus() -> int:

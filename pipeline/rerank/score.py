@@ -43,7 +43,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .. import storage
-from ..log import get_logger
+from ..log import get_logger, redact
 from ..ransac import RansacConfig
 from .results import ResultsLayout, results_schema, write_part
 from .tokens import ChunkCache
@@ -236,7 +236,7 @@ class PartitionWorker:
             try:
                 return "done", "", self.work(p)
             except Exception as exc:  # recorded, the job goes on (bad input must not stop a city)
-                reason, tb = f"{type(exc).__name__}: {exc}", traceback.format_exc()
+                reason, tb = redact(f"{type(exc).__name__}: {exc}"), redact(traceback.format_exc())
                 log.warning("%s %d attempt %d/%d failed: %s", self.kind, p, tried, attempts, reason)
         self._record_failure(p, reason, tb)
         return "failed", reason, None
