@@ -39,7 +39,7 @@ def parity_dir() -> Path:
 @pytest.fixture(scope="session")
 def s3_endpoint():
     """A real S3 API on 127.0.0.1 (moto server); credentials and endpoint go through env vars,
-    which Ray forwards to its workers (pipeline.cluster.forwarded_env)."""
+    which the embedded Ray's workers inherit (the endpoint is also forwarded: pipeline.cluster)."""
     from moto.server import ThreadedMotoServer
 
     port = free_port()

@@ -91,7 +91,7 @@ class ReindexConfig:
     hash_chunk: int = 256                 # images hashed per Ray task
     trust_file_stamps: bool = True        # skip reading files whose size and mtime/ETag did not change
     lock_heartbeat_s: float = 30.0        # the lock holder rewrites the lock this often
-    lock_stale_s: float = 600.0           # a lock not heartbeated for this long (or of a dead local pid) is broken
+    lock_stale_s: float = 600.0           # a lock seen unchanged this long on the observer's clock (or of a dead local pid) is broken
     gc: bool = True                       # collect garbage after each publish (scheduled runs)
     gc_only: bool = False                 # only collect garbage (`r2f reindex --gc`)
     gc_dry_run: bool = False              # report what GC would delete, delete nothing
@@ -306,7 +306,7 @@ def _rollback(cfg: ReindexConfig, layout: ReindexLayout, version: str, lock: Rei
 def _published_base(cfg: ReindexConfig, layout: ReindexLayout) -> tuple[dict[str, Any], str | None]:
     """(manifest of the published store generation, published version). A store made by
     ``r2f extract`` (no generation yet) becomes generation 0."""
-    from .. import published
+    from ..index import published
 
     state = published.resolve(cfg.store, layout.index_dir)
     manifest = dict(state.manifest)
