@@ -62,7 +62,9 @@ def gp(tmp_path_factory, ray_session, gardens_point):
 
 def rerank_config(gp, name: str, epochs: int) -> TrainConfig:
     data = DataConfig(queries_store=gp["q_store"], database_store=gp["db_store"], hardest_negatives=gp["mined"])
-    return TrainConfig(stage="rerank", name=name, output=str(gp["root"] / "runs"), backbone="r2former",
+    # rerank_source tokens: the fast stored-token path (a named deviation from the official images path)
+    return TrainConfig(recipe="rerank", rerank_source="tokens", name=name, output=str(gp["root"] / "runs"),
+                       backbone="r2former",
                        checkpoint=gp["start"], train=data, val=data, image_size=list(SIZE), epochs=epochs,
                        batch_size=8, lr=5e-4, warmup_epochs=0.5, positive_radius=1.0, negatives_top=10,
                        val_radius=2.0, val_candidates=6, num_workers=2, official_layout=True, seed=0)
@@ -178,7 +180,9 @@ def test_r2former_triplet_stages_from_official_checkpoint(gp, gardens_point, off
     the loss of a batch never trained on drops, and the checkpoint (both layouts) reloads."""
     from pipeline.model import R2Former
 
-    cfg = TrainConfig(stage=stage, name=f"r2f-{stage}", output=str(gp["root"] / "runs"), backbone="r2former",
+    # warmup_epochs 0 (a deviation): the official first epoch runs at 0.1 x lr, too little for one short epoch
+    cfg = TrainConfig(recipe=stage, warmup_epochs=0, name=f"r2f-{stage}", output=str(gp["root"] / "runs"),
+                      backbone="r2former",
                       checkpoint=official_start, model={"img_size": list(SIZE)},
                       train=DataConfig(queries=gp["q"], database=gp["db"]),
                       val=DataConfig(queries=gp["q"], database=gp["db"]), val_radius=2.0,
