@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as _dt
-import importlib
 import json
 import os
 import socket
@@ -51,14 +50,24 @@ class JobStopped(BaseException):
 
 @dataclass(frozen=True)
 class JobSpec:
-    """One job: the stage module, its config class, and the function that runs it."""
+    """One job: the stage's config class and the function that runs it (``jobs.specs.JOBS``)."""
     name: str
-    module: str
-    config_class: str
-    function: str = "run"
+    config_class: type
+    function: Callable[[Any], Any]
     # config fields (or properties) naming where the stage writes, first non-empty one wins: the
     # JSON summary goes inside that folder, or beside that file
     output_fields: tuple[str, ...] = ("out", "output", "store")
+
+    @property
+    def stage(self) -> str:
+        """``module.function`` of the stage, as summaries and logs name it."""
+        return f"{self.function.__module__}.{self.function.__qualname__}"
+
+    def main(self, argv: list[str] | None = None) -> int:
+        return main(self, argv)
+
+    def entrypoint(self) -> None:
+        sys.exit(main(self))
 
 
 def submit_command(job: str, config: str, address: str = "http://127.0.0.1:8265",
@@ -73,10 +82,10 @@ def submit_command(job: str, config: str, address: str = "http://127.0.0.1:8265"
 
 
 def build_parser(spec: JobSpec) -> argparse.ArgumentParser:
-    from pipeline.cli import add_config_arguments
+    from pipeline.config import add_config_arguments
 
     p = argparse.ArgumentParser(prog=f"python -m jobs.{spec.name}",
-                                description=f"Ray job: {spec.module}.{spec.function}(config)")
+                                description=f"Ray job: {spec.stage}(config)")
     add_config_arguments(p)
     p.add_argument("--summary", default=None,
                    help="where to write the JSON summary (default: job-<name>.json next to the outputs)")
@@ -101,7 +110,7 @@ def run_job(spec: JobSpec, config_path: str | None, overrides: list[str] | None 
     _stop_on_sigterm()
     started = time.time()
     record: dict[str, Any] = {
-        "job": spec.name, "stage": f"{spec.module}.{spec.function}", "status": "running",
+        "job": spec.name, "stage": spec.stage, "status": "running",
         "started_at": _iso(started), "host": socket.gethostname(),
         "ray_job_submission_id": submission_id(),
         "config_file": config_path, "overrides": list(overrides or []),
@@ -110,10 +119,7 @@ def run_job(spec: JobSpec, config_path: str | None, overrides: list[str] | None 
     cfg = None
     try:
         t = time.perf_counter()
-        module = importlib.import_module(spec.module)
-        cls = getattr(module, spec.config_class)
-        func: Callable[[Any], Any] = getattr(module, spec.function)
-        cfg = load_config(cls, config_path, overrides or [])
+        cfg = load_config(spec.config_class, config_path, overrides or [])
         record["config"] = _jsonable(dataclasses.asdict(cfg))
         timings["load_config"] = time.perf_counter() - t
 
@@ -122,18 +128,18 @@ def run_job(spec: JobSpec, config_path: str | None, overrides: list[str] | None 
         record["ray"] = _ray_info()
         timings["connect_ray"] = time.perf_counter() - t
 
-        log.info("job %s: running %s.%s (inputs: %s)", spec.name, spec.module, spec.function,
-                 _describe_inputs(cfg) or "-")
+        log.info("job %s: running %s (inputs: %s)", spec.name, spec.stage, _describe_inputs(cfg) or "-")
         t = time.perf_counter()
-        result = func(cfg)
-        timings[spec.function] = time.perf_counter() - t
+        result = spec.function(cfg)
+        step = spec.function.__name__
+        timings[step] = time.perf_counter() - t
 
         record["result"] = _jsonable(dataclasses.asdict(result)) if dataclasses.is_dataclass(result) \
             else _jsonable(result)
         record["counts"] = counts_of(result)
         inner = getattr(result, "stage_seconds", None)
         if isinstance(inner, dict):
-            timings.update({f"{spec.function}.{k}": float(v) for k, v in inner.items()})
+            timings.update({f"{step}.{k}": float(v) for k, v in inner.items()})
         failed = (getattr(result, "ok", True) is False or bool(getattr(result, "too_many_failures", False))
                   or int(getattr(result, "exit_code", 0) or 0) != 0)
         record["status"] = "failed" if failed else "succeeded"
@@ -288,7 +294,3 @@ def _jsonable(obj: Any) -> Any:
 
 def _iso(ts: float) -> str:
     return _dt.datetime.fromtimestamp(ts, _dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def entrypoint(spec: JobSpec) -> None:
-    sys.exit(main(spec))

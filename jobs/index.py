@@ -4,15 +4,10 @@
 
 Submit it to a cluster with `ray job submit` (see jobs/common.py and infra/OPERATIONS.md).
 """
-from jobs.common import JobSpec, entrypoint, main as _main
+from jobs.specs import JOBS
 
-SPEC = JobSpec(name="index", module="pipeline.index", config_class="IndexConfig", function="build",
-               output_fields=("resolved_index_dir",))
-
-
-def main(argv=None) -> int:
-    return _main(SPEC, argv)
-
+SPEC = JOBS["index"]
+main = SPEC.main
 
 if __name__ == "__main__":
-    entrypoint(SPEC)
+    SPEC.entrypoint()

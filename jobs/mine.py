@@ -4,15 +4,10 @@
 
 Submit it to a cluster with `ray job submit` (see jobs/common.py and infra/OPERATIONS.md).
 """
-from jobs.common import JobSpec, entrypoint, main as _main
+from jobs.specs import JOBS
 
-SPEC = JobSpec(name="mine", module="pipeline.mine", config_class="MineConfig", function="run",
-               output_fields=("output",))
-
-
-def main(argv=None) -> int:
-    return _main(SPEC, argv)
-
+SPEC = JOBS["mine"]
+main = SPEC.main
 
 if __name__ == "__main__":
-    entrypoint(SPEC)
+    SPEC.entrypoint()

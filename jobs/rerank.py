@@ -8,15 +8,10 @@ intact, and resubmitting the same config skips them; a partition that failed eve
 the job exit 1 after all others are done. The summary, `<results>/job-rerank.json`, carries the
 fetched and distinct-candidate token bytes.
 """
-from jobs.common import JobSpec, entrypoint, main as _main
+from jobs.specs import JOBS
 
-SPEC = JobSpec(name="rerank", module="pipeline.rerank", config_class="RerankConfig", function="run",
-               output_fields=("results",))
-
-
-def main(argv=None) -> int:
-    return _main(SPEC, argv)
-
+SPEC = JOBS["rerank"]
+main = SPEC.main
 
 if __name__ == "__main__":
-    entrypoint(SPEC)
+    SPEC.entrypoint()

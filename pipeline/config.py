@@ -7,6 +7,7 @@ key, so a typo in a config never silently falls back to a default.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import types
 import typing
@@ -166,3 +167,46 @@ def parse_size(text: str | int) -> int:
         return int(float(s))
     except ValueError:
         raise ConfigError(f"cannot read memory size {text!r} (use e.g. '4G' or '512M')") from None
+
+
+# ---------------------------------------------------------------- command-line options
+# The options every stage's command line shares; stages import them from here (the layer of
+# configs), never from ``pipeline.cli``, which imports the stages.
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every stage shares: a YAML config and ``--set key=value`` overrides."""
+    parser.add_argument("--config", help="YAML config file")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key (dotted for nested keys); repeatable")
+
+
+class _ImageSize(argparse.Action):
+    """``--image-size H W`` or ``--image-size H,W`` (also ``HxW``): one form for every subcommand."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        text = " ".join(values).replace(",", " ").replace("x", " ").split()
+        try:
+            size = [int(v) for v in text]
+        except ValueError:
+            size = []
+        if len(size) != 2 or min(size) < 1:
+            parser.error(f"{option_string} takes a height and a width (e.g. 480 640 or 480,640), got {' '.join(values)!r}")
+        setattr(namespace, self.dest, size)
+
+
+def add_image_size_argument(parser: argparse.ArgumentParser, default: str = "480 640") -> None:
+    """The one ``--image-size`` option (input height and width) of every subcommand."""
+    parser.add_argument("--image-size", nargs="+", action=_ImageSize, metavar="H W",
+                        help=f"input height and width, as 'H W' or 'H,W' (default {default})")
+
+
+def config_from_args(cls, args: argparse.Namespace, options) -> object:
+    """The stage config from ``--config`` and ``--set``, then the stage's own options: each of
+    ``options`` is an attribute of ``args`` (or an ``(attribute, config key)`` pair) applied when
+    given on the command line. Command-line options win over the file and ``--set``."""
+    values = {}
+    for opt in options:
+        attr, key = opt if isinstance(opt, tuple) else (opt, opt)
+        value = getattr(args, attr, None)
+        if value is not None:
+            values[key] = value
+    return load_config(cls, getattr(args, "config", None), getattr(args, "overrides", None), values)

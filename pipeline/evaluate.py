@@ -371,11 +371,11 @@ def _resolve(config: EvaluateConfig) -> tuple[str, str | None]:
 
 
 def database_positions(db_store: str, state_meta: dict | None = None) -> np.ndarray:
-    """Database positions of the state the results recorded (``pipeline.published.from_metadata``:
+    """Database positions of the state the results recorded (``pipeline.index.published.from_metadata``:
     the same store generation the job read, never a fresh resolve); of the store's manifest for
     results that recorded none."""
     if state_meta:
-        from .published import from_metadata
+        from .index.published import from_metadata
         table = from_metadata(state_meta, store=db_store).read_global_table(["utm_east", "utm_north"])
     else:
         table = storage.read_global_table(db_store, ["utm_east", "utm_north"])
@@ -522,7 +522,7 @@ def _int_list(text: str) -> list[int]:
 
 
 def register_cli(subparsers) -> None:
-    from .cli import add_image_size_argument
+    from .config import add_image_size_argument
 
     p = subparsers.add_parser("evaluate", help="Recall@N of a run; --sweep-candidates prints the top-K study")
     p.add_argument("--out", help="a folder written by `r2f run`")

@@ -530,7 +530,7 @@ def extract_into(dataset: str, store: str, backbone: str, checkpoint: str | None
 
 
 def register_cli(subparsers) -> None:
-    from .cli import add_config_arguments, add_image_size_argument
+    from .config import add_config_arguments, add_image_size_argument
 
     p = subparsers.add_parser("extract", help="extract global descriptors and local tokens into a store",
                               description=__doc__.split("\n\n")[0])
@@ -551,7 +551,7 @@ def register_cli(subparsers) -> None:
 
 
 def _cli(args: argparse.Namespace) -> int:
-    from .cli import config_from_args
+    from .config import config_from_args
 
     if args.no_progress:
         args.progress = False

@@ -426,7 +426,7 @@ def _lease(index_dir: str, state):
     if not index_dir:
         return contextlib.nullcontext()
     try:
-        from .leases import hold_lease
+        from .index.leases import hold_lease
     except ImportError:
         return contextlib.nullcontext()
     return hold_lease(index_dir, "mine", state)
@@ -492,7 +492,7 @@ def run(config: MineConfig) -> MineResult:
     import ray
 
     from .cluster import ensure_ray
-    from .published import resolve
+    from .index.published import resolve
 
     if not config.queries or not config.output:
         raise ValueError("mine needs `queries` (an extraction store) and `output` (a folder or URL)")
@@ -639,7 +639,7 @@ def read_hardest_negatives(url: str, top: int | None = None) -> HardestNegatives
 
 # ====================================================================== CLI
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
-    from .cli import add_config_arguments
+    from .config import add_config_arguments
 
     p = subparsers.add_parser("mine", help="global hardest negatives of every training query (Parquet)")
     add_config_arguments(p)
@@ -655,7 +655,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _cli(args: argparse.Namespace) -> int:
-    from .cli import config_from_args
+    from .config import config_from_args
 
     cfg = config_from_args(MineConfig, args, ("queries", "database", "output", "top_k", "soft_positive_radius",
                                                    "index_dir", "index_factory", "index_version"))

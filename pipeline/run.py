@@ -235,7 +235,7 @@ def _pct(v: float | None) -> str:
 
 
 def register_cli(subparsers) -> None:
-    from .cli import add_config_arguments, add_image_size_argument
+    from .config import add_config_arguments, add_image_size_argument
 
     p = subparsers.add_parser("run", help="extraction, index, reranking, evaluation and report in one go")
     add_config_arguments(p)
@@ -255,7 +255,7 @@ def register_cli(subparsers) -> None:
 
 
 def _cli(args: argparse.Namespace) -> int:
-    from .cli import config_from_args
+    from .config import config_from_args
 
     cfg = config_from_args(RunConfig, args, ("database", "queries", "out", "backbone", "checkpoint", "reranker",
                                              "candidates", "positive_radius", "image_size"))

@@ -1,6 +1,7 @@
 import pytest
 
-from pipeline.cli import build_parser, config_from_args
+from pipeline.cli import build_parser
+from pipeline.config import config_from_args
 from pipeline.config import ConfigError
 
 

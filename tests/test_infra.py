@@ -51,8 +51,7 @@ def check_job_command(command: str) -> str:
     if config.startswith(IMAGE_ROOT):
         config = config[len(IMAGE_ROOT):]
     assert (ROOT / config).exists(), f"{command}: config {config} is not in the project"
-    cls = getattr(importlib.import_module(spec.module), spec.config_class)
-    load_config(cls, ROOT / config, args.overrides)
+    load_config(spec.config_class, ROOT / config, args.overrides)
     return name
 
 

@@ -16,6 +16,7 @@ from jobs import common
 
 SIZE = [128, 224]
 JOBS = ("extract", "index", "mine", "train", "rerank", "evaluate", "reindex")
+JOBS_ON_DISK = tuple(p.stem for p in (ROOT / "jobs").glob("*.py") if p.stem not in ("__init__", "common", "specs"))
 
 
 @pytest.fixture(scope="module")
@@ -90,11 +91,15 @@ def test_bad_config_key_exits_2_without_touching_ray(tmp_path):
 
 @pytest.mark.parametrize("job", JOBS)
 def test_every_job_names_a_real_stage(job):
+    import dataclasses
+
+    from jobs.specs import JOBS
+
     spec = importlib.import_module(f"jobs.{job}").SPEC
-    module = importlib.import_module(spec.module)
-    assert callable(getattr(module, spec.function))
-    assert hasattr(module, spec.config_class)
+    assert spec is JOBS[job] and callable(spec.function) and dataclasses.is_dataclass(spec.config_class)
+    assert spec.stage.startswith("pipeline.")
     assert (ROOT / "configs" / "jobs" / f"{job}.yaml").exists()
+    assert sorted(JOBS) == sorted(JOBS_ON_DISK)
 
 
 def test_summary_goes_next_to_the_outputs():
@@ -106,20 +111,17 @@ def test_summary_goes_next_to_the_outputs():
 
 
 STOP_SCRIPT = """
-import dataclasses, os, signal, sys, time, types
+import dataclasses, os, signal, sys, time
 import pipeline.cluster
 from jobs import common
 pipeline.cluster.ensure_ray = lambda address=None: None   # this check is about signals, not Ray
-stage = types.ModuleType("slow_stage")
 @dataclasses.dataclass
 class SlowConfig:
     out: str = ""
 def run(cfg):
     os.kill(os.getpid(), signal.SIGTERM)   # what `ray job stop` sends the entrypoint
     time.sleep(30)
-stage.SlowConfig, stage.run = SlowConfig, run
-sys.modules["slow_stage"] = stage
-sys.exit(common.run_job(common.JobSpec("slow", "slow_stage", "SlowConfig"), None, ["out=" + sys.argv[1]]))
+sys.exit(common.run_job(common.JobSpec("slow", SlowConfig, run), None, ["out=" + sys.argv[1]]))
 """
 
 

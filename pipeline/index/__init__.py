@@ -16,8 +16,8 @@ import pyarrow as pa
 
 from .build import IndexBuildResult, IndexConfig, build, read_shard_vectors
 from .choose import IndexChoice, choose_index
-from .layout import (IndexFileError, IndexLayout, current_version, list_versions, prune_versions, read_infos,
-                     set_current)
+from .layout import IndexFileError, IndexLayout, current_version, list_versions, read_infos, set_current
+from .retention import prune_versions
 from .search import SearchResult, ShardedSearcher, merge_topk, open_index, recall_at, search
 
 __all__ = [
@@ -68,7 +68,7 @@ def read_queries(source: str) -> tuple[np.ndarray, np.ndarray]:
 
 # ---------------------------------------------------------------- CLI
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
-    from ..cli import add_config_arguments
+    from ..config import add_config_arguments
 
     p = subparsers.add_parser("index", help="build a new version of the sharded FAISS index of an extraction store")
     add_config_arguments(p)
@@ -112,7 +112,7 @@ def _cli_index(args: argparse.Namespace) -> int:
 
 def _cli_search(args: argparse.Namespace) -> int:
     from .. import storage
-    from ..leases import hold_lease
+    from .leases import hold_lease
     from .layout import read_pointer
 
     storage.check_output(args.out, "--out")

@@ -21,13 +21,13 @@ One run (``r2f reindex``, ``jobs/reindex.py``, ``run(ReindexConfig)``), under th
 
 Invariants that make this safe:
 
-- Readers resolve only the pointer (``pipeline.published``): until it is rewritten every reader,
+- Readers resolve only the pointer (``pipeline.index.published``): until it is rewritten every reader,
   new or running, reads the previous state's unchanged files; a run that dies anywhere before
   leaves it as it was, and the next run resumes (staging shards already extracted are skipped; a
   snapshot no pointer ever named is built on, not adopted again). Rollback is that one write.
 - Shard and generation numbers are never reused (``<store>/reindex/numbers.json``) and a file is
   never rewritten once a manifest lists it, so every kept state stays readable until GC, which
-  collects only what no kept state and no live lease (``pipeline.leases``) references.
+  collects only what no kept state and no live lease (``pipeline.index.leases``) references.
 - A run with nothing new (no added, changed, moved or deleted image, and CURRENT covering exactly
   the published generation's shards) writes nothing and says so.
 - Images that failed to decode are remembered with their content hash (``failures.parquet``) and
@@ -46,7 +46,7 @@ and to an index folder (beside ``pipeline.index.layout``'s files)::
 
     <index_dir>/reindex/v0003.json              which store generation version v0003 was built from
     <index_dir>/reindex.lock                    held (and heartbeated) while a reindex, rollback or GC runs
-    <index_dir>/leases/<job>.json               states running jobs read (``pipeline.leases``)
+    <index_dir>/leases/<job>.json               states running jobs read (``pipeline.index.leases``)
 """
 from __future__ import annotations
 
@@ -469,7 +469,7 @@ def _reindex(cfg: ReindexConfig, layout: ReindexLayout, on_stage: Hook, lock: Re
 
 # ---------------------------------------------------------------- CLI
 def register_cli(subparsers) -> None:
-    from ..cli import add_config_arguments
+    from ..config import add_config_arguments
 
     p = subparsers.add_parser("reindex", help="bring a store and its index up to date with the image source; "
                                                "roll back; list versions",
@@ -488,7 +488,7 @@ def register_cli(subparsers) -> None:
 
 
 def _cli(args: argparse.Namespace) -> int:
-    from ..cli import config_from_args
+    from ..config import config_from_args
 
     config = config_from_args(ReindexConfig, args, ("source", "store", "index_dir", ("keep", "keep_versions"),
                                                     "rollback"))

@@ -1,4 +1,16 @@
-"""``run(RerankConfig)``: the streaming rerank job (see the package docstring for the dataflow)."""
+"""``run(RerankConfig)``: the streaming rerank job (the package docstring draws its dataflow).
+
+The driver describes the job and each phase in one function; the work runs in Ray (workers in
+score.py), and every phase skips what an earlier run with the same plan committed::
+
+    run: checks, query extraction, pinned state ─► RerankPlan (plan.json) ─► RerankJob, a lease
+    search_and_route   search partitions not routed ─► routes/          (SearchWorker actor pool)
+    barrier            route histograms ─► routes/bounds.json           (the score partitions, once)
+    split_strays       searched partitions not split ─► strays/         (Ray Data tasks)
+    score              score partitions not scored ─► scores/           (ScoreWorker actor pool)
+    commit             partitions without a marker ─► part-NNNNN.parquet (Ray Data tasks)
+    RerankSummary of the summary rows ─► RerankResult, manifest.json (written last)
+"""
 from __future__ import annotations
 
 import argparse
@@ -12,8 +24,10 @@ import numpy as np
 
 from .. import storage
 from ..log import get_logger
+from ..ransac import RansacConfig
 from ..weights import checkpoint_hash
-from .partitions import check_plan, job_plan, num_partitions, pending_partitions
+from .partitions import RerankJob, RerankPlan, TokenShape, check_plan, num_partitions
+from .phases import PhasesOutcome, Pools, run_phases, timed
 from .results import ResultsLayout, committed_partitions, is_single_file
 
 log = get_logger(__name__)
@@ -152,20 +166,6 @@ def reranked_order(rerank_score: np.ndarray, global_rank: np.ndarray) -> np.ndar
     return np.lexsort((global_rank, -np.asarray(rerank_score, np.float64)))
 
 
-def _hold_lease(index_dir: str, job: str, state):
-    try:
-        from ..leases import hold_lease
-    except ImportError:  # a checkout without leases: nothing to protect the state from
-        import contextlib
-        return contextlib.nullcontext()
-    return hold_lease(index_dir, job, state)
-
-
-def _scorer_name() -> dict[str, Any]:
-    # Named actors: an operator (or a test) can find and stop one scorer with ray.get_actor.
-    return {"name": f"rerank-scorer-{uuid.uuid4().hex[:8]}", "namespace": "r2f"}
-
-
 # ---------------------------------------------------------------- the stage
 def run(config: RerankConfig) -> RerankResult:
     """Rerank every query of ``config.query_store`` against the pinned index; resumable.
@@ -176,7 +176,8 @@ def run(config: RerankConfig) -> RerankResult:
     from ..cluster import ensure_ray
     from ..extract import extract_into
     from ..index import layout as L
-    from ..published import resolve
+    from ..index.leases import hold_lease
+    from ..index.published import resolve
 
     for name in ("query_store", "database_store", "index_dir", "results"):
         if not getattr(config, name):
@@ -201,11 +202,10 @@ def run(config: RerankConfig) -> RerankResult:
     rerankers = resolve_rerankers(config.reranker, config.backbone, config.checkpoint,
                                   allow_untrained=config.allow_untrained_reranker)
 
-    t = time.perf_counter()
-    if config.queries:
-        extract_into(config.queries, config.query_store, config.backbone, config.checkpoint, config.image_size,
-                     config.extract)
-    seconds["extract_queries"] = time.perf_counter() - t
+    with timed(seconds, "extract_queries"):
+        if config.queries:
+            extract_into(config.queries, config.query_store, config.backbone, config.checkpoint, config.image_size,
+                         config.extract)
     query_manifest = storage.read_manifest(config.query_store)
     storage.check_same_model(("query store", config.query_store, query_manifest),
                              ("database store", config.database_store, database_manifest))
@@ -227,244 +227,66 @@ def run(config: RerankConfig) -> RerankResult:
     if k < config.candidates:
         log.info("candidates capped at the database size: %d", k)
     # Refuse a changed plan before any actor starts.
-    plan = job_plan(config, rerankers, k, state, query_manifest, ransac)
+    plan = RerankPlan.of(config, rerankers, k, state, query_manifest, ransac)
     resuming = check_plan(config.results, plan)
+    job = _job(config, rerankers, k, ransac)
     searches = num_partitions(query_manifest, config.partition_queries)
-    with _hold_lease(config.index_dir, lease_job, state):
-        res = _phases(config, rerankers, k, state, version, searches, seconds, ransac, resuming)
+    pools = Pools(index_dir=config.index_dir, index_version=version, num_actors=config.num_actors,
+                  max_pool_restarts=config.max_pool_restarts)
+    with hold_lease(config.index_dir, lease_job, state):
+        outcome = run_phases(job, pools, state, searches, resuming, seconds)
+    res = _result(job, state, seconds, outcome)
     _write_manifest(config, res, plan, state, res.partitions)
     res.num_failed_queries += failed_queries  # queries that could not be extracted count too
     return res
 
 
-def _phases(config, rerankers, k, state, version, searches, seconds, ransac, resuming) -> RerankResult:
-    """Phase 1 (search and route), the barrier (bounds), phase 2 (split off the strays), phase 3
-    (score), phase 4 (commit the parts); each phase skips what an earlier run committed."""
-    import ray
-
-    from ..cluster import cluster_gpus
-    from ..index.search import ShardedSearcher
-    from .route import read_bounds, write_bounds
-    from .score import build_catalog
-
-    job = dict(results=config.results, query_store=config.query_store, database_store=config.database_store,
-               rerankers=rerankers, backbone=config.backbone, checkpoint=config.checkpoint, candidates=k,
-               batch_pairs=config.batch_pairs, partition_queries=config.partition_queries,
-               threads=config.threads_per_actor, rerank_dtype=config.rerank_dtype, cache_chunks=config.cache_chunks,
-               max_attempts=config.max_attempts, ransac=ransac, run_id=uuid.uuid4().hex)
+def _job(config: RerankConfig, rerankers: list[str], k: int, ransac: dict[str, Any]) -> RerankJob:
+    """What the workers are handed; a fresh ``run_id`` counts this run's attempts apart from earlier runs'."""
+    tokens = None
     if any(r != "none" for r in rerankers):  # what phase 2 copies for the strays (metadata only)
         arr = storage.open_local_tokens(config.query_store)
-        job["query_tokens"] = {"shape": [int(d) for d in arr.shape[1:]], "dtype": arr.dtype.str}
-    lay = ResultsLayout(config.results)
-    bounds = read_bounds(config.results)
-    catalog = None
+        tokens = TokenShape(shape=tuple(int(d) for d in arr.shape[1:]), dtype=arr.dtype.str)
+    return RerankJob(results=config.results, query_store=config.query_store, database_store=config.database_store,
+                     rerankers=tuple(rerankers), backbone=config.backbone, checkpoint=config.checkpoint, candidates=k,
+                     batch_pairs=config.batch_pairs, partition_queries=config.partition_queries,
+                     threads=config.threads_per_actor, rerank_dtype=config.rerank_dtype,
+                     cache_chunks=config.cache_chunks, max_attempts=config.max_attempts,
+                     ransac=RansacConfig(**ransac), run_id=uuid.uuid4().hex, query_tokens=tokens)
 
-    def the_catalog():
-        nonlocal catalog
-        if catalog is None:
-            catalog = ray.remote(num_cpus=0)(build_catalog).remote(state.metadata(), config.database_store)
-        return catalog
 
-    failed_searches: list[int] = []
-    summary = dict(nodes=set(), pairs=0, fetched=0, fetched_query=0, stray_pairs=0, stray_bytes=0,
-                   seen=np.zeros(0, bool))
-    t = time.perf_counter()
-    if bounds is None:
-        done = lay.routes.committed()
-        pending = [s for s in range(searches) if s not in done]
-        if resuming:
-            log.info("resuming %s: %d of %d search partitions already routed", config.results, len(done), searches)
-        if pending:
-            job["database_rows"] = ray.get(ray.remote(num_cpus=0)(_catalog_rows).remote(the_catalog()))
-            searcher = ShardedSearcher(config.index_dir, version=version, use_actors=True)
-            job["index"] = dict(dim=searcher.dim, normalize=searcher.normalize, num_vectors=searcher.num_vectors)
-            try:
-                failed_searches = _run_pool(config, "search", pending, lambda todo: _search_pool(
-                    config, job, the_catalog(), searcher, todo), summary)
-            finally:
-                searcher.close()
-        bounds = write_bounds(config.results, lay.routes.committed(), config.partition_queries)
-    seconds["search"] = time.perf_counter() - t
-    failed_searches = sorted(set(failed_searches) | {s for s in range(searches)
-                                                     if s not in bounds["searched"] and storage.exists(lay.routes.failure(s))})
-
-    total = int(bounds["partitions"])
-    pending, done_before = pending_partitions(config.results, total)
-    if resuming and done_before:
-        log.info("resuming %s: %d of %d results parts already committed", config.results, len(done_before), total)
-    t = time.perf_counter()
-    scorers = [r for r in rerankers if r != "none"]
-    failed: list[int] = []
-    failed_scores: list[int] = []
-    scored_before: dict[int, dict] = {}
-    if pending and scorers:
-        split_done = lay.strays.committed()
-        to_split = [s for s in bounds["searched"] if s not in split_done]
-        if to_split:
-            _run_pool(config, "split", to_split, lambda todo: _task_pool("split", job, the_catalog(), todo), summary)
-        scored_before = lay.scores.committed()
-        to_score = [q for q in range(total) if q not in scored_before]
-        if resuming and scored_before:
-            log.info("resuming %s: %d of %d score partitions already scored", config.results, len(scored_before), total)
-        if to_score:
-            gpus = cluster_gpus() if "r2former" in rerankers else 0
-            failed_scores = _run_pool(config, "score", to_score, lambda todo: _score_pool(
-                config, job, the_catalog(), todo, gpus), summary)
-    seconds["rerank"] = time.perf_counter() - t
-    t = time.perf_counter()
-    if pending:
-        failed = _run_pool(config, "commit", pending, lambda todo: _task_pool("commit", job, the_catalog(), todo),
-                           summary)
-    seconds["commit"] = time.perf_counter() - t
-    del catalog
-
+def _result(job: RerankJob, state, seconds: dict[str, float], outcome: PhasesOutcome) -> RerankResult:
+    """The job's result from the committed markers (every run's) and this run's summary."""
+    summary = outcome.summary
+    lay = ResultsLayout(job.results)
     markers = lay.parts.committed()
-    scored = lay.scores.committed() if scorers else {}
-    row_bytes = _row_bytes(config.database_store) if scorers else 0
+    scored = lay.scores.committed() if job.scorers else {}
+    row_bytes = _row_bytes(job.database_store) if job.scorers else 0
     num_queries = sum(int(m.get("queries", 0)) for m in markers.values())
     num_pairs = sum(int(m.get("pairs", 0)) for m in markers.values())
-    pairs, seen = summary["pairs"], summary["seen"]
-    pps = pairs / seconds["rerank"] if pairs and seconds["rerank"] > 0 else 0.0
+    pps = summary.pairs / seconds["rerank"] if summary.pairs and seconds["rerank"] > 0 else 0.0
     rerank_seconds = {r: sum(float((m.get("rerank_seconds") or {}).get(r, 0.0)) for m in scored.values())
-                      for r in rerankers}
-    res = RerankResult(results=config.results, reranker=rerankers[0], num_queries=num_queries, num_pairs=num_pairs,
-                       candidates=k, num_failed_queries=0, stage_seconds=seconds, pairs_per_second=pps,
-                       partitions=total, skipped_partitions=len(done_before), failed_partitions=sorted(failed),
-                       fetched_token_bytes=summary["fetched"], distinct_candidate_bytes=int(seen.sum()) * row_bytes,
-                       scorer_nodes=sorted(summary["nodes"]), state=state.metadata(), rerankers=list(rerankers),
-                       rerank_seconds=rerank_seconds, failed_search_partitions=failed_searches,
-                       fetched_query_token_bytes=summary["fetched_query"], stray_pairs=summary["stray_pairs"],
-                       stray_query_token_bytes=summary["stray_bytes"], skipped_score_partitions=len(scored_before),
-                       failed_score_partitions=sorted(failed_scores))
+                      for r in job.rerankers}
+    res = RerankResult(results=job.results, reranker=job.rerankers[0], num_queries=num_queries, num_pairs=num_pairs,
+                       candidates=job.candidates, num_failed_queries=0, stage_seconds=seconds, pairs_per_second=pps,
+                       partitions=outcome.partitions, skipped_partitions=outcome.skipped_partitions,
+                       failed_partitions=outcome.failed_partitions,
+                       fetched_token_bytes=summary.fetched_bytes,
+                       distinct_candidate_bytes=summary.distinct_candidates * row_bytes,
+                       scorer_nodes=sorted(summary.nodes), state=state.metadata(), rerankers=list(job.rerankers),
+                       rerank_seconds=rerank_seconds, failed_search_partitions=outcome.failed_search_partitions,
+                       fetched_query_token_bytes=summary.fetched_query_bytes, stray_pairs=summary.stray_pairs,
+                       stray_query_token_bytes=summary.stray_bytes,
+                       skipped_score_partitions=outcome.skipped_score_partitions,
+                       failed_score_partitions=outcome.failed_score_partitions)
     ratio = f"{res.token_ratio:.2f}x" if res.token_ratio else "-"
     log.info("reranked %d queries x %d candidates with %s: %d pairs this run in %.1f s (%.0f pairs/s); "
              "tokens fetched %.1f MB for %.1f MB of distinct candidates (%s), %d stray pairs (%.1f MB of query "
-             "tokens copied); %d partition(s) failed", num_queries, k, ",".join(rerankers), pairs, seconds["rerank"],
-             pps, summary["fetched"] / 1e6, res.distinct_candidate_bytes / 1e6, ratio, summary["stray_pairs"],
-             summary["stray_bytes"] / 1e6, len(failed) + len(failed_searches))
+             "tokens copied); %d partition(s) failed", num_queries, job.candidates, ",".join(job.rerankers),
+             summary.pairs, seconds["rerank"], pps, summary.fetched_bytes / 1e6, res.distinct_candidate_bytes / 1e6,
+             ratio, summary.stray_pairs, summary.stray_bytes / 1e6,
+             len(outcome.failed_partitions) + len(outcome.failed_search_partitions))
     return res
-
-
-def _catalog_rows(catalog: dict) -> int:
-    return int(catalog["row"].max()) + 1 if len(catalog["row"]) else 1
-
-
-# Each phase's partitions and where their files are in the results folder (ResultsLayout).
-PHASE_FILES = {"search": "routes", "split": "strays", "score": "scores", "commit": "parts"}
-
-
-def _phase_files(config, phase: str):
-    return getattr(ResultsLayout(config.results), PHASE_FILES[phase])
-
-
-def _run_pool(config, phase: str, pending: list[int], make, summary: dict) -> list[int]:
-    """Stream ``pending`` partitions through the pool ``make(todo)`` builds; a pool that loses an
-    actor for good (ray.kill, a node gone) is rebuilt on what is left, up to max_pool_restarts.
-    The partition that was in flight counted an attempt, so one that kills its actor every time
-    ends up recorded as failed instead of looping. Returns the failed partitions."""
-    import ray
-
-    failed: list[int] = []
-    restarts = 0
-    while pending:
-        try:
-            for row in make(pending).iter_rows():
-                p = int(row["partition"])
-                if row["status"] != "done":
-                    failed.append(p)
-                    log.error("%s partition %d failed every attempt and is recorded in %s: %s", phase, p,
-                              _phase_files(config, phase).failure(p), row["reason"])
-                    continue
-                _summarise(phase, row, summary)
-            pending = []
-        except ray.exceptions.RayError as exc:
-            restarts += 1
-            if restarts > config.max_pool_restarts:
-                raise
-            done = _phase_files(config, phase).committed()
-            pending = [p for p in pending if p not in done and p not in failed]
-            log.warning("%s pool lost an actor (%s); restarting it on %d remaining partition(s) (%d/%d)", phase,
-                        type(exc).__name__, len(pending), restarts, config.max_pool_restarts)
-    return failed
-
-
-def _summarise(phase: str, row: dict, summary: dict) -> None:
-    """What the driver keeps of one partition's summary row: counters and the distinct-candidate
-    bitmap (one byte per database row)."""
-    if phase == "search":
-        summary["fetched_query"] += int(row["fetched_query_bytes"])
-    elif phase == "split":
-        summary["stray_pairs"] += int(row["stray_pairs"])
-        summary["stray_bytes"] += int(row["stray_bytes"])
-    elif phase == "score":
-        summary["nodes"].add(str(row["node_id"]))
-        summary["pairs"] += int(row["pairs"])
-        summary["fetched"] += int(row["fetched_bytes"])
-        rows = np.asarray(row["candidate_rows"], np.int64)
-        if len(rows):
-            seen = summary["seen"]
-            if rows.max() >= len(seen):
-                seen = np.concatenate([seen, np.zeros(int(rows.max()) + 1 - len(seen), bool)])
-            seen[rows] = True
-            summary["seen"] = seen
-
-
-def _search_pool(config, job, catalog, searcher, pending):
-    """Phase 1 over the pending search partitions: Ray Data over an autoscaling actor pool whose
-    workers call the index shard actors (the search itself runs there)."""
-    import ray
-
-    from .score import SearchWorker
-
-    ds = ray.data.from_items([{"partition": p} for p in pending], override_num_blocks=len(pending))
-    return ds.map_batches(
-        SearchWorker, batch_size=1, batch_format="numpy",
-        fn_constructor_kwargs=dict(job=job, catalog=[catalog], shard_actors=list(searcher._actors)),
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=config.num_actors), num_cpus=1)
-
-
-def _score_pool(config, job, catalog, pending, gpus):
-    """Phase 3 over the pending score partitions: one Ray Data map over an autoscaling actor pool
-    (the scorers keep their models and chunk caches across partitions)."""
-    import ray
-
-    from .score import ScoreWorker
-
-    # Pool bounds: at least 1 actor; at most num_actors, else unbounded, so Ray Data's actor
-    # pool autoscaler grows it to whatever CPUs/GPUs the cluster has as the job runs.
-    ds = ray.data.from_items([{"partition": p} for p in pending], override_num_blocks=len(pending))
-    return ds.map_batches(
-        ScoreWorker, batch_size=1, batch_format="numpy",
-        fn_constructor_kwargs=dict(job=job, catalog=[catalog]),
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=config.num_actors),
-        num_cpus=config.threads_per_actor, num_gpus=1 if gpus else 0, ray_remote_args_fn=_scorer_name)
-
-
-# Queries one pooled worker handles in phases 2 and 4 before Ray replaces it (``max_calls``).
-# Measured by bench/bench_city.py: a worker's high-water mark grew with the partitions it had
-# run (what it keeps is not identified; allocator retention is the guess), 473 MB after 1-2
-# partitions of 4,096 queries and 608 MB after ~12; recycling bounds it by this many queries, not
-# by the job's, at one worker start (~2 s) per worker's worth: 2 partitions at the default
-# partition_queries, more of smaller ones.
-WORKER_QUERIES = 8192
-
-
-def tasks_per_worker(partition_queries: int) -> int:
-    return max(2, -(-WORKER_QUERIES // max(1, int(partition_queries))))
-
-
-def _task_pool(phase: str, job, catalog, pending):
-    """Phases 2 and 4 (split the strays, commit the parts): file work without a model, as Ray Data
-    tasks (Ray's pooled workers, as many at once as the cluster has CPUs, each recycled after
-    tasks_per_worker(partition_queries) partitions)."""
-    import ray
-
-    from .score import commit_batch, split_batch
-
-    ds = ray.data.from_items([{"partition": p} for p in pending], override_num_blocks=len(pending))
-    return ds.map_batches(split_batch if phase == "split" else commit_batch, batch_size=1, batch_format="numpy",
-                          fn_kwargs=dict(job=job, catalog=[catalog]), num_cpus=1,
-                          max_calls=tasks_per_worker(job["partition_queries"]))
 
 
 def _row_bytes(store: str) -> int:
@@ -472,7 +294,7 @@ def _row_bytes(store: str) -> int:
     return int(np.prod(arr.shape[1:])) * arr.dtype.itemsize
 
 
-def _write_manifest(config: RerankConfig, res: RerankResult, plan: dict, state, total: int) -> None:
+def _write_manifest(config: RerankConfig, res: RerankResult, plan: RerankPlan, state, total: int) -> None:
     """Written last: lists the committed parts; evaluate and the report read exactly these."""
     lay = ResultsLayout(config.results)
     parts = sorted(committed_partitions(config.results))
@@ -482,7 +304,7 @@ def _write_manifest(config: RerankConfig, res: RerankResult, plan: dict, state, 
         "failed_search_partitions": res.failed_search_partitions,
         "failed_score_partitions": res.failed_score_partitions,
         "complete": not failures and not res.failed_search_partitions,
-        "state": state.metadata(), "plan": plan, "reranker": res.reranker, "rerankers": res.rerankers,
+        "state": state.metadata(), "plan": plan.to_json(), "reranker": res.reranker, "rerankers": res.rerankers,
         "rerank_seconds": res.rerank_seconds, "candidates": res.candidates,
         "backbone": config.backbone, "database_store": config.database_store, "query_store": config.query_store,
         "index_dir": config.index_dir, "num_queries": res.num_queries, "num_pairs": res.num_pairs,
@@ -496,7 +318,7 @@ def _write_manifest(config: RerankConfig, res: RerankResult, plan: dict, state, 
 
 
 def register_cli(subparsers) -> None:
-    from ..cli import add_config_arguments, add_image_size_argument
+    from ..config import add_config_arguments, add_image_size_argument
 
     p = subparsers.add_parser("rerank", help="retrieve top-K candidates per query and rerank them (resumable)")
     add_config_arguments(p)
@@ -517,7 +339,7 @@ def register_cli(subparsers) -> None:
 
 
 def _cli(args: argparse.Namespace) -> int:
-    from ..cli import config_from_args
+    from ..config import config_from_args
 
     cfg = config_from_args(RerankConfig, args, ("queries", "query_store", "database_store", "index_dir", "results",
                                                 "backbone", "checkpoint", "reranker", "candidates", "image_size",

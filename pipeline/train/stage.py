@@ -941,7 +941,7 @@ def read_state(checkpoint: str) -> dict:
 
 # ====================================================================== CLI
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
-    from ..cli import add_config_arguments
+    from ..config import add_config_arguments
 
     p = subparsers.add_parser("train", help="train an official recipe (rerank, finetune, end_to_end, retrieval) "
                                             "on Ray Train")
