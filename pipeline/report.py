@@ -359,7 +359,7 @@ def write_report(out: str, metrics: dict, results: "pa.Table | str", radius: flo
         try:
             qt = storage.read_global_table(query_store, ["image_id", "row"]).to_pandas().set_index("image_id")
             if state:
-                from .published import from_metadata
+                from .index.published import from_metadata
                 dt = from_metadata(state, store=database_store).read_global_table(["image_id", "row"])
             else:
                 dt = storage.read_global_table(database_store, ["image_id", "row"])

@@ -391,7 +391,7 @@ def read_global_part(url: str, columns: Iterable[str] | None = None) -> pa.Table
 def read_global_table(store: str, columns: Iterable[str] | None = None,
                       manifest: dict[str, Any] | None = None) -> pa.Table:
     """All rows of a finished store (sorted by shard, then position), as one Arrow table; with
-    ``manifest`` (a pinned store generation, ``pipeline.published``) the rows of that generation.
+    ``manifest`` (a pinned store generation, ``pipeline.index.published``) the rows of that generation.
     Parts of older layouts read with their missing optional columns as nulls."""
     manifest = manifest or read_manifest(store)
     columns = list(columns) if columns is not None else None

@@ -5,8 +5,8 @@ collected state fails naming the file instead of reading Zarr fill values."""
 import numpy as np
 import pytest
 
-from pipeline import cli, leases, published, reindex, storage
-from pipeline.index import list_versions, search
+from pipeline import cli, reindex, storage
+from pipeline.index import leases, list_versions, published, search
 from tests.helpers_reindex import tree_bytes, write_hand_store, write_source
 
 FRAMES = list(range(12))

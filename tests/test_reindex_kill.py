@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import published, reindex, storage
+from pipeline import reindex, storage
 from pipeline.datasets import load_dataset
-from pipeline.index import search
+from pipeline.index import published, search
 from tests.helpers_reindex import write_hand_store, write_source
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -4,8 +4,10 @@ import time
 
 import numpy as np
 
-from pipeline import leases, published, storage
+from pipeline import storage
 from pipeline.index import layout as L
+from pipeline.index import leases, published
+from pipeline.index.retention import protected_versions
 from tests.helpers_store import write_tiny_store
 
 
@@ -53,5 +55,5 @@ def test_resolve_reads_version_and_generation_from_the_pointer(tmp_path):
     state.check_kept()
     storage.write_json(L.IndexLayout(index_dir).infos("v0005"), {"shards": []})
     pointer = L.set_current(index_dir, "v0005", store_generation=3)
-    assert pointer["history"][0]["version"] == "v0004" and "v0004" in L.protected_versions(index_dir, 60)
-    assert L.protected_versions(index_dir, 0) == {"v0005"}
+    assert pointer["history"][0]["version"] == "v0004" and "v0004" in protected_versions(index_dir, 60)
+    assert protected_versions(index_dir, 0) == {"v0005"}

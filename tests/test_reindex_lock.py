@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from pipeline import cas, published, reindex
+from pipeline import cas, reindex
+from pipeline.index import published
 from pipeline.reindex.lock import ReindexLock
 from tests.helpers_reindex import s3_fs, write_hand_store, write_source
 

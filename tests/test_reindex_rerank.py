@@ -8,8 +8,8 @@ import shutil
 import numpy as np
 import pytest
 
-from pipeline import published, reindex, storage
-from pipeline.index import search
+from pipeline import reindex, storage
+from pipeline.index import published, search
 from tests.helpers_reindex import write_hand_store
 
 SIZE = [128, 224]      # efficientnet-lite0 at 128x224: 8 x 14 = 112 tokens, 1280-d GeM

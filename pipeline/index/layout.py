@@ -13,13 +13,13 @@ A version is immutable once its ``infos.json`` exists; a new build writes a new 
 then replaces ``CURRENT`` atomically, so a reader that resolved the old version keeps reading
 complete, unchanged files. Versions without ``infos.json`` are unfinished and never searched.
 
-``CURRENT`` is the published state of a store and its index together (``pipeline.published``
+``CURRENT`` is the published state of a store and its index together (``index.published``
 resolves it): the index version, the store generation that version was built from (``None`` for a
 plain ``r2f index`` build, whose readers use the store's ``manifest.json``), when it was
-published, and the states it replaced (``history``, newest first), so garbage collection can keep
-whatever was superseded less than a grace period ago. Writing it is one atomic write (temp file and
-rename locally, one PUT on S3), so a reader sees the old state or the new one, never a mix, and a
-conditional one (``set_current``): it replaces only the pointer it read, so two writers racing
+published, and the states it replaced (``history``, newest first), so garbage collection
+(``index.retention``) can keep whatever was superseded less than a grace period ago. Writing it is
+one atomic write (temp file and rename locally, one PUT on S3), so a reader sees the old state or
+the new one, never a mix, and a conditional one (``set_current``): it replaces only the pointer it read, so two writers racing
 cannot both publish, and the later one cannot silently drop the other's state from ``history``.
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ import json
 import re
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import faiss
 import numpy as np
@@ -206,43 +206,6 @@ def read_infos(index_dir: str, version: str | None = None) -> dict[str, Any]:
         raise IndexFileError(f"corrupt index infos {url}: {exc}") from None
     infos["version"] = version
     return infos
-
-
-def prune_versions(index_dir: str, keep: int = 3, protect: Iterable[str] = (), grace_s: float = 0.0,
-                   dry_run: bool = False) -> list[str]:
-    """Delete all but the newest ``keep`` finished versions, plus unfinished folders older than
-    the newest finished one. Never deleted: the CURRENT version, ``protect`` (versions a kept
-    store state or a live lease, ``pipeline.leases``, still needs), and versions the pointer
-    left less than ``grace_s`` seconds ago (a reader may have resolved them just before).
-    Returns the deleted (with ``dry_run``: the deletable) names. ``pipeline.reindex`` runs this
-    as part of its garbage collection."""
-    from .. import leases
-
-    if keep < 1:
-        raise ValueError(f"keep must be at least 1, got {keep}")
-    finished = list_versions(index_dir)
-    everything = list_versions(index_dir, finished_only=False)
-    keep_set = set(finished[-keep:]) | set(protect) | protected_versions(index_dir, grace_s)
-    keep_set |= {lease["state"].get("index_version") for lease in leases.live_leases(index_dir, grace_s)}
-    newest_finished = int(finished[-1][1:]) if finished else 0
-    doomed = [v for v in everything
-              if v not in keep_set and (v in finished or int(v[1:]) < newest_finished)]
-    layout = IndexLayout(index_dir)
-    for v in [] if dry_run else doomed:
-        fs, path = storage.filesystem(layout.version_dir(v))
-        fs.rm(path, recursive=True)
-    return doomed
-
-
-def protected_versions(index_dir: str, grace_s: float) -> set[str]:
-    """The CURRENT version and those it replaced less than ``grace_s`` seconds ago."""
-    try:
-        pointer = read_pointer(index_dir)
-    except IndexFileError:
-        return set()
-    now = time.time()
-    return {pointer["version"]} | {h["version"] for h in pointer["history"]
-                                   if now - float(h.get("superseded_at") or 0) < grace_s}
 
 
 # ---------------------------------------------------------------- FAISS files through fsspec

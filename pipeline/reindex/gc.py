@@ -5,7 +5,7 @@ A *state* is an index version plus the store generation it was built from. Kept 
 - the newest ``keep_versions`` finished versions and the published one (``CURRENT``);
 - the states ``CURRENT`` replaced less than ``gc_grace_s`` ago (its ``history``): a reader may have
   resolved one just before the switch without holding a lease;
-- every state a live lease names (``pipeline.leases``: heartbeated, younger than the grace period);
+- every state a live lease names (``pipeline.index.leases``: heartbeated, younger than the grace period);
 - the unpublished generation an interrupted run left (the next run builds on it);
 - the generation ``manifest.json`` describes (plain readers of the store use it).
 
@@ -34,7 +34,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .. import leases, storage
+from .. import storage
+from ..index import leases, retention
 from ..log import get_logger
 from .publish import pending_generation, read_snapshot, snapshot_generations, store_generation, version_generation
 
@@ -114,7 +115,7 @@ def kept_states(cfg: "ReindexConfig", layout: "ReindexLayout", grace_s: float) -
 
     index_dir, now = layout.index_dir, time.time()
     finished = L.list_versions(index_dir)
-    versions = set(finished[-cfg.keep_versions:]) | L.protected_versions(index_dir, grace_s)
+    versions = set(finished[-cfg.keep_versions:]) | retention.protected_versions(index_dir, grace_s)
     generations: set[int] = set()
     try:
         pointer = L.read_pointer(index_dir)
@@ -178,12 +179,12 @@ def collect_garbage(cfg: "ReindexConfig", layout: "ReindexLayout", dry_run: bool
     report.generations.sort()
 
     # 2. index versions (and their records): the old prune_versions, now lease- and grace-aware
-    doomed = L.prune_versions(index_dir, keep=cfg.keep_versions, protect=versions, grace_s=grace, dry_run=True)
+    doomed = retention.prune_versions(index_dir, keep=cfg.keep_versions, protect=versions, grace_s=grace, dry_run=True)
     for v in doomed:
         nbytes["index_versions"] += sum(int(i.get("size") or 0)
                                         for i in _files(L.IndexLayout(index_dir).version_dir(v)).values())
     if not dry_run:
-        L.prune_versions(index_dir, keep=cfg.keep_versions, protect=versions, grace_s=grace)
+        retention.prune_versions(index_dir, keep=cfg.keep_versions, protect=versions, grace_s=grace)
         for v in doomed:
             rec = storage.join(index_dir, "reindex", f"{v}.json")
             if storage.exists(rec):

@@ -135,7 +135,7 @@ def build_catalog(state_meta: dict[str, Any], database_store: str) -> dict[str, 
     """Database image id -> (Zarr row, path, position), sorted by id, as plain numpy arrays (paths as
     fixed-width bytes) so every worker on a node maps the one copy in Ray's object store.
     Memory: O(database), never in the driver (built by a Ray task)."""
-    from ..published import from_metadata
+    from ..index.published import from_metadata
 
     state = from_metadata(state_meta, store=database_store)
     t = state.read_global_table(["image_id", "path", "utm_east", "utm_north", "row"])

@@ -17,7 +17,7 @@ A store without an index (or an index built by ``r2f index`` without a reindex r
 to its ``manifest.json`` as before. ``resolve(store)`` without ``index_dir`` still follows
 ``<store>/index/CURRENT`` when that pointer names a store generation (a reindexed store's
 ``manifest.json`` is only informational). A job that reads for a while holds a lease on the state
-(``pipeline.leases.hold_lease``) so garbage collection keeps its files; a reader whose files were
+(``pipeline.index.leases.hold_lease``) so garbage collection keeps its files; a reader whose files were
 collected anyway fails naming the file: ``read_local_tokens`` checks after reading that the state is
 still kept, so it never hands out the fill values of a collected Zarr chunk. Memory: O(shards) (the
 manifest), independent of images.
@@ -29,7 +29,8 @@ from typing import Any, Iterable
 
 import pyarrow as pa
 
-from . import storage
+from .. import storage
+from . import layout as L
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,7 @@ class PublishedState:
         url = self.snapshot_url()
         if url is not None and not storage.exists(url):
             raise storage.StoreError(f"{self.describe()} was garbage-collected: {url} is gone (hold a lease, "
-                                     f"pipeline.leases, while reading a state)")
+                                     f"pipeline.index.leases, while reading a state)")
 
     def read_local_tokens(self, rows, array=None):
         """``storage.read_local_tokens`` of this state's Zarr rows, then ``check_kept``."""
@@ -109,8 +110,6 @@ def resolve(store: str, index_dir: str | None = None) -> PublishedState:
     """Resolve the published state once: the ``CURRENT`` pointer of ``index_dir`` (read once: the
     version and the store generation it names) and that generation's manifest snapshot; without a
     pointer, the store's ``manifest.json``."""
-    from .index import layout as L
-
     if not index_dir:
         default = storage.join(store, "index")
         if storage.exists(L.IndexLayout(default).current) and \

@@ -1,6 +1,6 @@
 """Leases: a running job says which published state it reads, so garbage collection keeps it.
 
-A job that pinned a state (``pipeline.published.resolve``) holds a lease for as long as it reads
+A job that pinned a state (``pipeline.index.published.resolve``) holds a lease for as long as it reads
 that state's files::
 
     with hold_lease(index_dir, f"rerank-{run_id}", state):      # <index_dir>/leases/<job>.json
@@ -30,8 +30,8 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Iterator
 
-from . import storage
-from .log import get_logger
+from .. import storage
+from ..log import get_logger
 
 if TYPE_CHECKING:
     from .published import PublishedState
