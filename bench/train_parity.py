@@ -24,7 +24,6 @@ exits 1 when a ratio exceeds 1 or a set differs. CPU, float32.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 import tempfile
@@ -84,8 +83,9 @@ def start_model(folder: Path, seed: int, size: tuple[int, int]) -> R2Former:
         return R2Former.from_official_checkpoint(path, img_size=size)
 
 
-def check_recipe(name: str, base: R2Former, fx: dict, tol: dict) -> dict:
-    """Run the project's step for recipe ``name`` on the fixture's batch and compare."""
+def check_recipe(name: str, model: R2Former, start: dict, fx: dict, tol: dict) -> dict:
+    """Run the project's step for recipe ``name`` on the fixture's batch and compare. ``model`` is
+    reset to the ``start`` weights first (one model serves every recipe)."""
     f = lambda k: fx[f"{name}/{k}"]   # noqa: E731
     recipe = get_recipe(name)
     problems: list[str] = []
@@ -107,7 +107,10 @@ def check_recipe(name: str, base: R2Former, fx: dict, tol: dict) -> dict:
     if not np.array_equal(triplets, triplet_rows(B, negs)):
         problems.append("the project's batch layout (step.triplet_rows) differs from the official collate")
 
-    model = copy.deepcopy(base)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_(start[n])
+            p.grad = None
     names = prepare_model(model, recipe)
     own_opt = [official_name(n) for n in names]
     if own_opt != [str(k) for k in f("optimizer_param_keys")]:
@@ -219,8 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     fx, report, configs = load_fixture(args.fixture)
     size = tuple(int(s) for s in fx["resize_hw"])
-    base = start_model(args.fixture, int(fx["seed"]), size)
-    rows = [check_recipe(name, base, fx, report["tolerances"]) for name in configs
+    model = start_model(args.fixture, int(fx["seed"]), size)
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    rows = [check_recipe(name, model, start, fx, report["tolerances"]) for name in configs
             if not args.recipes or name in args.recipes]
     print(f"fixture {args.fixture} (seed {int(fx['seed'])}, {size[0]}x{size[1]}, recipes {', '.join(configs)})")
     print_table(rows)

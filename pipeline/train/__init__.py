@@ -11,14 +11,14 @@
 from ..config import ConfigError
 from .recipes import RECIPES, Recipe, build_optimizer, epoch_lr, get_recipe
 from .stage import (RECALL_KS, STAGES, STATE_FILE, DataConfig, TrainConfig, TrainResult, _Step, _triplet_loss,
-                    best_positives, build_training_model, describe, fold_adapter, latest_checkpoint,
+                    best_positives, build_training_model, describe, deviations, fold_adapter, latest_checkpoint,
                     nearest_rows, read_state, recall_at, register_cli, rerank_recall_at, resolve_recipe, run,
                     token_adapter, validate)
 from .step import Batch, StepOutput, allreduce_gradients, losses, prepare_model, step, triplet_rows
 
 __all__ = ["ConfigError", "RECIPES", "Recipe", "build_optimizer", "epoch_lr", "get_recipe", "RECALL_KS", "STAGES",
            "STATE_FILE", "DataConfig", "TrainConfig", "TrainResult", "best_positives", "build_training_model",
-           "describe", "fold_adapter", "latest_checkpoint", "nearest_rows", "read_state", "recall_at",
+           "describe", "deviations", "fold_adapter", "latest_checkpoint", "nearest_rows", "read_state", "recall_at",
            "register_cli", "rerank_recall_at", "resolve_recipe", "run", "token_adapter", "validate", "Batch",
            "StepOutput", "allreduce_gradients", "losses", "prepare_model", "step", "triplet_rows",
            "_Step", "_triplet_loss"]
