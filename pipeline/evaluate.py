@@ -14,8 +14,11 @@ Every reranker of a run is scored from its own columns of the same candidates::
 
 Results written before per-reranker columns have one reranker, in ``rank`` / ``rerank_score``.
 
-``r2f evaluate`` scores a finished run folder (or a results file plus the database store), and
-``--sweep-candidates 20,50,100,200`` prints the paper's candidate-count study (table 2): one block
+The metric itself (Recall@N, fractions inside, percent only when printed) is
+``pipeline.metrics``; positions come from ``pipeline.spatial.positions_of`` (NaN where unknown).
+
+``r2f evaluate`` scores a finished run folder (or a results file plus the database store); ``r2f
+run`` is what extracts, indexes, reranks and then evaluates. ``--sweep-candidates 20,50,100,200`` prints the paper's candidate-count study (table 2): one block
 per reranker, the recalls when only the top-K global candidates are reranked, for each K, and the
 rerank milliseconds per query. Those come from one run at the largest K (the manifest's
 ``rerank_seconds[n] / num_queries``) and are scaled by K / K_run for a smaller K, since scoring
@@ -35,59 +38,19 @@ import pyarrow.compute as pc
 
 from . import storage
 from .log import get_logger
+from .metrics import RECALL_NS, RecallCounter, percent
+from .spatial import PositionIndex, positions_of
 
 log = get_logger(__name__)
 
-RECALL_NS = (1, 5, 10, 20, 100)
 
-
-# ---------------------------------------------------------------- the metric itself
-def recall_at(correct: np.ndarray, has_positive: np.ndarray | None = None,
-              ns: Iterable[int] = RECALL_NS) -> dict[str, float | None]:
-    """Recall@N from ``correct`` (Q, K) bool (result j of query i is within the radius) and
-    ``has_positive`` (Q,) bool (the database holds a positive for query i). Queries without a
-    positive are excluded; with none left every recall is ``None``."""
-    correct = np.asarray(correct, bool)
-    if correct.ndim != 2:
-        raise ValueError(f"correct must be (queries, results), got shape {correct.shape}")
-    keep = np.ones(len(correct), bool) if has_positive is None else np.asarray(has_positive, bool)
-    if keep.shape != (len(correct),):
-        raise ValueError(f"has_positive must have one entry per query ({len(correct)}), got {keep.shape}")
-    c = correct[keep]
-    out: dict[str, float | None] = {}
-    for n in ns:
-        if n < 1:
-            raise ValueError(f"recall@N needs N >= 1, got {n}")
-        out[f"recall@{n}"] = None if len(c) == 0 else float(c[:, :n].any(axis=1).mean())
-    return out
-
-
-def positions_of(table: pa.Table, prefix: str = "") -> np.ndarray:
-    """(N, 2) float64 positions from ``{prefix}utm_east`` / ``{prefix}utm_north``; NaN where unknown.
-    A missing north (a sequence described by frame index alone) counts as 0."""
-    n = table.num_rows
-    east_name, north_name = f"{prefix}utm_east", f"{prefix}utm_north"
-    if east_name not in table.column_names:
-        return np.full((n, 2), np.nan)
-    east = _float_column(table, east_name)
-    north = _float_column(table, north_name) if north_name in table.column_names else np.zeros(n)
-    north = np.where(np.isnan(north) & ~np.isnan(east), 0.0, north)
-    return np.stack([east, north], axis=1)
-
-
-def _float_column(table: pa.Table, name: str) -> np.ndarray:
-    col = table.column(name)
-    return np.asarray(col.cast(pa.float64()).to_numpy(zero_copy_only=False), dtype=np.float64)
-
-
+# ---------------------------------------------------------------- positives
 class PositiveIndex:
     """Does a query have a database image within the radius? Nearest database position through
     ``pipeline.spatial.PositionIndex`` (a k-d tree over the UTM positions, float64, built once).
     Memory: O(database); queries are asked a part at a time, never a (queries x database) array."""
 
     def __init__(self, db_xy: np.ndarray):
-        from .spatial import PositionIndex
-
         db_xy = np.asarray(db_xy, np.float64).reshape(-1, 2)
         self.index = PositionIndex(db_xy[~np.isnan(db_xy).any(axis=1)])
 
@@ -109,25 +72,16 @@ def has_positive(query_xy: np.ndarray, db_xy: np.ndarray, radius: float) -> np.n
 
 
 # ---------------------------------------------------------------- results tables
-_POSITION_COLUMNS = ["query_utm_east", "query_utm_north", "candidate_utm_east", "candidate_utm_north"]
+# A results row carries the positions of its query and of its candidate (pipeline.rerank.results).
+RESULT_POSITION_COLUMNS = [f"{side}_{axis}" for side in ("query", "candidate") for axis in ("utm_east", "utm_north")]
 
 
 def reranker_columns(rerankers: Sequence[str], columns: Sequence[str]) -> dict[str, tuple[str, str]]:
     """``{reranker: (rank column, score column)}`` of a results part: ``rank_<n>`` /
     ``rerank_score_<n>``, or ``rank`` / ``rerank_score`` for the one reranker of results written
     before per-reranker columns (pipeline.rerank.results)."""
-    try:
-        from .rerank.results import rank_column, score_column
-    except ImportError:  # a checkout whose results module predates several rerankers
-        def rank_column(name, names, cols):
-            if f"rank_{name}" in cols:
-                return f"rank_{name}"
-            if names and name == names[0]:
-                return "rank"
-            raise KeyError(f"no ranks of reranker {name!r} in these results (columns {list(cols)})")
+    from .rerank.results import rank_column, score_column
 
-        def score_column(name, names, cols):
-            return rank_column(name, names, cols).replace("rank", "rerank_score", 1)
     cols = list(columns)
     return {n: (rank_column(n, list(rerankers), cols), score_column(n, list(rerankers), cols)) for n in rerankers}
 
@@ -147,13 +101,13 @@ class QueryLists:
     def __init__(self, part: pa.Table, extra: Sequence[str] = ()):
         import pandas as pd
 
-        cols = ["query_id", "global_rank", *_POSITION_COLUMNS]
+        cols = ["query_id", "global_rank", *RESULT_POSITION_COLUMNS]
         want = list(dict.fromkeys(cols + [c for c in extra if c in part.column_names]))
         missing = [c for c in cols + list(extra) if c not in part.column_names and c != "query_tag"]
         if missing:
             raise ValueError(f"results table lacks column(s) {missing}")
         df = part.select(want).to_pandas()
-        for c in _POSITION_COLUMNS:
+        for c in RESULT_POSITION_COLUMNS:
             df[c] = pd.to_numeric(df[c], errors="coerce").astype(float)
         for kind in ("candidate", "query"):  # a missing north (frame index only) counts as 0
             east, north = f"{kind}_utm_east", f"{kind}_utm_north"
@@ -201,29 +155,6 @@ def correct_matrix(query_xy: np.ndarray, candidate_xy: np.ndarray, radius: float
     """(Q, K) bool: candidate within ``radius`` of its query (unknown positions are never right)."""
     d = np.linalg.norm(candidate_xy - query_xy[:, None, :], axis=2)
     return np.nan_to_num(d, nan=np.inf) <= radius * (1 + 1e-9)
-
-
-class RecallCounter:
-    """Recall@N counts accumulated part by part: O(len(ns)) state, plus the ids of the queries
-    without a positive (reported by name)."""
-
-    def __init__(self, ns: Sequence[int]):
-        self.ns = list(ns)
-        for n in self.ns:
-            if n < 1:
-                raise ValueError(f"recall@N needs N >= 1, got {n}")
-        self.hits = np.zeros(len(self.ns), np.int64)
-        self.counted = 0
-
-    def add(self, correct: np.ndarray, pos: np.ndarray) -> None:
-        c = np.asarray(correct, bool)[np.asarray(pos, bool)]
-        self.counted += len(c)
-        for i, n in enumerate(self.ns):
-            self.hits[i] += int(c[:, :n].any(axis=1).sum()) if c.size else 0
-
-    def recalls(self) -> dict[str, float | None]:
-        return {f"recall@{n}": (None if self.counted == 0 else float(h / self.counted))
-                for n, h in zip(self.ns, self.hits)}
 
 
 class _Counters:
@@ -393,15 +324,8 @@ def results_state(results_url: str) -> tuple[dict | None, str | None]:
 
 def results_rerankers(results_url: str) -> list[str]:
     """The rerankers recorded with the results, first one first ([] when none is recorded)."""
-    try:
-        from .rerank.results import rerankers_of
-    except ImportError:  # a checkout whose results module predates several rerankers
-        from .rerank.results import results_metadata
+    from .rerank.results import rerankers_of
 
-        def rerankers_of(url):
-            meta = results_metadata(url)
-            names = meta.get("rerankers") or (meta.get("plan") or {}).get("rerankers")
-            return list(names) if names else ([meta["reranker"]] if meta.get("reranker") else [])
     return list(rerankers_of(results_url))
 
 
@@ -449,7 +373,7 @@ def run(config: EvaluateConfig) -> EvaluateResult:
     db_xy = database_positions(db_store, state)
     available = _part_columns(results_url)
     names = results_rerankers(results_url) or rerankers_in(available)
-    cols = ["query_id", "global_rank", *_POSITION_COLUMNS]
+    cols = ["query_id", "global_rank", *RESULT_POSITION_COLUMNS]
     cols += [c for pair in reranker_columns(names, available).values() for c in pair]
     cols += ["query_tag"] if "query_tag" in available else []
     metrics, sweep = evaluate_parts(iter_parts(results_url, list(dict.fromkeys(cols))), db_xy,
@@ -495,7 +419,7 @@ def format_sweep(rows: list[dict], rerank_ms: Mapping[str, float] | None = None)
         lines.append("  ".join(f"{h:>14}" for h in head))
         for r in group:
             k = r["candidates"] if r["reranked_from"] == r["candidates"] else f"{r['candidates']}({r['reranked_from']})"
-            cells = [str(k)] + ["-" if r[n] is None else f"{100 * r[n]:.1f}" for n in ns]
+            cells = [str(k)] + [percent(r[n]) for n in ns]
             if ms:
                 cells.append(f"{ms * r['reranked_from'] / run_k:.1f}" if run_k else "-")
                 scaled = scaled or r["reranked_from"] < run_k
@@ -509,11 +433,6 @@ def format_sweep(rows: list[dict], rerank_ms: Mapping[str, float] | None = None)
     return "\n".join(lines)
 
 
-def _reranker_list(text: str) -> str:
-    from .run import reranker_list
-    return reranker_list(text)
-
-
 def _int_list(text: str) -> list[int]:
     try:
         return [int(v) for v in text.replace(" ", "").split(",") if v]
@@ -522,19 +441,13 @@ def _int_list(text: str) -> list[int]:
 
 
 def register_cli(subparsers) -> None:
-    from .config import add_image_size_argument
-
     p = subparsers.add_parser("evaluate", help="Recall@N of a run; --sweep-candidates prints the top-K study")
     p.add_argument("--out", help="a folder written by `r2f run`")
     p.add_argument("--results", help="results folder of `r2f rerank` (or a legacy results Parquet) instead of --out")
     p.add_argument("--database-store", help="database extraction store (instead of --out)")
-    p.add_argument("--database", help="with --queries: run `r2f run` into --out first (K = largest swept count)")
-    p.add_argument("--queries")
-    p.add_argument("--backbone", default="r2former")
-    p.add_argument("--checkpoint")
-    p.add_argument("--reranker", default="auto", type=_reranker_list,
-                   help="with --database: rerankers of the run, comma-separated (see `r2f run`)")
-    add_image_size_argument(p)
+    # Datasets belong to `r2f run` (which evaluates when it is done): refused with that advice.
+    p.add_argument("--database", help=argparse.SUPPRESS)
+    p.add_argument("--queries", help=argparse.SUPPRESS)
     p.add_argument("--positive-radius", type=float, default=None,
                    help="frames for a sequence: database (default 2), metres otherwise (default 25)")
     p.add_argument("--sweep-candidates", type=_int_list, default=[], metavar="K1,K2,...")
@@ -545,21 +458,15 @@ def register_cli(subparsers) -> None:
 
 
 def _recall_line(label: str, recalls: dict) -> str:
-    return f"{label:>9}: " + "  ".join(f"{k.replace('recall', 'R')}={'-' if v is None else f'{100 * v:.1f}'}"
-                                       for k, v in recalls.items())
+    return f"{label:>9}: " + "  ".join(f"{k.replace('recall', 'R')}={percent(v)}" for k, v in recalls.items())
 
 
 def _cli(args) -> int:
     if args.database or args.queries:
-        if not (args.database and args.queries and args.out):
-            raise ValueError("--database needs --queries and --out")
-        from . import run as run_stage
-        rc = run_stage.RunConfig(database=args.database, queries=args.queries, out=args.out,
-                                 backbone=args.backbone, checkpoint=args.checkpoint, reranker=args.reranker,
-                                 candidates=max(args.sweep_candidates or [100]),
-                                 positive_radius=args.positive_radius,
-                                 image_size=list(args.image_size) if args.image_size else [480, 640])
-        run_stage.run(rc)
+        k = max(args.sweep_candidates or [100])
+        raise ValueError(f"r2f evaluate scores a finished run; to extract, index, rerank and evaluate datasets use "
+                         f"`r2f run --database D --queries Q --out OUT --candidates {k}`, then "
+                         f"`r2f evaluate --out OUT` (e.g. with --sweep-candidates)")
     cfg = EvaluateConfig(out=args.out, results=args.results, database_store=args.database_store,
                          positive_radius=args.positive_radius, sweep_candidates=args.sweep_candidates)
     res = run(cfg)

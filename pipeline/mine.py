@@ -52,7 +52,7 @@ import pyarrow as pa
 from . import storage
 from .config import to_dict
 from .log import get_logger
-from .spatial import PositionIndex
+from .spatial import PositionIndex, positions_of
 
 log = get_logger(__name__)
 
@@ -66,22 +66,6 @@ def hardest_negatives_schema() -> pa.Schema:
         ("hardest_negatives", pa.list_(pa.int64())),
         ("negative_distances", pa.list_(pa.float32())),
     ])
-
-
-# ====================================================================== positions
-def positions_of(table: pa.Table, what: str) -> np.ndarray:
-    """(N, 2) float64 ``utm_east, utm_north``; a missing north is 0 (1-D sequences such as
-    Gardens Point put the frame index in ``utm_east``). Missing east is an error naming ``what``."""
-    if "utm_east" not in table.column_names:
-        raise ValueError(f"{what} has no utm_east column; mining needs image positions")
-    east = table.column("utm_east").to_numpy(zero_copy_only=False).astype(np.float64)
-    if np.isnan(east).any():
-        bad = int(np.isnan(east).sum())
-        raise ValueError(f"{what}: {bad} image(s) have no position (utm_east is empty); mining needs positions")
-    north = (table.column("utm_north").to_numpy(zero_copy_only=False).astype(np.float64)
-             if "utm_north" in table.column_names else np.zeros_like(east))
-    north = np.nan_to_num(north, nan=0.0)
-    return np.stack([east, north], axis=1)
 
 
 # ====================================================================== partial mining
@@ -302,7 +286,7 @@ def _read_query_block(block: _QueryBlock) -> dict[str, np.ndarray]:
     if len(desc):
         faiss.normalize_L2(desc)
     return {"ids": t.column("image_id").to_numpy().astype(np.int64), "desc": desc,
-            "pos": positions_of(t, f"query part {block.part_url}")}
+            "pos": positions_of(t, missing="raise", what=f"query part {block.part_url}")}
 
 
 class _MiningShard:
@@ -319,7 +303,7 @@ class _MiningShard:
         import faiss
 
         from .index.search import _load
-        from .spatial import PositionIndex
+        from .spatial import PositionIndex, positions_of
 
         faiss.omp_set_num_threads(max(1, threads))
         self.index = _load(index_url, entry, params, use_gpu)
@@ -327,7 +311,7 @@ class _MiningShard:
         for url in part_urls:
             t = storage.read_parquet(url, ["image_id", "utm_east", "utm_north"])
             ids.append(t.column("image_id").to_numpy().astype(np.int64))
-            pos.append(positions_of(t, f"database part {url}"))
+            pos.append(positions_of(t, missing="raise", what=f"database part {url}"))
         ids_all, pos_all = np.concatenate(ids), np.concatenate(pos)
         order = np.argsort(ids_all, kind="stable")
         self.sorted_ids, self.sorted_pos = ids_all[order], pos_all[order]

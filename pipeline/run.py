@@ -34,6 +34,8 @@ import pyarrow as pa
 
 from . import storage
 from .log import get_logger
+from .metrics import percent
+from .rerank.rerankers import reranker_list
 from .weights import build_model
 
 log = get_logger(__name__)
@@ -167,8 +169,8 @@ def run(cfg: RunConfig) -> RunOutput:
     settings = {
         "database": cfg.database, "queries": cfg.queries, "backbone": cfg.backbone, "checkpoint": cfg.checkpoint,
         "reranker": cfg.reranker, "reranker_used": rr.reranker,
-        "rerankers_used": list(getattr(rr, "rerankers", None) or [rr.reranker]),
-        "rerank_seconds": {k: round(v, 3) for k, v in (getattr(rr, "rerank_seconds", None) or {}).items()},
+        "rerankers_used": list(rr.rerankers),
+        "rerank_seconds": {k: round(v, 3) for k, v in rr.rerank_seconds.items()},
         "candidates": cfg.candidates,
         "candidates_used": rr.candidates, "positive_radius": cfg.positive_radius,
         "positive_radius_unit": radius_unit(cfg.database),
@@ -197,19 +199,6 @@ def run(cfg: RunConfig) -> RunOutput:
     return RunOutput(out=cfg.out, metrics=metrics, report=report_url, num_errors=int(errors.num_rows))
 
 
-def reranker_list(text: str) -> str:
-    """``--reranker`` value: a comma list of ``pipeline.rerank.RERANKERS`` names, returned joined
-    without spaces; an unknown or empty item is an error naming the choices."""
-    from .rerank import RERANKERS
-
-    items = [x.strip() for x in str(text).split(",")]
-    bad = [x for x in items if x not in RERANKERS]
-    if not items or bad:
-        raise argparse.ArgumentTypeError(f"unknown reranker(s) {bad or [text]} in {text!r}; "
-                                         f"give a comma list of {', '.join(RERANKERS)}")
-    return ",".join(items)
-
-
 def _fresh_results(out: str) -> str:
     """``OUT/results``, emptied first: results are always rewritten (the stores resume, not the
     results), and a legacy ``results.parquet`` of an older run is removed so nothing reads it."""
@@ -231,7 +220,7 @@ def write_metrics(url: str, metrics: dict) -> None:
 
 
 def _pct(v: float | None) -> str:
-    return "-" if v is None else f"{100 * v:.1f}%"
+    return "-" if v is None else f"{percent(v)}%"
 
 
 def register_cli(subparsers) -> None:

@@ -12,13 +12,45 @@ database plus the pairs actually found::
 
 Rows in a ``Neighbours`` row are sorted ascending. Distances use the same rule as the rest of
 the pipeline: Euclidean on ``(utm_east, utm_north)``, a pair at exactly ``r`` is within.
+``positions_of`` reads those positions from a table, the one place that decides what an image
+without a position becomes (NaN for evaluation, an error for mining).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
+import pyarrow as pa
 from scipy.spatial import cKDTree
+
+
+def positions_of(table: pa.Table, prefix: str = "", missing: Literal["nan", "raise"] = "nan",
+                 what: str = "table") -> np.ndarray:
+    """(N, 2) float64 ``{prefix}utm_east, {prefix}utm_north``. A missing north counts as 0 (a
+    sequence described by frame index alone puts it in ``utm_east``). An image without an east
+    position is NaN under ``missing="nan"`` (evaluation: such a query cannot be answered right);
+    under ``missing="raise"`` it is a ``ValueError`` naming ``what`` (mining cannot place it)."""
+    if missing not in ("nan", "raise"):
+        raise ValueError(f"missing must be 'nan' or 'raise', got {missing!r}")
+    n = table.num_rows
+    east_name, north_name = f"{prefix}utm_east", f"{prefix}utm_north"
+    if east_name not in table.column_names:
+        if missing == "raise":
+            raise ValueError(f"{what} has no {east_name} column; image positions are needed")
+        return np.full((n, 2), np.nan)
+    east = _float_column(table, east_name)
+    if missing == "raise" and np.isnan(east).any():
+        raise ValueError(f"{what}: {int(np.isnan(east).sum())} image(s) have no position ({east_name} is empty); "
+                         f"image positions are needed")
+    north = _float_column(table, north_name) if north_name in table.column_names else np.zeros(n)
+    north = np.where(np.isnan(north) & ~np.isnan(east), 0.0, north)
+    return np.stack([east, north], axis=1)
+
+
+def _float_column(table: pa.Table, name: str) -> np.ndarray:
+    col = table.column(name)
+    return np.asarray(col.cast(pa.float64()).to_numpy(zero_copy_only=False), dtype=np.float64)
 
 
 @dataclass

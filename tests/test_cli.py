@@ -42,7 +42,7 @@ def test_one_image_size_form_for_every_subcommand(capsys):
     sub = next(a for a in parser._actions if a.dest == "command")
     having = [name for name, p in sub.choices.items()
               if any("--image-size" in a.option_strings for a in p._actions)]
-    assert {"extract", "rerank", "run", "evaluate"} <= set(having)
+    assert {"extract", "rerank", "run"} <= set(having)  # evaluate takes no images: it scores a run
     for name in having:
         sp = sub.choices[name]
         action = next(a for a in sp._actions if "--image-size" in a.option_strings)
@@ -67,8 +67,6 @@ def test_run_takes_a_list_of_rerankers_and_checks_each(tmp_path, capsys):
         with pytest.raises(SystemExit):
             parser.parse_args(["run", "--reranker", bad])
         assert "give a comma list of auto, r2former, ransac, none" in capsys.readouterr().err
-    args = parser.parse_args(["evaluate", "--out", "o", "--reranker", "none,ransac"])
-    assert args.reranker == "none,ransac"
     out = tmp_path / "out"
     with pytest.raises(ValueError, match="include no trained reranker"):
         run(RunConfig(database="sequence:db", queries="sequence:q", out=str(out), backbone="efficientnet-lite0",

@@ -5,8 +5,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipeline.evaluate import (candidate_sweep, correct_matrix, evaluate_results, format_sweep, has_positive,
-                               recall_at)
+from pipeline.evaluate import candidate_sweep, correct_matrix, evaluate_results, format_sweep, has_positive
+from pipeline.metrics import recall_at
 from pipeline.rerank import RESULTS_SCHEMA
 
 
@@ -109,7 +109,8 @@ def test_evaluate_reads_a_results_folder_part_by_part_or_a_legacy_file(tmp_path)
             seen.append(t.num_rows)
             yield t
     m, _ = evaluate.evaluate_parts(parts(), np.array([[float(i), 0.0] for i in range(100)]), 2, (1, 3))
-    assert seen == [6, 3] and m == b.metrics
+    # run() adds the radius it used and its unit; the recalls are evaluate_parts' own
+    assert seen == [6, 3] and m == {k: v for k, v in b.metrics.items() if not k.startswith("positive_radius")}
 
 
 # ---------------------------------------------------------------- several rerankers, tags, table 2
@@ -128,7 +129,7 @@ QUERIES = [  # (query id, tag, position, candidates in global order, RANSAC scor
 def _two_reranker_results(queries=QUERIES):
     """A results part as the multi-reranker job writes it: ``rank`` / ``rerank_score`` are the
     first reranker's (ransac), ``rank_<n>`` / ``rerank_score_<n>`` every one's, ``query_tag``."""
-    from pipeline.rerank.stage import reranked_order
+    from pipeline.rerank.rerankers import reranked_order
 
     cols = {c: [] for c in [*RESULTS_SCHEMA.names, "query_tag", "rank_ransac", "rerank_score_ransac",
                             "rank_r2former", "rerank_score_r2former"]}
@@ -259,3 +260,14 @@ def test_evaluate_cli_prints_every_reranker_tags_and_table_2(tmp_path, capsys):
     r2 = lines.index("reranker r2former")
     assert lines[r2 + 2].split() == ["1", "33.3", "33.3", "33.3", "66.7"]  # 200 ms at K = 3, scaled to K = 1
     assert lines[r2 + 3].split() == ["3", "33.3", "100.0", "100.0", "200.0"]
+
+
+def test_evaluate_refuses_datasets_and_names_r2f_run(tmp_path):
+    """`r2f evaluate` scores finished runs only: datasets go to `r2f run`, which evaluates itself."""
+    from pipeline.cli import build_parser
+
+    args = build_parser().parse_args(["evaluate", "--database", "d", "--queries", "q", "--out", str(tmp_path / "o"),
+                                      "--sweep-candidates", "20,200"])
+    with pytest.raises(ValueError, match=r"r2f run --database D --queries Q --out OUT --candidates 200"):
+        args.func(args)
+    assert not (tmp_path / "o").exists()

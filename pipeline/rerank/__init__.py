@@ -44,21 +44,22 @@ strays, scores, parts), rewrites any file without a marker, and refuses another 
 bounds are written once, and batches are a deterministic function of the partition, so
 rescored partitions are bit-equal.
 
-Rerankers: ``r2former`` (the learned transformer; score = softmax(logits)[:, 1]), ``ransac``
-(pipeline.ransac: mutual nearest neighbours + a robust homography, score = inlier count),
-``none`` (the global order), ``auto`` (r2former when the model's weights include a trained
-reranker, otherwise ransac). Candidates are reordered by rerank score; ties keep global order.
+Rerankers (rerankers.py: names, resolution, the order rule): ``r2former`` (the learned
+transformer; score = softmax(logits)[:, 1]), ``ransac`` (pipeline.ransac: mutual nearest
+neighbours + a robust homography, score = inlier count), ``none`` (the global order), ``auto``
+(r2former when the model's weights include a trained reranker, otherwise ransac). Candidates are
+reordered by rerank score; ties keep global order.
 A comma list (``ransac,r2former``) runs each over the same candidates in one job: ``rank`` /
 ``rerank_score`` are the first's, ``rank_<name>`` / ``rerank_score_<name>`` every one's.
 """
 from ..extract import extract_into
+from .rerankers import RERANKERS, reranked_order, reranker_list, resolve_reranker, resolve_rerankers
 from .results import (RESULTS_SCHEMA, iter_parts, rank_column, read_results, rerankers_of, results_metadata,
                       results_schema, score_column)
 from .score import PairScorer
-from .stage import (RERANKERS, RerankConfig, RerankError, RerankResult, register_cli, reranked_order, resolve_rerankers,
-                    resolve_reranker, run)
+from .stage import RerankConfig, RerankError, RerankResult, register_cli, run
 
 __all__ = ["RERANKERS", "RESULTS_SCHEMA", "PairScorer", "RerankConfig", "RerankError", "RerankResult",
            "extract_into", "iter_parts", "rank_column", "read_results", "register_cli", "reranked_order",
-           "rerankers_of", "resolve_reranker", "resolve_rerankers", "results_schema", "score_column",
+           "reranker_list", "rerankers_of", "resolve_reranker", "resolve_rerankers", "results_schema", "score_column",
            "results_metadata", "run"]

@@ -45,15 +45,12 @@ import pyarrow.parquet as pq
 from .. import storage
 from ..log import get_logger, redact
 from ..ransac import RansacConfig
+from ..spatial import positions_of
+from .rerankers import reranked_ranks
 from .results import ResultsLayout, results_schema, write_part
 from .tokens import ChunkCache
 
 log = get_logger(__name__)
-
-# A stand-in scorer for benchmarks: it reads the real tokens (the cost this job is about) but
-# costs almost no compute. Not a reranker anyone should evaluate.
-BENCH_SCORERS = ("token-similarity",)
-
 
 def token_similarity_scores(q: np.ndarray, c: np.ndarray) -> np.ndarray:
     """Mean over query tokens of the best cosine similarity among candidate tokens' features."""
@@ -146,7 +143,6 @@ def build_catalog(state_meta: dict[str, Any], database_store: str) -> dict[str, 
     ids = ids[order]
     if len(ids) > 1 and (np.diff(ids) == 0).any():
         raise ValueError(f"database store {database_store} lists an image_id twice")
-    from ..evaluate import positions_of
     xy = positions_of(t)[order]
     paths = np.asarray(t.column("path").to_pylist(), dtype=object)[order].astype("S")
     return {"image_id": ids, "row": t.column("row").to_numpy().astype(np.int64)[order],
@@ -164,18 +160,6 @@ def locality_order(top1_rows: np.ndarray) -> np.ndarray:
 def pair_schedule(query_order_pos: np.ndarray, candidate_rows: np.ndarray, chunk_rows: int) -> np.ndarray:
     """The order pairs are scored in: by candidate chunk, then query (locality order), then row."""
     return np.lexsort((candidate_rows, query_order_pos, candidate_rows // max(1, chunk_rows)))
-
-
-def reranked_ranks(qi: np.ndarray, scores: np.ndarray, global_rank: np.ndarray) -> np.ndarray:
-    """1-based rank of each pair within its query: by (-score, global rank)."""
-    n = len(qi)
-    order = np.lexsort((global_rank, -scores.astype(np.float64), qi))
-    rank = np.empty(n, np.int32)
-    if n:
-        starts = np.r_[0, np.flatnonzero(np.diff(qi[order])) + 1]
-        counts = np.diff(np.r_[starts, n])
-        rank[order] = np.arange(n) - np.repeat(starts, counts) + 1
-    return rank
 
 
 class PartitionWorker:
@@ -299,7 +283,6 @@ class SearchWorker(PartitionWorker):
         return ids, scores
 
     def work(self, s: int) -> dict[str, int]:
-        from ..evaluate import positions_of
         from .route import ROUTE_SCHEMA, route_bin, tokens_column, write_route
 
         qt = self._query_table(s, ["image_id", "path", "row", "utm_east", "utm_north", "global_descriptor", "tag"])

@@ -28,11 +28,10 @@ from ..ransac import RansacConfig
 from ..weights import checkpoint_hash
 from .partitions import RerankJob, RerankPlan, TokenShape, check_plan, num_partitions
 from .phases import PhasesOutcome, Pools, run_phases, timed
+from .rerankers import RERANKERS, resolve_rerankers
 from .results import ResultsLayout, committed_partitions, is_single_file
 
 log = get_logger(__name__)
-
-RERANKERS = ("auto", "r2former", "ransac", "none")
 
 
 @dataclass
@@ -109,61 +108,10 @@ class RerankError(RuntimeError):
     pass
 
 
-# ---------------------------------------------------------------- helpers shared with pipeline.run
-def resolve_reranker(name: str, backbone: str, checkpoint: str | None, model=None) -> str:
-    """``auto`` -> ``r2former`` when the loaded weights include a trained reranker, else ``ransac``."""
-    from .score import BENCH_SCORERS
-
-    if name not in RERANKERS and name not in BENCH_SCORERS:
-        raise ValueError(f"unknown reranker {name!r}; choose one of {RERANKERS}")
-    if name != "auto":
-        return name
-    if model is None:
-        from ..weights import build_model
-        model = build_model(backbone, checkpoint)
-    trained = bool(getattr(model, "has_trained_reranker", False))
-    chosen = "r2former" if trained else "ransac"
-    log.info("reranker auto -> %s (%s)", chosen,
-             "weights include a trained reranker" if trained else "no trained reranker in these weights")
-    return chosen
-
-
-def resolve_rerankers(spec: str | list[str], backbone: str, checkpoint: str | None, model=None,
-                      allow_untrained: bool = False) -> list[str]:
-    """A comma list of rerankers (``"ransac,r2former"``) -> names in order; ``none`` is always
-    implied (the global order is every result's ``global_rank``) and is kept only when alone.
-    ``auto`` resolves as ``resolve_reranker``. A listed ``r2former`` whose weights have no trained
-    reranker is an error naming the checkpoint: its scores would be noise."""
-    items = [x.strip() for x in (spec.split(",") if isinstance(spec, str) else spec) if x.strip()]
-    if not items:
-        raise ValueError("no reranker given")
-    names: list[str] = []
-    for item in items:
-        name = resolve_reranker(item, backbone, checkpoint, model=model)
-        if name not in names:
-            names.append(name)
-    if len(names) > 1:
-        names = [n for n in names if n != "none"]
-    if "r2former" in names and "auto" not in items and not allow_untrained:
-        if model is None:
-            from ..weights import build_model
-            model = build_model(backbone, checkpoint)
-        if not getattr(model, "has_trained_reranker", False):
-            raise ValueError(f"--reranker lists r2former, but the weights of {backbone} from "
-                             f"{checkpoint or '(no --checkpoint: pretrained backbone only)'} include no trained "
-                             f"reranker; train one (r2f train --stage rerank) or drop r2former from the list")
-    return names
-
-
 def _model_signature(config) -> dict[str, Any]:
     """What stores extracted by this config's model record (``storage.model_signature``)."""
     return {"backbone": config.backbone, "checkpoint_hash": checkpoint_hash(config.backbone, config.checkpoint),
             "image_size": list(config.image_size)}
-
-
-def reranked_order(rerank_score: np.ndarray, global_rank: np.ndarray) -> np.ndarray:
-    """Indices that sort one query's candidates by rerank score, ties broken by global rank."""
-    return np.lexsort((global_rank, -np.asarray(rerank_score, np.float64)))
 
 
 # ---------------------------------------------------------------- the stage
