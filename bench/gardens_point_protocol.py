@@ -14,7 +14,7 @@ places only, tolerance 2 frames. Per split: global top-20 by the stored global d
 (exact FAISS), then each reranker (``pipeline.rerank.score.PairScorer``: ``ransac`` =
 ``pipeline.ransac`` inlier counts, ``r2former`` = the trained EfficientNet-Lite0 reranker) scores
 the same candidates; K = 10 reorders the first 10 of them (pair scores do not depend on the other
-candidates). Recalls by ``pipeline.evaluate`` (``correct_matrix``, ``has_positive``, ``recall_at``).
+candidates). Recalls by ``pipeline.evaluate`` (``correct_matrix``, ``has_positive``) and ``pipeline.metrics.recall_at``.
 
 Model: EfficientNet-Lite0 (ImageNet weights, frozen) at 272x480, 500 stride-16 tokens per image.
 Training: day_left queries, day_right database, positives within ``--positive-radius`` frames
@@ -45,7 +45,8 @@ sys.path.insert(0, str(ROOT))
 
 from pipeline import storage  # noqa: E402
 from pipeline.datasets import load_dataset  # noqa: E402
-from pipeline.evaluate import correct_matrix, has_positive, recall_at  # noqa: E402
+from pipeline.evaluate import correct_matrix, has_positive  # noqa: E402
+from pipeline.metrics import recall_at  # noqa: E402
 from pipeline.extract import ExtractConfig, extract_dataset  # noqa: E402
 from pipeline.log import setup_logging  # noqa: E402
 from pipeline.mine import MineConfig, run as mine  # noqa: E402

@@ -210,3 +210,57 @@ def config_from_args(cls, args: argparse.Namespace, options) -> object:
         if value is not None:
             values[key] = value
     return load_config(cls, getattr(args, "config", None), getattr(args, "overrides", None), values)
+
+
+# ---------------------------------------------------------------- shared vocabulary
+USE_GPU_VALUES = ("auto", "true", "false")
+# Spellings accepted for one release after `use_gpu: auto|true|false` became the one vocabulary.
+_OLD_USE_GPU = {"yes": True, "on": True, "1": True, "gpu": True, "no": False, "off": False, "0": False, "cpu": False}
+_warned_spellings: set[str] = set()
+
+
+def parse_use_gpu(value: Any) -> str | bool:
+    """``use_gpu`` of any config: ``"auto"``, ``True`` or ``False``. ``auto``/``true``/``false``
+    (any case, or a YAML bool) are the words; yes/no/on/off/gpu/cpu/1/0 are still read, with a
+    warning once per spelling; anything else is a ``ConfigError``."""
+    if isinstance(value, bool):
+        return value
+    word = str(value).strip().lower()
+    if word == "auto":
+        return "auto"
+    if word in ("true", "false"):
+        return word == "true"
+    if word in _OLD_USE_GPU:
+        if word not in _warned_spellings:
+            _warned_spellings.add(word)
+            from .log import get_logger
+            get_logger(__name__).warning("use_gpu=%s is deprecated; write use_gpu: %s", value,
+                                         "true" if _OLD_USE_GPU[word] else "false")
+        return _OLD_USE_GPU[word]
+    raise ConfigError(f"use_gpu must be auto, true or false, got {value!r}")
+
+
+def jsonable(obj: Any, summarise: bool = False) -> Any:
+    """``obj`` as JSON values (for manifests and job records): mappings with string keys, lists,
+    numbers, strings, None; numpy scalars as numbers and arrays as lists; anything else as its
+    ``str``. ``summarise`` keeps a job summary small: a list over 1,000 items becomes its count
+    and first 20, an array over 64 elements its shape and dtype."""
+    if isinstance(obj, Mapping):
+        return {str(k): jsonable(v, summarise) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        items = list(obj)
+        if summarise and len(items) > 1000:
+            return {"count": len(items), "first": [jsonable(v, summarise) for v in items[:20]]}
+        return [jsonable(v, summarise) for v in items]
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    if summarise and getattr(obj, "size", 0) and getattr(obj, "shape", None) is not None and obj.size > 64:
+        return {"shape": list(obj.shape), "dtype": str(obj.dtype)}
+    if hasattr(obj, "item") and callable(obj.item):
+        try:
+            return obj.item()
+        except (ValueError, TypeError):
+            pass
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    return str(obj)

@@ -32,6 +32,7 @@ import numpy as np
 import pyarrow as pa
 
 from . import storage, weights
+from .config import jsonable
 from .datasets import DATASET_SCHEMA, load_dataset
 from .images import PREPROCESSING, ImageReadError, content_hash, decode_resize, read_bytes
 from .log import get_logger
@@ -223,7 +224,7 @@ class ShardExtractor:
         self.store, self.layout = store, storage.StoreLayout(store)
         self.image_size, self.batch_size = tuple(image_size), batch_size
         self.chunk_rows, self.num_rows = chunk_rows, num_rows
-        self.model_info = _jsonable(getattr(model, "info", {}) or {})
+        self.model_info = jsonable(getattr(model, "info", {}) or {})
         self.file_metadata = {**file_metadata, "model": {**file_metadata.get("model", {}), **self.model_info}}
         self.node_id = ray.get_runtime_context().get_node_id()
         self.tokens_array = None
@@ -291,10 +292,6 @@ class ShardExtractor:
                                    f"{(self.num_rows, t, storage.TOKEN_DIM)}; it belongs to another extraction")
             self.tokens_array = arr
         return self.tokens_array
-
-
-def _jsonable(obj: Any) -> Any:
-    return json.loads(json.dumps(obj, default=str))
 
 
 # ---------------------------------------------------------------- driver

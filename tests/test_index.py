@@ -101,7 +101,7 @@ def test_ivf_recall_holds_on_fresh_queries_and_merged_file_agrees(tmp_path, ray_
     _, exact_ids = _exact(ids, x, fresh, 10)
     with I.open_index(res.index_dir, use_merged=False) as sharded:
         got = sharded.search(fresh, k=10)
-    measured = I.recall_at(got.ids, exact_ids, 10)
+    measured = I.recall_against_exact(got.ids, exact_ids, 10)
     assert abs(measured - reported) <= 0.02, (measured, reported)
     # the merged on-disk IVF file probes the same cells of the same quantizer: same answers
     with I.open_index(res.index_dir) as merged:
@@ -235,7 +235,7 @@ def test_gpu_and_cpu_agree(tmp_path, ray_session):
     q = clustered(100, DIM, 100, noise=0.5, seed=5)
     cpu = I.search(res.index_dir, q, k=10, use_gpu="no")
     gpu = I.search(res.index_dir, q, k=10, use_gpu="yes")
-    assert I.recall_at(gpu.ids, cpu.ids, 10) > 0.99
+    assert I.recall_against_exact(gpu.ids, cpu.ids, 10) > 0.99
     np.testing.assert_allclose(gpu.scores, cpu.scores, atol=1e-4)
 
 

@@ -18,12 +18,12 @@ from .build import IndexBuildResult, IndexConfig, build, read_shard_vectors
 from .choose import IndexChoice, choose_index
 from .layout import IndexFileError, IndexLayout, current_version, list_versions, read_infos, set_current
 from .retention import prune_versions
-from .search import SearchResult, ShardedSearcher, merge_topk, open_index, recall_at, search
+from .search import SearchResult, ShardedSearcher, merge_topk, open_index, recall_against_exact, search
 
 __all__ = [
     "IndexConfig", "IndexBuildResult", "build", "SearchResult", "ShardedSearcher", "open_index", "search",
     "IndexFileError", "IndexLayout", "current_version", "list_versions", "prune_versions", "read_infos",
-    "set_current", "choose_index", "IndexChoice", "merge_topk", "recall_at", "read_shard_vectors",
+    "set_current", "choose_index", "IndexChoice", "merge_topk", "recall_against_exact", "read_shard_vectors",
     "SEARCH_RESULT_SCHEMA", "search_table", "register_cli",
 ]
 

@@ -28,11 +28,12 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from .. import storage
-from ..config import ConfigError, parse_size
+from ..config import ConfigError, parse_size, parse_use_gpu
 from ..log import get_logger
+from ..timefmt import utc_now
 from . import layout as L
 from .choose import IndexChoice, choose_index, gpus_to_use, new_index, to_cpu, to_device
-from .search import apply_search_params, merge_topk, recall_at
+from .search import apply_search_params, merge_topk, recall_against_exact
 
 log = get_logger(__name__)
 
@@ -62,7 +63,7 @@ class IndexConfig:
     nprobe: int | None = None          # force nprobe instead of tuning it
     k_factor: int = DEFAULT_K_FACTOR   # refinement shortlist = k_factor * k (IVF-PQ with RFlat)
     max_training_vectors: int = 262_144
-    use_gpu: str = "auto"              # auto | yes | no
+    use_gpu: str = "auto"              # auto | true | false (config.parse_use_gpu)
     ray_address: str | None = None
     seed: int = 0
     make_current: bool = True          # point CURRENT at the new version when it is finished
@@ -235,7 +236,7 @@ def build(config: IndexConfig, previous_version: str | None = None,
         "previous_version": previous["version"] if previous else None,
         "gpus": gpus_to_use(config.use_gpu),
         "layout_version": L.INDEX_LAYOUT_VERSION,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "created": utc_now(),
         "config": dataclasses.asdict(config),
     }
     storage.write_json(lay.infos(version), infos)  # last: the version now exists for readers
@@ -361,7 +362,7 @@ def _claim_version_dir(url: str) -> None:
 
 
 def _task_gpus(config: IndexConfig, n_tasks: int) -> float:
-    if str(config.use_gpu).lower() in ("no", "false", "0", "off", "cpu"):
+    if parse_use_gpu(config.use_gpu) is False:
         return 0
     from ..cluster import cluster_gpus
 
@@ -501,7 +502,7 @@ def _tune_and_measure(filled, query_ids, nprobes, params_extra, config):
         tuning = {}
         chosen = nprobes[-1]
         for p in nprobes:
-            r = recall_at(approx_ids(p)[tune], exact[tune], k_fig)
+            r = recall_against_exact(approx_ids(p)[tune], exact[tune], k_fig)
             tuning[str(p)] = round(r, 5)
             if r >= config.target_recall:
                 chosen = p
@@ -519,8 +520,8 @@ def _tune_and_measure(filled, query_ids, nprobes, params_extra, config):
         params["nprobe"] = int(chosen)
     return params, {
         "k": k_fig,
-        "recall_at_k": round(recall_at(got[report], exact[report], k_fig), 5),
-        "recall_at_1": round(recall_at(got[report], exact[report], 1), 5),
+        "recall_at_k": round(recall_against_exact(got[report], exact[report], k_fig), 5),
+        "recall_at_1": round(recall_against_exact(got[report], exact[report], 1), 5),
         "queries": int(len(query_ids[report])),
         "tuning": tuning,
     }

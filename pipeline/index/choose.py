@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import faiss
 
-from ..config import ConfigError
+from ..config import ConfigError, parse_use_gpu
 from ..log import get_logger
 
 log = get_logger(__name__)
@@ -124,15 +124,14 @@ def new_index(factory: str, dim: int) -> faiss.Index:
 
 # ---------------------------------------------------------------- GPU or CPU, one code path
 def gpus_to_use(use_gpu: str | bool = "auto") -> int:
-    """Number of GPUs FAISS should use here: all it sees under ``auto``/``yes``, none under ``no``."""
-    setting = str(use_gpu).lower()
-    if setting in ("no", "false", "0", "off", "cpu"):
+    """Number of GPUs FAISS should use here: all it sees under ``auto``/``true``, none under
+    ``false`` (``config.parse_use_gpu`` reads the value)."""
+    setting = parse_use_gpu(use_gpu)
+    if setting is False:
         return 0
     n = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
-    if setting in ("yes", "true", "1", "on", "gpu") and n == 0:
-        raise RuntimeError("use_gpu=yes but FAISS sees no GPU (is faiss-gpu installed and a GPU visible?)")
-    if setting not in ("auto", "yes", "true", "1", "on", "gpu"):
-        raise ConfigError(f"use_gpu must be auto, yes or no, got {use_gpu!r}")
+    if setting is True and n == 0:
+        raise RuntimeError("use_gpu=true but FAISS sees no GPU (is faiss-gpu installed and a GPU visible?)")
     return n
 
 

@@ -17,6 +17,7 @@ import faiss
 import numpy as np
 
 from .. import storage
+from ..config import parse_use_gpu
 from ..log import get_logger
 from . import layout as L
 from .choose import to_device
@@ -63,8 +64,10 @@ def merge_topk(parts: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.n
     return np.take_along_axis(d, order, axis=1), np.take_along_axis(i, order, axis=1)
 
 
-def recall_at(approx_ids: np.ndarray, exact_ids: np.ndarray, k: int) -> float:
-    """Mean over queries of |approx top-k ∩ exact top-k| / |exact top-k| (ids -1 ignored)."""
+def recall_against_exact(approx_ids: np.ndarray, exact_ids: np.ndarray, k: int) -> float:
+    """How much of exact search's top-k an approximate index returns: the mean over queries of
+    |approx top-k ∩ exact top-k| / |exact top-k| (ids -1 ignored). A fraction; not Recall@N of
+    places (``pipeline.metrics``), which asks whether a result lies near the query."""
     if len(exact_ids) == 0:
         return float("nan")
     hits = []
@@ -152,7 +155,7 @@ class ShardedSearcher:
             actor_cls = ray.remote(_ShardActor)
             from ..cluster import cluster_gpus
 
-            n_gpus = 0 if str(use_gpu).lower() in ("no", "false", "0", "off", "cpu") else cluster_gpus()
+            n_gpus = 0 if parse_use_gpu(use_gpu) is False else cluster_gpus()
             gpus = min(1.0, n_gpus / max(1, len(shards))) if n_gpus else 0
             for e in shards:
                 # Ray's memory resource packs shards onto nodes that can hold them. A shard actor

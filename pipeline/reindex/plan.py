@@ -15,11 +15,11 @@ import numpy as np
 import pyarrow as pa
 
 from .. import storage
+from ..storage import POSITION_COLUMNS
 
 if TYPE_CHECKING:
     from . import ReindexLayout
 
-POSITION_COLUMNS = ("utm_east", "utm_north", "heading", "timestamp", "place_id")
 FAILURES_SCHEMA = pa.schema([("path", pa.string()), ("content_hash", pa.string()), ("stage", pa.string()),
                              ("reason", pa.string())])
 
