@@ -141,7 +141,9 @@ def test_job_writes_one_part_per_partition_and_reorders(city, ransac_run):
                       for c in ("image_id", "row"))))
     q = storage.read_local_tokens(str(city / "q"), np.array([qrow[i] for i in df["query_id"]]))
     c = storage.read_local_tokens(str(city / "db"), np.array([drow[i] for i in df["image_id"]]))
-    direct = ransac_scores(q.astype(np.float32), c.astype(np.float32), RansacConfig(image_scale=288.0))
+    # token positions are in the store's extraction pixels: the job scales RANSAC by the store's size
+    scale = float(max(storage.extraction_size(storage.read_manifest(str(city / "db")))))
+    direct = ransac_scores(q.astype(np.float32), c.astype(np.float32), RansacConfig(image_scale=scale))
     assert np.array_equal(direct.astype(np.float32), df["rerank_score"].to_numpy())
 
 
@@ -286,6 +288,6 @@ def test_two_rerankers_over_one_search_equal_each_alone(city, ransac_run, tmp_pa
 def test_task_workers_are_recycled_by_queries_handled():
     """Phases 2 and 4 replace a pooled worker after WORKER_QUERIES queries' partitions (its peak
     grew with the partitions it had run): two at the default partition size, never fewer."""
-    from pipeline.rerank.stage import WORKER_QUERIES, tasks_per_worker
+    from pipeline.rerank.phases import WORKER_QUERIES, tasks_per_worker
     assert tasks_per_worker(4096) == 2 and tasks_per_worker(WORKER_QUERIES * 4) == 2
     assert tasks_per_worker(16) == WORKER_QUERIES // 16 and tasks_per_worker(3000) == 3

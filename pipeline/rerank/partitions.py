@@ -7,17 +7,21 @@ is a run of route bins (``routes/bounds.json``). Both are described by their num
 the driver's state is O(partitions) (a list of numbers and the markers' small dicts), never
 O(queries) or O(pairs).
 
-The job's identity is ``plan.json`` (``job_plan``): the query store's key digest and shards, the
-pinned database/index state, K, the reranker and everything else that changes a score or a row.
-A rerun with the same plan skips committed partitions; a rerun with another plan refuses to mix
-its parts with the old ones and names what changed.
+Two typed objects describe a job. ``RerankPlan`` is its identity, written once as ``plan.json``:
+the query store's key digest and shards, the pinned database/index state, K, the rerankers and
+everything else that changes a score or a row. A rerun with the same plan skips committed
+partitions; a rerun with another plan refuses to mix its parts with the old ones and names what
+changed. ``RerankJob`` is what every worker of the four phases is handed: the same settings plus
+the run's id and the sizes the workers need, O(1) in the queries (it is pickled into every task).
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, fields
 from typing import Any
 
 from .. import storage
+from ..ransac import RansacConfig
 from .results import ResultsLayout, committed_partitions
 
 
@@ -38,42 +42,118 @@ def partition_shards(query_manifest: dict[str, Any], partition_queries: int, p: 
     return [int(x) for x in sorted(query_manifest["shards"])[p * s:(p + 1) * s]]
 
 
-def job_plan(config, rerankers: list[str], k: int, state, query_manifest: dict[str, Any], ransac: dict) -> dict[str, Any]:
-    """Everything a results row depends on. ``config`` is a RerankConfig."""
-    plan = {
-        "query_store": config.query_store,
-        "query_keys_digest": query_manifest.get("keys_digest"),
-        "query_shards": [int(s) for s in query_manifest["shards"]],
-        "query_rows": query_manifest.get("rows"),
-        "database": state.metadata(),
-        "candidates": int(k),
-        "reranker": rerankers[0],
-        "rerankers": list(rerankers),
-        "backbone": config.backbone,
-        "checkpoint": config.checkpoint,
-        "batch_pairs": int(config.batch_pairs),
-        "partition_queries": int(config.partition_queries),
-        "rerank_dtype": config.rerank_dtype,
-    }
-    if "ransac" in rerankers:
-        plan["ransac"] = ransac
-    return plan
+@dataclass(frozen=True)
+class RerankPlan:
+    """Everything a results row depends on; ``plan.json`` holds ``to_json()``. The file's keys are
+    these fields' names (``ransac`` only when a ransac reranker runs), so folders written before
+    this class resume unchanged."""
+
+    query_store: str
+    query_keys_digest: str | None
+    query_shards: list[int]
+    query_rows: int | None
+    database: dict[str, Any]              # the pinned state (``PublishedState.metadata()``)
+    candidates: int
+    reranker: str
+    rerankers: list[str]
+    backbone: str
+    checkpoint: str | None
+    batch_pairs: int
+    partition_queries: int
+    rerank_dtype: str
+    ransac: dict[str, Any] | None = None  # method, reprojection_threshold, image_scale
+
+    @classmethod
+    def of(cls, config, rerankers: list[str], k: int, state, query_manifest: dict[str, Any],
+           ransac: dict[str, Any]) -> RerankPlan:
+        """The plan of ``config`` (a RerankConfig) over this query store and pinned ``state``."""
+        return cls(query_store=config.query_store, query_keys_digest=query_manifest.get("keys_digest"),
+                   query_shards=[int(s) for s in query_manifest["shards"]], query_rows=query_manifest.get("rows"),
+                   database=state.metadata(), candidates=int(k), reranker=rerankers[0], rerankers=list(rerankers),
+                   backbone=config.backbone, checkpoint=config.checkpoint, batch_pairs=int(config.batch_pairs),
+                   partition_queries=int(config.partition_queries), rerank_dtype=config.rerank_dtype,
+                   ransac=dict(ransac) if "ransac" in rerankers else None)
+
+    def to_json(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        if out["ransac"] is None:
+            del out["ransac"]
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RerankPlan:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise PlanMismatch(f"plan.json has fields this version does not know: {unknown}")
+        return cls(**data)
 
 
-def check_plan(results: str, plan: dict[str, Any]) -> bool:
+def check_plan(results: str, plan: RerankPlan) -> bool:
     """Write ``plan.json`` for a new folder; for an existing one, refuse another plan. Returns
-    True when resuming."""
+    True when resuming. The comparison is of the files' content, so a key only one side has is
+    named as a change too."""
     lay = ResultsLayout(results)
+    new = plan.to_json()
     if not storage.exists(lay.plan):
-        storage.write_json(lay.plan, plan)
+        storage.write_json(lay.plan, new)
         return False
     old = storage.read_json(lay.plan)
-    changed = sorted(k for k in set(old) | set(plan) if old.get(k) != plan.get(k))
+    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     if changed:
-        detail = "; ".join(f"{k}: {_short(old.get(k))} -> {_short(plan.get(k))}" for k in changed)
+        detail = "; ".join(f"{k}: {_short(old.get(k))} -> {_short(new.get(k))}" for k in changed)
         raise PlanMismatch(f"{results} holds results of another run ({detail}); its parts would mix with "
                            f"this run's. Write to a new --results folder, or delete {results} to start over")
     return True
+
+
+@dataclass(frozen=True)
+class TokenShape:
+    """One row of a store's ``local_tokens``: (T, 131) and the stored dtype (``np.dtype.str``)."""
+
+    shape: tuple[int, ...]
+    dtype: str
+
+
+@dataclass(frozen=True)
+class IndexInfo:
+    """What a search worker needs of the pinned index to prepare queries and merge shard results."""
+
+    dim: int
+    normalize: bool
+    num_vectors: int
+
+
+@dataclass(frozen=True)
+class RerankJob:
+    """What every worker of the four phases is handed (pickled into each task and actor): the
+    job's settings, the run's id (attempts are counted per run) and a few sizes. O(1) in the
+    queries and the database: ``database_rows`` is the number of database rows (the route key's
+    range), not the rows themselves."""
+
+    results: str
+    query_store: str
+    database_store: str
+    rerankers: tuple[str, ...]
+    backbone: str
+    checkpoint: str | None
+    candidates: int                        # K, capped at the database size
+    batch_pairs: int
+    partition_queries: int
+    threads: int                           # CPU threads per scorer
+    rerank_dtype: str
+    cache_chunks: int
+    max_attempts: int
+    ransac: RansacConfig
+    run_id: str
+    query_tokens: TokenShape | None = None  # None when no reranker reads tokens
+    database_rows: int = 1                  # phase 1 only: known once the catalog is built
+    index: IndexInfo | None = None          # phase 1 only
+
+    @property
+    def scorers(self) -> tuple[str, ...]:
+        """The rerankers that score pairs (``none`` is the global order: nothing to score)."""
+        return tuple(r for r in self.rerankers if r != "none")
 
 
 def _short(v: Any) -> str:

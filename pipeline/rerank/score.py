@@ -46,6 +46,7 @@ from .. import storage
 from ..log import get_logger, redact
 from ..ransac import RansacConfig
 from ..spatial import positions_of
+from .partitions import RerankJob
 from .rerankers import reranked_ranks
 from .results import ResultsLayout, results_schema, write_part
 from .tokens import ChunkCache
@@ -176,17 +177,17 @@ class PartitionWorker:
     phase = "parts"
     empty: dict[str, Any] = {}
 
-    def __init__(self, job: dict[str, Any], catalog: list):
+    def __init__(self, job: RerankJob, catalog: list):
         import ray
 
         from .route import read_bounds
         self.job = job
-        self.layout = ResultsLayout(job["results"])
+        self.layout = ResultsLayout(job.results)
         self.files = getattr(self.layout, self.phase)
         ctx = ray.get_runtime_context()
         self.node_id, self.pid = ctx.get_node_id(), os.getpid()
         self.catalog = ray.get(catalog[0])
-        self.bounds = read_bounds(job["results"])  # None in phase 1 (written after it)
+        self.bounds = read_bounds(job.results)  # None in phase 1 (written after it)
 
     def work(self, p: int) -> dict[str, Any]:
         raise NotImplementedError
@@ -195,7 +196,7 @@ class PartitionWorker:
         """The queries of score partition ``p`` (phases 3 and 4; phases 1 and 2 number search
         partitions and say their own)."""
         from .route import partition_routes
-        return partition_routes(self.job["results"], self.bounds, p, ["query_id"]).column("query_id").to_pylist()
+        return partition_routes(self.job.results, self.bounds, p, ["query_id"]).column("query_id").to_pylist()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows = []
@@ -210,7 +211,7 @@ class PartitionWorker:
                     else np.asarray([r[k] for r in rows])) for k in rows[0]}
 
     def attempt(self, p: int) -> tuple[str, str, Any]:
-        attempts = max(1, int(self.job["max_attempts"]))
+        attempts = max(1, int(self.job.max_attempts))
         reason, tb = "", ""
         while True:
             tried = self._count_attempt(p)
@@ -228,8 +229,8 @@ class PartitionWorker:
     def _count_attempt(self, p: int) -> int:
         url = self.files.attempts(p)
         rec = storage.read_json(url) if storage.exists(url) else {}
-        n = int(rec.get("attempts", 0)) + 1 if rec.get("run") == self.job["run_id"] else 1
-        storage.write_json(url, {"run": self.job["run_id"], "attempts": n, "node_id": self.node_id, "pid": self.pid})
+        n = int(rec.get("attempts", 0)) + 1 if rec.get("run") == self.job.run_id else 1
+        storage.write_json(url, {"run": self.job.run_id, "attempts": n, "node_id": self.node_id, "pid": self.pid})
         return n
 
     def _record_failure(self, p: int, reason: str, tb: str) -> None:
@@ -249,14 +250,14 @@ class SearchWorker(PartitionWorker):
     phase = "routes"
     empty = {"queries": 0, "fetched_query_bytes": 0}
 
-    def __init__(self, job: dict[str, Any], catalog: list, shard_actors: list):
+    def __init__(self, job: RerankJob, catalog: list, shard_actors: list):
         super().__init__(job, catalog)
         self.shard_actors = shard_actors
-        self.query_manifest = storage.read_manifest(job["query_store"])
+        self.query_manifest = storage.read_manifest(job.query_store)
         self.q_tokens = None
-        if any(r != "none" for r in job["rerankers"]):
+        if job.scorers:
             from .tokens import ChunkCache
-            self.q_tokens = ChunkCache(job["query_store"], 1)
+            self.q_tokens = ChunkCache(job.query_store, 1)
 
     def _query_ids(self, s: int) -> list[int]:
         qt = self._query_table(s, ["image_id"])
@@ -264,9 +265,9 @@ class SearchWorker(PartitionWorker):
 
     def _query_table(self, s: int, columns: list[str]) -> pa.Table | None:
         from .partitions import partition_shards
-        layout = storage.StoreLayout(self.job["query_store"])
+        layout = storage.StoreLayout(self.job.query_store)
         tables = []
-        for shard in partition_shards(self.query_manifest, self.job["partition_queries"], s):
+        for shard in partition_shards(self.query_manifest, self.job.partition_queries, s):
             tables.append(storage.read_global_part(layout.global_part(shard), columns))  # old layouts: tag null
         tables = [t for t in tables if t.num_rows]
         return pa.concat_tables(tables, promote_options="default") if tables else None
@@ -275,9 +276,9 @@ class SearchWorker(PartitionWorker):
         import ray
 
         from ..index.search import merge_topk, prepare_queries
-        idx = self.job["index"]
-        q = prepare_queries(descriptors, idx["dim"], idx["normalize"])
-        k = min(self.job["candidates"], idx["num_vectors"])
+        idx = self.job.index
+        q = prepare_queries(descriptors, idx.dim, idx.normalize)
+        k = min(self.job.candidates, idx.num_vectors)
         parts = ray.get([a.search.remote(q, k) for a in self.shard_actors])
         scores, ids = merge_topk(parts, k)
         return ids, scores
@@ -287,8 +288,8 @@ class SearchWorker(PartitionWorker):
 
         qt = self._query_table(s, ["image_id", "path", "row", "utm_east", "utm_north", "global_descriptor", "tag"])
         if qt is None:
-            write_route(self.job["results"], s, ROUTE_SCHEMA.empty_table(),
-                        {"node_id": self.node_id, "database_rows": self.job["database_rows"]})
+            write_route(self.job.results, s, ROUTE_SCHEMA.empty_table(),
+                        {"node_id": self.node_id, "database_rows": self.job.database_rows})
             return dict(self.empty)
         ids, gscores = self._search(storage.descriptors_of(qt))
         cat = self.catalog
@@ -296,7 +297,7 @@ class SearchWorker(PartitionWorker):
         known = (ids >= 0) & (cat["image_id"][pos] == ids)
         first = np.where(known.any(axis=1), known.argmax(axis=1), -1)
         top1 = np.where(first >= 0, cat["row"][pos[np.arange(len(ids)), np.maximum(first, 0)]], -1)
-        bins = route_bin(top1, self.job["database_rows"])
+        bins = route_bin(top1, self.job.database_rows)
         key = np.where(top1 < 0, np.iinfo(np.int64).max, top1)
         order = np.lexsort((key, bins))  # stable: ties keep query-store order
         qxy = positions_of(qt)
@@ -318,8 +319,8 @@ class SearchWorker(PartitionWorker):
                                                      pa.array(gscores.astype(np.float32).ravel())),
             "query_tokens": tokens_column(tokens, qt.num_rows),
         }, schema=ROUTE_SCHEMA).take(pa.array(order))
-        write_route(self.job["results"], s, table, {"node_id": self.node_id, "pid": self.pid,
-                                                    "database_rows": self.job["database_rows"],
+        write_route(self.job.results, s, table, {"node_id": self.node_id, "pid": self.pid,
+                                                    "database_rows": self.job.database_rows,
                                                     "fetched_query_token_bytes": fetched})
         return {"queries": qt.num_rows, "fetched_query_bytes": fetched}
 
@@ -340,13 +341,12 @@ class SplitWorker(PartitionWorker):
 
     def work(self, s: int) -> dict[str, int]:
         from .strays import split_strays
-        tokens = self.job["query_tokens"]  # shape and dtype of the query store's tokens
-        got = split_strays(self.job["results"], s, self.bounds, self.catalog, tuple(tokens["shape"]),
-                           np.dtype(tokens["dtype"]), {"node_id": self.node_id, "pid": self.pid})
+        tokens = self.job.query_tokens  # shape and dtype of the query store's tokens
+        got = split_strays(self.job.results, s, self.bounds, self.catalog, tokens.shape, np.dtype(tokens.dtype), {"node_id": self.node_id, "pid": self.pid})
         return {"stray_pairs": got["stray_pairs"], "stray_bytes": got["stray_query_token_bytes"]}
 
 
-def split_batch(batch: dict[str, np.ndarray], job: dict[str, Any], catalog: list) -> dict[str, np.ndarray]:
+def split_batch(batch: dict[str, np.ndarray], job: RerankJob, catalog: list) -> dict[str, np.ndarray]:
     return SplitWorker(job, catalog)(batch)
 
 
@@ -371,17 +371,17 @@ class ScoreWorker(PartitionWorker):
     phase = "scores"
     empty = {"pairs": 0, "fetched_bytes": 0, "candidate_rows": np.zeros(0, np.int64)}
 
-    def __init__(self, job: dict[str, Any], catalog: list):
+    def __init__(self, job: RerankJob, catalog: list):
         from .tokens import ChunkCache
 
         super().__init__(job, catalog)
         self.scorers: dict[str, PairScorer] = {}
-        self.caches = (ChunkCache(job["query_store"], job["cache_chunks"]),
-                       ChunkCache(job["database_store"], job["cache_chunks"]))
-        for name in [r for r in job["rerankers"] if r != "none"]:
-            self.scorers[name] = PairScorer(name, job["backbone"], job["checkpoint"], job["query_store"],
-                                            job["database_store"], RansacConfig(**job["ransac"]),
-                                            threads=job["threads"], rerank_dtype=job["rerank_dtype"],
+        self.caches = (ChunkCache(job.query_store, job.cache_chunks),
+                       ChunkCache(job.database_store, job.cache_chunks))
+        for name in job.scorers:
+            self.scorers[name] = PairScorer(name, job.backbone, job.checkpoint, job.query_store,
+                                            job.database_store, job.ransac,
+                                            threads=job.threads, rerank_dtype=job.rerank_dtype,
                                             caches=self.caches)
 
     def work(self, q: int) -> dict[str, Any]:
@@ -390,10 +390,10 @@ class ScoreWorker(PartitionWorker):
 
         qc, cc = self.caches
         shape, dtype = qc.array.shape[1:], qc.array.dtype
-        rt = partition_routes(self.job["results"], self.bounds, q)
+        rt = partition_routes(self.job.results, self.bounds, q)
         pairs = candidate_pairs(rt, self.catalog)
         local = np.flatnonzero(owner_of(pairs["row"], self.bounds) == q)
-        st = owned_strays(self.job["results"], self.bounds["searched"], q)
+        st = owned_strays(self.job.results, self.bounds["searched"], q)
         nq, ns = rt.num_rows, st.num_rows
         # Query tokens stay in the tables' buffers (route rows: own queries; strays: one copy per
         # distinct stray query); each batch gathers the rows it needs (float32), nothing else is copied.
@@ -410,7 +410,7 @@ class ScoreWorker(PartitionWorker):
         before = cc.fetched_bytes
         scores = {name: np.empty(n, np.float32) for name in self.scorers}
         seconds = {name: 0.0 for name in self.scorers}
-        step = max(1, int(self.job["batch_pairs"]))
+        step = max(1, int(self.job.batch_pairs))
         for a in range(0, n, step):
             sel = sched[a:a + step]
             ti = tok_idx[sel]
@@ -465,7 +465,7 @@ class CommitWorker(PartitionWorker):
         owners = np.unique(owner_of(pairs["row"], self.bounds)).tolist()
         missing = [o for o in owners if not storage.exists(lay.scores.progress(o))]
         if missing:
-            raise RuntimeError(f"score partition(s) {missing} scored no pairs (see {self.job['results']}/scores/"
+            raise RuntimeError(f"score partition(s) {missing} scored no pairs (see {self.job.results}/scores/"
                                f"failures/); this partition's candidates in their rows have no score")
         schema = scores_schema(scorers)
         tables = [read_range(lay.scores.file(o), "origin", p, p + 1, schema) for o in owners]
@@ -490,17 +490,17 @@ class CommitWorker(PartitionWorker):
     def work(self, p: int) -> dict[str, int]:
         from .route import ROUTE_SCHEMA, candidate_pairs, partition_routes
 
-        names = self.job["rerankers"]
+        names = self.job.rerankers
         schema = results_schema(names)
         columns = [f for f in ROUTE_SCHEMA.names if f != "query_tokens"]
-        rt = partition_routes(self.job["results"], self.bounds, p, columns)
+        rt = partition_routes(self.job.results, self.bounds, p, columns)
         pairs = candidate_pairs(rt, self.catalog)
         nq, n = rt.num_rows, len(pairs["qi"])
         if n == 0:
-            write_part(self.job["results"], p, schema.empty_table(), self._marker(nq, 0))
+            write_part(self.job.results, p, schema.empty_table(), self._marker(nq, 0))
             return {"pairs": 0, "queries": nq}
         qi, cand, global_rank, gs = pairs["qi"], pairs["cand"], pairs["global_rank"], pairs["global_score"]
-        scorers = [r for r in names if r != "none"]
+        scorers = list(self.job.scorers)
         scores = self._gather(p, rt, pairs, scorers) if scorers else {}
         if "none" in names:
             scores["none"] = gs
@@ -524,7 +524,7 @@ class CommitWorker(PartitionWorker):
             cols[f"rank_{name}"] = ranks[name]
             cols[f"rerank_score_{name}"] = scores[name].astype(np.float32)
         table = pa.table(cols, schema=schema).take(pa.array(order))
-        write_part(self.job["results"], p, table, self._marker(nq, n))
+        write_part(self.job.results, p, table, self._marker(nq, n))
         return {"pairs": n, "queries": nq}
 
     def _marker(self, queries: int, pairs: int) -> dict[str, Any]:
@@ -533,5 +533,5 @@ class CommitWorker(PartitionWorker):
                 "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
-def commit_batch(batch: dict[str, np.ndarray], job: dict[str, Any], catalog: list) -> dict[str, np.ndarray]:
+def commit_batch(batch: dict[str, np.ndarray], job: RerankJob, catalog: list) -> dict[str, np.ndarray]:
     return CommitWorker(job, catalog)(batch)
