@@ -19,7 +19,8 @@ Two kinds, both in the paper's (and the VG benchmark's) words:
                                                    │
                        ┌───────────────────────────┼───────────────────────────┐
                   shard actor 0               shard actor 1        ...    shard actor S-1
-          (index shard + k-d tree of its positions: search k + soft count, drop soft positives)
+          (index.search's ShardActor: index shard + k-d tree of its positions: search k + soft
+           count, drop soft positives)
                        └───────────────────────────┼───────────────────────────┘
                                                    ▼
                            merge task (vectorised (distance, id) top-k of S lists)
@@ -52,7 +53,10 @@ import pyarrow as pa
 from . import storage
 from .config import to_dict
 from .log import get_logger
-from .spatial import PositionIndex, positions_of
+from .index import layout as L
+from .index.leases import hold_lease
+from .index.search import ShardActor, ShardedSearcher
+from .spatial import PositionIndex, geo_within, positions_of
 
 log = get_logger(__name__)
 
@@ -289,9 +293,10 @@ def _read_query_block(block: _QueryBlock) -> dict[str, np.ndarray]:
             "pos": positions_of(t, missing="raise", what=f"query part {block.part_url}")}
 
 
-class _MiningShard:
-    """One index shard in a Ray actor, with the positions of its database images: answers a query
-    block with the block's ``k`` hardest negatives *in this shard*, soft positives removed.
+class _MiningShard(ShardActor):
+    """One index shard in a Ray actor (``index.search.ShardActor``), with the positions of its
+    database images: answers a query block with the block's ``k`` hardest negatives *in this
+    shard*, soft positives removed.
 
     It searches ``k`` plus the largest soft-positive count of the block in this shard (from a
     k-d tree over the shard's positions), so that after removing them exactly ``k`` remain;
@@ -300,13 +305,9 @@ class _MiningShard:
 
     def __init__(self, index_url: str, entry: dict[str, Any], params: dict[str, Any], use_gpu: str, threads: int,
                  part_urls: list[str], radius: float):
-        import faiss
-
-        from .index.search import _load
-        from .spatial import PositionIndex, positions_of
-
-        faiss.omp_set_num_threads(max(1, threads))
-        self.index = _load(index_url, entry, params, use_gpu)
+        super().__init__(index_url, entry, params, use_gpu, threads)
+        if self.error:
+            return
         ids, pos = [], []
         for url in part_urls:
             t = storage.read_parquet(url, ["image_id", "utm_east", "utm_north"])
@@ -319,16 +320,11 @@ class _MiningShard:
         self.radius = radius
         self.ntotal = int(self.index.ntotal)
 
-    def ready(self) -> int:
-        return self.ntotal
-
     def _positions_of(self, ids: np.ndarray) -> np.ndarray:
         at = np.clip(np.searchsorted(self.sorted_ids, ids), 0, len(self.sorted_ids) - 1)
         return self.sorted_pos[at]
 
     def _search(self, desc: np.ndarray, pos: np.ndarray, k_search: int, k: int) -> tuple[np.ndarray, np.ndarray]:
-        from .spatial import geo_within
-
         scores, ids = self.index.search(desc, k_search)
         # Unit descriptors: squared L2 = 2 - 2 cos.
         dists = np.maximum(2.0 - 2.0 * scores, 0.0).astype(np.float32)
@@ -336,7 +332,7 @@ class _MiningShard:
         ids = np.where(soft | (ids < 0), -1, ids)
         return merge_ranked(ids, dists, k)
 
-    def search(self, block: dict[str, np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
+    def hardest(self, block: dict[str, np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
         desc, pos = block["desc"], block["pos"]
         if len(desc) == 0 or self.ntotal == 0:
             return np.full((len(desc), k), -1, np.int64), np.full((len(desc), k), np.inf, np.float32)
@@ -379,7 +375,6 @@ def _mining_index(cfg: MineConfig, database: str, fingerprint: dict[str, Any], p
     """``(index_dir, version)`` to mine with: a named version (``current`` = the version pinned
     when the job resolved its state), the one this output built before, or a new exact
     (``Flat``) version built now and recorded in ``<output>/mine-index.json``."""
-    from .index import layout as L
     from .index.build import IndexConfig, build
 
     index_dir = cfg.index_dir or storage.join(cfg.output, "index")
@@ -402,50 +397,27 @@ def _mining_index(cfg: MineConfig, database: str, fingerprint: dict[str, Any], p
     return index_dir, result.version
 
 
-def _lease(index_dir: str, state):
-    """A lease on a named ``index_dir``'s version while mining reads it (pipeline.leases, when
-    present); the private ``<output>/index`` needs none."""
-    import contextlib
-
-    if not index_dir:
-        return contextlib.nullcontext()
-    try:
-        from .index.leases import hold_lease
-    except ImportError:
-        return contextlib.nullcontext()
-    return hold_lease(index_dir, "mine", state)
-
-
-def _open_shards(index_dir: str, version: str, db_store: str, db_manifest: dict, cfg: MineConfig) -> list:
+def _open_shards(index_dir: str, version: str, db_store: str, db_manifest: dict, cfg: MineConfig):
+    """The mining index's shards in ``_MiningShard`` actors, opened through ``index.search``
+    (placement by shard memory, GPU share, restarts); each actor also reads the positions of the
+    extraction shards its index shard covers."""
     import ray
-
-    from .cluster import cluster_gpus
-    from .index import layout as L
 
     infos = L.read_infos(index_dir, version)
     threads = cfg.search_threads or max(1, int(ray.cluster_resources().get("CPU", 1)) // len(infos["shards"]))
     log.info("mine: %d index shard actor(s) of %s %s, %d FAISS thread(s) each", len(infos["shards"]), index_dir,
              version, threads)
-    lay, store_lay = L.IndexLayout(index_dir), storage.StoreLayout(db_store)
+    store_lay = storage.StoreLayout(db_store)
     in_store = {int(s) for s in db_manifest["shards"]}
-    n_gpus = 0 if str(cfg.use_gpu).lower() in ("no", "false", "0", "off", "cpu") else cluster_gpus()
-    gpus = min(1.0, n_gpus / max(1, len(infos["shards"]))) if n_gpus else 0
-    actor = ray.remote(_MiningShard)
-    actors = []
     for e in infos["shards"]:
         missing = [s for s in e["extraction_shards"] if int(s) not in in_store]
         if missing:
             raise ValueError(f"index {index_dir} {version} shard {e['shard']} covers extraction shards {missing} "
                              f"that the database store {db_store} does not hold; rebuild the mining index")
-        parts = [store_lay.global_part(int(s)) for s in e["extraction_shards"]]
-        # num_cpus=0: shard actors must leave the CPUs to the merge tasks (a 1-CPU actor per shard
-        # on a 2-CPU node would starve them); their FAISS threads are fixed by search_threads.
-        actors.append(actor.options(num_cpus=0, num_gpus=gpus, memory=max(1, int(e["bytes"] * 1.3)),
-                                    scheduling_strategy="SPREAD").remote(
-            lay.file(version, e["file"]), e, dict(infos.get("search_params") or {}), cfg.use_gpu,
-            threads, parts, cfg.soft_positive_radius))
-    ray.get([a.ready.remote() for a in actors])
-    return actors
+    return ShardedSearcher(index_dir, version=version, use_actors=True, use_gpu=cfg.use_gpu, ray_address=cfg.address,
+                           actor_threads=threads, actor_class=_MiningShard,
+                           actor_args=lambda e: ([store_lay.global_part(int(s)) for s in e["extraction_shards"]],
+                                                 cfg.soft_positive_radius))
 
 
 def _write_final(output: str, blocks: list[_QueryBlock], metadata: dict[str, Any]) -> int:
@@ -512,8 +484,9 @@ def run(config: MineConfig) -> MineResult:
         t_index = time.perf_counter()
         index_dir, version = _mining_index(config, database, fingerprint, db_state.index_version)
         extra.update(index_dir=index_dir, index_version=version, index_seconds=time.perf_counter() - t_index)
-        with _lease(config.index_dir, db_state):
-            actors = _open_shards(index_dir, version, database, db_state.manifest, config)
+        # A named index's version is leased while mining reads it; the private <output>/index needs none.
+        with hold_lease(config.index_dir or None, "mine", db_state):
+            searcher = _open_shards(index_dir, version, database, db_state.manifest, config)
             read_task = ray.remote(num_cpus=1)(_read_query_block)
             merge_task = ray.remote(num_cpus=1, max_retries=2)(_merge_block)
             pending: list = []
@@ -527,12 +500,11 @@ def run(config: MineConfig) -> MineResult:
                         if done % 16 == 0:
                             log.info("mine: %d/%d query blocks done", done, len(blocks))
                     q_ref = read_task.remote(block)
-                    parts = [a.search.remote(q_ref, config.top_k) for a in actors]
+                    parts = [a.hardest.remote(q_ref, config.top_k) for a in searcher.actors]
                     pending.append(merge_task.remote(config.output, block.index, config.top_k, q_ref, *parts))
                 ray.get(pending)
             finally:
-                for a in actors:
-                    ray.kill(a)
+                searcher.close()
 
     rows = _write_final(config.output, blocks, {"r2f_mine": fingerprint, "r2f_published": db_state.metadata()})
     seconds = time.perf_counter() - t0

@@ -3,7 +3,9 @@
 ``open_index(index_dir)`` resolves the version once (the CURRENT pointer, or the one asked for)
 and loads its shards either in this process or into Ray actors, one per shard, placed by
 their memory so that no single machine has to hold the whole index. ``search(...)`` is the
-one-shot form.
+one-shot form. A job that needs more than top-K beside each shard (mining drops soft positives
+in the shard's own actor) subclasses ``ShardActor`` and opens the searcher with it
+(``actor_class`` / ``actor_args``); ``ShardedSearcher.actors`` are the handles to call.
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import faiss
 import numpy as np
@@ -92,7 +94,9 @@ def prepare_queries(queries: np.ndarray, dim: int, normalize: bool) -> np.ndarra
     return q
 
 
-def _load(url: str, expected: dict[str, Any] | None, params: dict[str, Any], use_gpu: str) -> faiss.Index:
+def load_shard(url: str, expected: dict[str, Any] | None, params: dict[str, Any], use_gpu: str) -> faiss.Index:
+    """One shard file, checked against its infos.json entry, on the device ``use_gpu`` allows,
+    with the version's search parameters set."""
     index = to_device(L.read_index_file(url, expected), use_gpu)
     apply_search_params(index, params)
     return index
@@ -101,15 +105,17 @@ def _load(url: str, expected: dict[str, Any] | None, params: dict[str, Any], use
 SHARD_RESTARTS = 3  # restarts of one shard actor (node loss) before a search fails
 
 
-class _ShardActor:
-    """Holds one index shard in a Ray worker; placed by the shard's memory."""
+class ShardActor:
+    """Holds one index shard in a Ray worker; placed by the shard's memory. A subclass takes the
+    ``actor_args(entry)`` of its shard after these and adds its own methods (``self.index`` is
+    the loaded shard, ``None`` when ``self.error`` says why not)."""
 
     def __init__(self, url: str, expected: dict[str, Any], params: dict[str, Any], use_gpu: str, threads: int):
         if threads:
             faiss.omp_set_num_threads(threads)
         self.index, self.error = None, None
         try:
-            self.index = _load(url, expected, params, use_gpu)
+            self.index = load_shard(url, expected, params, use_gpu)
         except L.IndexFileError as exc:  # handed to the driver as is, not as a dead actor
             self.error = str(exc)
 
@@ -126,11 +132,15 @@ class ShardedSearcher:
     loaded here, or the single merged file when the version has one and ``use_merged``.
 
     The version is fixed when the searcher opens: a later build that moves CURRENT does not
-    change what an open searcher returns."""
+    change what an open searcher returns. ``actor_class`` (a ``ShardActor`` subclass) and
+    ``actor_args(entry) -> tuple`` (its extra arguments for each shard's infos.json entry) put
+    more work beside each shard; ``actors`` are then the handles to call it on."""
 
     def __init__(self, index_dir: str, version: str | None = None, use_actors: bool = False,
                  use_gpu: str = "auto", use_merged: bool = True, nprobe: int | None = None,
-                 ray_address: str | None = None, actor_threads: int = 1):
+                 ray_address: str | None = None, actor_threads: int = 1,
+                 actor_class: type[ShardActor] | None = None,
+                 actor_args: Callable[[dict[str, Any]], tuple] | None = None):
         self.index_dir = index_dir
         self.version = L.resolve_version(index_dir, version)
         self.infos = L.read_infos(index_dir, self.version)
@@ -152,7 +162,7 @@ class ShardedSearcher:
             from ..cluster import ensure_ray
 
             ensure_ray(ray_address)
-            actor_cls = ray.remote(_ShardActor)
+            actor_cls = ray.remote(actor_class or ShardActor)
             from ..cluster import cluster_gpus
 
             n_gpus = 0 if parse_use_gpu(use_gpu) is False else cluster_gpus()
@@ -164,7 +174,8 @@ class ShardedSearcher:
                 self._actors.append(actor_cls.options(
                     num_cpus=0, num_gpus=gpus, memory=max(1, int(e["bytes"] * 1.2)), scheduling_strategy="SPREAD",
                     max_restarts=SHARD_RESTARTS, max_task_retries=SHARD_RESTARTS,
-                ).remote(lay.file(self.version, e["file"]), e, self.params, use_gpu, actor_threads))
+                ).remote(lay.file(self.version, e["file"]), e, self.params, use_gpu, actor_threads,
+                         *(actor_args(e) if actor_args else ())))
             errors = [e for e in ray.get([a.ready.remote() for a in self._actors]) if e]
             if errors:  # a missing or corrupt shard: report it by name, now rather than at the first query
                 self.close()
@@ -172,7 +183,12 @@ class ShardedSearcher:
         elif use_merged and self.infos.get("merged"):
             self._indices = [self._load_merged(lay, use_gpu)]
         else:
-            self._indices = [_load(lay.file(self.version, e["file"]), e, self.params, use_gpu) for e in shards]
+            self._indices = [load_shard(lay.file(self.version, e["file"]), e, self.params, use_gpu) for e in shards]
+
+    @property
+    def actors(self) -> list[Any]:
+        """The shard actors (``use_actors=True``), one per shard in infos.json order."""
+        return list(self._actors)
 
     def _load_merged(self, lay: L.IndexLayout, use_gpu: str) -> faiss.Index:
         merged = self.infos["merged"]
