@@ -1,6 +1,7 @@
-"""Exactly-once resume of the rerank job on a real Ray head: a scorer actor is ray.kill()ed, then
-the driver is SIGKILLed in the middle of a multi-partition RANSAC run; the rerun finishes it, and
-the result is one row per (query, candidate), the same rows as an uninterrupted run."""
+"""Exactly-once resume of the rerank job on a real Ray head: a scorer actor's process is killed
+(found by its class through Ray's state API, as an operator would), then the driver is SIGKILLed
+in the middle of a multi-partition RANSAC run; the rerun finishes it, and the result is one row
+per (query, candidate), the same rows as an uninterrupted run."""
 from __future__ import annotations
 
 import json
@@ -27,14 +28,17 @@ DRIVER = (
     "r = run(RerankConfig(**json.loads(sys.argv[1])))\n"
     "print('RESULT', json.dumps({'pairs': r.num_pairs, 'skipped': r.skipped_score_partitions}))\n")
 
+# Ray Data names a pool's actor class after its operator: the scorers are MapWorker(MapBatches(ScoreWorker)).
+SCORER_CLASS = "MapWorker(MapBatches(ScoreWorker))"
 KILL_ONE_SCORER = (
-    "import ray, sys\n"
+    "import os, signal, sys\n"
+    "import ray\n"
     "from ray.util.state import list_actors\n"
-    "ray.init(address=sys.argv[1], namespace='r2f', logging_level='ERROR')\n"
-    "names = sorted(a.name for a in list_actors(filters=[('state', '=', 'ALIVE')], limit=1000)\n"
-    "               if (a.name or '').startswith('rerank-scorer-'))\n"
-    "ray.kill(ray.get_actor(names[0], namespace='r2f'))\n"
-    "print('KILLED', names[0])\n")
+    "ray.init(address=sys.argv[1], logging_level='ERROR')\n"
+    f"found = list_actors(filters=[('class_name', '=', {SCORER_CLASS!r}), ('state', '=', 'ALIVE')], limit=1000)\n"
+    "victim = sorted(found, key=lambda a: a.actor_id)[0]\n"
+    "os.kill(victim.pid, signal.SIGKILL)  # the local head: its worker process is on this machine\n"
+    "print('KILLED', victim.class_name, victim.actor_id, len(found))\n")
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +77,7 @@ def test_killed_scorer_and_driver_resume_exactly_once(city, tmp_path):
             time.sleep(0.2)
         killer = subprocess.run([sys.executable, "-c", KILL_ONE_SCORER, head.address], env=env, cwd=ROOT,
                                 capture_output=True, text=True, timeout=60)
-        assert killer.returncode == 0 and "KILLED rerank-scorer-" in killer.stdout, killer.stderr[-2000:]
+        assert killer.returncode == 0 and f"KILLED {SCORER_CLASS}" in killer.stdout, killer.stderr[-2000:]
         at_kill = _markers(cut)
         while _markers(cut) < at_kill + 2 and time.time() < deadline and driver.poll() is None:
             time.sleep(0.1)
