@@ -218,7 +218,7 @@ def test_chunk_cache_reads_whole_chunks_once(city):
 
 
 def test_locality_order_and_schedule():
-    from pipeline.rerank.score import locality_order, pair_schedule
+    from pipeline.rerank.workers import locality_order, pair_schedule
     assert locality_order(np.array([50, -1, 3, 50, 20])).tolist() == [2, 4, 0, 3, 1]
     sched = pair_schedule(np.array([1, 0, 1, 0]), np.array([40, 41, 2, 3]), 16)
     assert sched.tolist() == [3, 2, 1, 0]  # chunk 0 first (query 0, then 1), then chunk 2

@@ -1,5 +1,10 @@
 """Where a query becomes a ranked list: top-K global candidates, reranked, as a streaming Ray job.
 
+One file per step: ``stage`` (``run``, config, result, CLI), ``partitions`` (the plan and the
+job the workers get), ``phases`` (the driver, one function per phase), ``workers`` (the Ray
+workers of the phases), ``score`` (``PairScorer``), ``rerankers`` (names and the order rule),
+``catalog``, ``route``, ``strays``, ``tokens`` and ``results`` (the committed layout).
+
 ``run(RerankConfig)`` (``r2f rerank``, ``python -m jobs.rerank``)::
 
     queries ──(extract, when a dataset is given)──► query store
@@ -9,7 +14,7 @@
     database table ──► catalog (id -> Zarr row, path, position) built by a Ray task, in the object store
     phase 1, search partitions 0..S-1 (runs of query-store shards; partitions.py) minus the routed ones
         ──► Ray Data, ActorPoolStrategy(min 1, max = num_actors or the cluster as it grows)
-            SearchWorker (score.py): top-K from the shard actors ─► routes/search-SSSSS.parquet,
+            SearchWorker (workers.py): top-K from the shard actors ─► routes/search-SSSSS.parquet,
             sorted by the global top-1 candidate's Zarr row, + a histogram of route bins (route.py)
     barrier: routes/bounds.json ── score partitions = runs of bins with ~partition_queries queries
     phase 2, search partitions minus the split ones (Ray Data tasks; strays.py):
@@ -17,7 +22,7 @@
         ─► strays/search-SSSSS.parquet (with the query's tokens), sorted by the owning partition
     phase 3, score partitions 0..P-1 minus the scored ones
         ──► Ray Data, ActorPoolStrategy(min 1, max = num_actors or the cluster as it grows)
-            ScoreWorker (score.py), one partition per call:
+            ScoreWorker (workers.py), one partition per call:
                 its own queries' pairs in its rows + the strays it owns ─► candidate-chunk order
                 ─► batches; tokens read once per batch (tokens.py: whole Zarr chunks through a
                 bounded LRU), scored by every reranker of the run

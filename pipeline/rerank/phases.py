@@ -1,5 +1,5 @@
 """The driver side of the rerank job's phases: one function per phase, each streaming the
-partitions not committed yet through a Ray pool of the workers in score.py::
+partitions not committed yet through a Ray pool of the workers in workers.py::
 
     search_and_route   search partitions not routed ─► routes/    SearchWorker actor pool (Ray Data),
                                                                  calling the index shard actors
@@ -86,7 +86,7 @@ class _Catalog:
     def ref(self):
         import ray
 
-        from .score import build_catalog
+        from .catalog import build_catalog
         if self._ref is None:
             self._ref = ray.remote(num_cpus=0)(build_catalog).remote(self.state.metadata(), self.database_store)
         return self._ref
@@ -277,7 +277,7 @@ def _search_pool(job: RerankJob, pools: Pools, catalog, searcher, pending: list[
     (the search itself runs there)."""
     import ray
 
-    from .score import SearchWorker
+    from .workers import SearchWorker
 
     return _partitions(pending).map_batches(
         SearchWorker, batch_size=1, batch_format="numpy",
@@ -291,7 +291,7 @@ def _score_pool(job: RerankJob, pools: Pools, catalog, pending: list[int], gpus:
     (``ray.util.state.list_actors`` finds them by that ``class_name``)."""
     import ray
 
-    from .score import ScoreWorker
+    from .workers import ScoreWorker
 
     # Pool bounds: at least 1 actor; at most num_actors, else unbounded, so Ray Data's actor
     # pool autoscaler grows it to whatever CPUs/GPUs the cluster has as the job runs.
@@ -317,7 +317,7 @@ def _task_pool(phase: str, job: RerankJob, catalog, pending: list[int]):
     """Phases 2 and 4 (split the strays, commit the parts): file work without a model, as Ray Data
     tasks (Ray's pooled workers, as many at once as the cluster has CPUs, each recycled after
     tasks_per_worker(partition_queries) partitions)."""
-    from .score import commit_batch, split_batch
+    from .workers import commit_batch, split_batch
 
     return _partitions(pending).map_batches(
         split_batch if phase == "split" else commit_batch, batch_size=1, batch_format="numpy",

@@ -13,7 +13,7 @@ runs in two phases, with a barrier between them::
            routes/progress/search-SSSSS.json   after it: a sparse histogram of keys in BINS bins
     barrier (driver): sum of the histograms (O(BINS)) ─► routes/bounds.json: score partitions as
         runs of whole bins of ``partition_queries`` queries each, the rest last (fixed once written)
-    phase 2, score partition p (score.py): the route rows with bin in [bounds[p], bounds[p+1]) of
+    phase 2, score partition p (workers.py): the route rows with bin in [bounds[p], bounds[p+1]) of
         every search part (row groups outside the range are skipped by their statistics)
 
 Real query sets have no positions; the top-1 candidate stands in for where a query is, so a

@@ -1,7 +1,7 @@
 """``run(RerankConfig)``: the streaming rerank job (the package docstring draws its dataflow).
 
-The driver describes the job and each phase in one function; the work runs in Ray (workers in
-score.py), and every phase skips what an earlier run with the same plan committed::
+The driver describes the job and each phase in one function (phases.py); the work runs in Ray
+(workers.py), and every phase skips what an earlier run with the same plan committed::
 
     run: checks, query extraction, pinned state ─► RerankPlan (plan.json) ─► RerankJob, a lease
     search_and_route   search partitions not routed ─► routes/          (SearchWorker actor pool)

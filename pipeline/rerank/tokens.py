@@ -2,7 +2,7 @@
 
 A store's ``local_tokens`` array is chunked by rows (``chunk_rows``, 16 by default). Reading one
 scattered row costs its whole chunk, so the job orders work by candidate chunk (see
-``pipeline.rerank.score``) and every scorer actor keeps the last ``cache_chunks`` decoded chunks
+``pipeline.rerank.workers``) and every scorer actor keeps the last ``cache_chunks`` decoded chunks
 (least recently used out). Memory per actor: ``cache_chunks x chunk_rows x T x 131 x 2`` bytes
 (float16, as stored): 256 chunks of 16 x 64 tokens = 69 MB, independent of the queries and pairs.
 
