@@ -281,7 +281,7 @@ def _search_pool(job: RerankJob, pools: Pools, catalog, searcher, pending: list[
 
     return _partitions(pending).map_batches(
         SearchWorker, batch_size=1, batch_format="numpy",
-        fn_constructor_kwargs=dict(job=job, catalog=[catalog], shard_actors=list(searcher._actors)),
+        fn_constructor_kwargs=dict(job=job, catalog=[catalog], shard_actors=searcher.actors),
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=pools.num_actors), num_cpus=1)
 
 
