@@ -311,9 +311,11 @@ class ImageSource:
 
 
 def dataset_positions(table) -> np.ndarray:
-    from ..mine import positions_of
+    """(N, 2) positions of a dataset or store table; an image without one is an error (training
+    cannot place it)."""
+    from ..spatial import positions_of
 
-    return positions_of(table, "dataset")
+    return positions_of(table, missing="raise", what="dataset")
 
 
 def _allgather_rows(local: dict[int, np.ndarray], world: int) -> dict[int, np.ndarray]:
