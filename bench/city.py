@@ -30,6 +30,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline import storage
+from pipeline.timefmt import utc_now
 
 PLACES_PER_STREET = 100
 SEGMENT_PLACES = 25
@@ -151,7 +152,7 @@ def write_city(store: str, num_images: int, *, tokens: int = 64, dim: int = stor
         model={"name": "synthetic-city"}, image_size=[480, 640], shard_size=part_rows, chunk_rows=chunk_rows,
         tokens=tokens or None, token_dim=storage.TOKEN_DIM, global_dim=dim, rows=num_images,
         shards=list(range(num_shards)), counts=dict(images=num_images, extracted=num_images, failed=0),
-        keys_digest=keys_digest.hexdigest(), finished_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())))
+        keys_digest=keys_digest.hexdigest(), finished_at=utc_now()))
     return CityStore(store=store, rows=num_images, places=num_places, tokens=tokens, shards=num_shards,
                      seconds=time.perf_counter() - t0)
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime as _dt
 import json
 import os
 import socket
@@ -27,7 +26,9 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any, Callable
 
+from pipeline.config import jsonable
 from pipeline.log import get_logger, redact, redact_obj, setup_logging
+from pipeline.timefmt import utc_stamp
 
 log = get_logger("jobs")
 
@@ -111,7 +112,7 @@ def run_job(spec: JobSpec, config_path: str | None, overrides: list[str] | None 
     started = time.time()
     record: dict[str, Any] = {
         "job": spec.name, "stage": spec.stage, "status": "running",
-        "started_at": _iso(started), "host": socket.gethostname(),
+        "started_at": utc_stamp(started), "host": socket.gethostname(),
         "ray_job_submission_id": submission_id(),
         "config_file": config_path, "overrides": list(overrides or []),
     }
@@ -120,7 +121,7 @@ def run_job(spec: JobSpec, config_path: str | None, overrides: list[str] | None 
     try:
         t = time.perf_counter()
         cfg = load_config(spec.config_class, config_path, overrides or [])
-        record["config"] = _jsonable(dataclasses.asdict(cfg))
+        record["config"] = jsonable(dataclasses.asdict(cfg), summarise=True)
         timings["load_config"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -134,8 +135,8 @@ def run_job(spec: JobSpec, config_path: str | None, overrides: list[str] | None 
         step = spec.function.__name__
         timings[step] = time.perf_counter() - t
 
-        record["result"] = _jsonable(dataclasses.asdict(result)) if dataclasses.is_dataclass(result) \
-            else _jsonable(result)
+        record["result"] = jsonable(dataclasses.asdict(result), summarise=True) if dataclasses.is_dataclass(result) \
+            else jsonable(result, summarise=True)
         record["counts"] = counts_of(result)
         inner = getattr(result, "stage_seconds", None)
         if isinstance(inner, dict):
@@ -171,7 +172,7 @@ def run_job(spec: JobSpec, config_path: str | None, overrides: list[str] | None 
 
     finished = time.time()
     timings["total"] = finished - started
-    record["finished_at"] = _iso(finished)
+    record["finished_at"] = utc_stamp(finished)
     record["stage_seconds"] = {k: round(v, 3) for k, v in timings.items()}
     record["exit_code"] = code
     log.info("job %s %s in %.1f s; timings %s; counts %s", spec.name, record["status"], timings["total"],
@@ -268,29 +269,3 @@ def _ray_info() -> dict[str, Any]:
                 "cpus": res.get("CPU", 0), "gpus": res.get("GPU", 0)}
     except Exception:  # informational only
         return {}
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple, set, frozenset)):
-        items = list(obj)
-        if len(items) > 1000:  # e.g. ids of a big run: the count is what a summary needs
-            return {"count": len(items), "first": [_jsonable(v) for v in items[:20]]}
-        return [_jsonable(v) for v in items]
-    if isinstance(obj, (str, int, float, bool)) or obj is None:
-        return obj
-    if getattr(obj, "size", 0) and getattr(obj, "shape", None) is not None and obj.size > 64:
-        return {"shape": list(obj.shape), "dtype": str(obj.dtype)}  # arrays are outputs, not summary
-    if hasattr(obj, "item") and callable(obj.item):
-        try:
-            return obj.item()
-        except (ValueError, TypeError):
-            pass
-    if hasattr(obj, "tolist"):
-        return obj.tolist()
-    return str(obj)
-
-
-def _iso(ts: float) -> str:
-    return _dt.datetime.fromtimestamp(ts, _dt.timezone.utc).isoformat(timespec="seconds")

@@ -36,6 +36,7 @@ from .config import jsonable
 from .datasets import DATASET_SCHEMA, load_dataset
 from .images import PREPROCESSING, ImageReadError, content_hash, decode_resize, read_bytes
 from .log import get_logger
+from .timefmt import utc_now
 
 log = get_logger(__name__)
 
@@ -475,7 +476,7 @@ def extract_dataset(table: pa.Table, store: str, config: ExtractConfig | None = 
         image_size=list(config.image_size), shard_size=config.shard_size, chunk_rows=config.chunk_rows,
         tokens=tokens, token_dim=storage.TOKEN_DIM, global_dim=dim, rows=n, shards=list(range(num_shards)),
         counts=dict(images=n, extracted=extracted, failed=failed), keys_digest=plan["keys_digest"],
-        finished_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        finished_at=utc_now(),
     )
     storage.write_json(layout.manifest, manifest)
     result = ExtractResult(store=store, num_images=n, num_extracted=extracted, num_failed=failed,

@@ -19,6 +19,7 @@ from ..log import get_logger
 from .lock import ReindexError
 from .plan import FAILURES_SCHEMA, POSITION_COLUMNS, ReindexPlan, read_failures
 from .publish import reserve_numbers, store_generation
+from ..timefmt import utc_now
 
 if TYPE_CHECKING:
     from . import ReindexConfig, ReindexLayout
@@ -236,7 +237,7 @@ def _update_store(cfg, layout, manifest, plan: ReindexPlan, timings, lap, on_sta
     new_manifest.update(
         generation=generation, previous_generation=store_generation(manifest),
         dataset=cfg.source, shards=shards, rows=int(rows),
-        finished_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        finished_at=utc_now(),
         reindex=dict(added=len(plan.added_ids), changed=len(plan.changed_ids), moved=len(plan.moved),
                      deleted=len(plan.deleted_ids), new_shards=adopted + rewritten, retired_shards=retired))
     new_manifest.pop("keys_digest", None)  # described the first extraction's key list only

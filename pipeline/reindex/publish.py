@@ -22,6 +22,7 @@ from typing import Any
 from .. import storage
 from ..log import get_logger
 from .lock import ReindexError
+from ..timefmt import utc_now
 
 log = get_logger(__name__)
 
@@ -145,7 +146,7 @@ def publish_pointer(store: str, index_dir: str, version: str, manifest: dict[str
 def write_version_record(index_dir: str, version: str, manifest: dict[str, Any], **fields: Any) -> None:
     storage.write_json(storage.join(index_dir, "reindex", f"{version}.json"), dict(
         version=version, store_generation=store_generation(manifest),
-        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **fields))
+        created=utc_now(), **fields))
 
 
 def version_generation(index_dir: str, version: str) -> int | None:
