@@ -88,9 +88,22 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
+# One vocabulary across the stages' configs: a key renamed to it is still read for one release
+# (old spelling -> new), with a warning naming both.
+RENAMED_KEYS = {"address": "ray_address"}
+
+
 def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
+    data = dict(data)
+    for old, new in RENAMED_KEYS.items():
+        if old in data and old not in names and new in names:
+            from .log import get_logger
+            get_logger(__name__).warning("config key %r is deprecated; write %r", prefix + old, prefix + new)
+            if new in data:
+                raise ConfigError(f"config gives both {prefix + old!r} and {prefix + new!r}; keep {prefix + new!r}")
+            data[new] = data.pop(old)
     unknown = sorted(set(data) - names)
     if unknown:
         raise ConfigError(f"unknown config key(s) {[prefix + u for u in unknown]} for {cls.__name__}; "

@@ -171,7 +171,7 @@ class MineConfig:
     search_threads: int = 0            # FAISS threads per shard actor (0: cluster CPUs / shards); fixed per run
     blocks_in_flight: int = 4          # query blocks searched / merged at once (bounds object-store use)
     use_gpu: str = "auto"              # shard actors search on GPU where FAISS sees one
-    address: str | None = None         # Ray cluster; None = RAY_ADDRESS or a local Ray
+    ray_address: str | None = None     # Ray cluster; None = RAY_ADDRESS or a local Ray
 
 
 @dataclass
@@ -391,7 +391,7 @@ def _mining_index(cfg: MineConfig, database: str, fingerprint: dict[str, Any], p
     factory = None if cfg.index_factory == "auto" else cfg.index_factory
     result = build(IndexConfig(store=database, index_dir=index_dir, factory=factory, num_shards=cfg.index_shards,
                                memory_budget=cfg.index_memory_budget, normalize=True, held_back_queries=0,
-                               use_gpu=cfg.use_gpu, ray_address=cfg.address, make_current=not cfg.index_dir))
+                               use_gpu=cfg.use_gpu, ray_address=cfg.ray_address, make_current=not cfg.index_dir))
     storage.write_json(record_url, {"index_dir": index_dir, "version": result.version,
                                     "database_manifest": fingerprint["database_manifest"]})
     return index_dir, result.version
@@ -414,7 +414,7 @@ def _open_shards(index_dir: str, version: str, db_store: str, db_manifest: dict,
         if missing:
             raise ValueError(f"index {index_dir} {version} shard {e['shard']} covers extraction shards {missing} "
                              f"that the database store {db_store} does not hold; rebuild the mining index")
-    return ShardedSearcher(index_dir, version=version, use_actors=True, use_gpu=cfg.use_gpu, ray_address=cfg.address,
+    return ShardedSearcher(index_dir, version=version, use_actors=True, use_gpu=cfg.use_gpu, ray_address=cfg.ray_address,
                            actor_threads=threads, actor_class=_MiningShard,
                            actor_args=lambda e: ([store_lay.global_part(int(s)) for s in e["extraction_shards"]],
                                                  cfg.soft_positive_radius))
@@ -480,7 +480,7 @@ def run(config: MineConfig) -> MineResult:
         log.info("mine: %d of %d query blocks already done, skipping them", skipped, len(blocks))
     extra: dict[str, Any] = {"published": db_state.metadata()}
     if todo:
-        ensure_ray(config.address)
+        ensure_ray(config.ray_address)
         t_index = time.perf_counter()
         index_dir, version = _mining_index(config, database, fingerprint, db_state.index_version)
         extra.update(index_dir=index_dir, index_version=version, index_seconds=time.perf_counter() - t_index)

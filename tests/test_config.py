@@ -58,3 +58,25 @@ def test_typed_values_win_and_are_not_reparsed():
     cfg = load_config(Outer, None, ["store=from-set", "inner.k=3"], {"store": "1e5", "inner.k": 9,
                                                                     "image_size": [128, 160]})
     assert cfg.store == "1e5" and cfg.inner.k == 9 and cfg.image_size == (128, 160)
+
+
+def test_renamed_key_is_read_with_a_warning(caplog):
+    import logging
+
+    from pipeline.mine import MineConfig
+
+    with caplog.at_level(logging.WARNING):
+        cfg = load_config(MineConfig, None, ["address=ray://head:10001", "queries=q", "output=o"])
+    assert cfg.ray_address == "ray://head:10001"
+    assert "'address' is deprecated; write 'ray_address'" in caplog.text
+    with pytest.raises(ConfigError, match="both 'address' and 'ray_address'"):
+        load_config(MineConfig, None, ["address=a", "ray_address=b"])
+
+
+def test_use_gpu_words():
+    from pipeline.config import parse_use_gpu
+
+    assert [parse_use_gpu(v) for v in ("auto", "true", "False", True)] == ["auto", True, False, True]
+    assert parse_use_gpu("no") is False and parse_use_gpu("yes") is True  # old spellings, warned
+    with pytest.raises(ConfigError, match="use_gpu must be auto, true or false"):
+        parse_use_gpu("maybe")
