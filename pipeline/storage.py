@@ -114,7 +114,9 @@ def storage_options(url: str) -> dict[str, Any]:
     instance or pod role) and are never logged or passed here."""
     if url.startswith("s3://"):
         endpoint = os.environ.get("R2F_S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL")
-        opts: dict[str, Any] = {"config_kwargs": {"retries": s3_retry_settings()}}
+        # No listings cache: other processes (Ray workers, other jobs) write the same prefixes, and a
+        # cached listing makes a file written since then look missing.
+        opts: dict[str, Any] = {"config_kwargs": {"retries": s3_retry_settings()}, "use_listings_cache": False}
         if endpoint:
             opts["endpoint_url"] = endpoint
         return opts
