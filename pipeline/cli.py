@@ -5,14 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import evaluate, extract, index, mine, reindex, rerank, run, train
+from . import evaluate, extract, index, mine, reindex, rerank, run, serve, train
 from .config import ConfigError
 from .log import get_logger, setup_logging
 
 # The stage modules, each with ``register_cli(subparsers)`` adding subcommands whose ``func(args)``
 # returns an exit code. Stage modules import their heavy dependencies (torch, Ray) inside functions,
 # so building the parser stays quick and a bad argument fails before any of them loads.
-STAGES = (extract, index, rerank, evaluate, run, mine, train, reindex)
+STAGES = (extract, index, rerank, evaluate, run, mine, train, reindex, serve)
 
 
 def build_parser() -> argparse.ArgumentParser:
