@@ -13,6 +13,9 @@ The target is pipeline steady state >= 90 % of direct (decode + model).
 
     nice .venv/bin/python bench/bench_extract.py [--images 200] [--folder day_left] [--image-size 480,640]
         [--backbone efficientnet-lite0] [--checkpoint PATH] [--batch-size 8] [--shard-size 32]
+    .venv/bin/python bench/bench_extract.py --smoke    # 8 images at 128x160 in shards of 4: seconds
+
+The pipeline side joins the Ray cluster named by ``RAY_ADDRESS`` when set, else starts a local one.
 """
 from __future__ import annotations
 
@@ -91,7 +94,10 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--shard-size", type=int, default=32)
     ap.add_argument("--workdir", default=None)
+    ap.add_argument("--smoke", action="store_true", help="the smallest setting (tests/test_bench_scripts.py)")
     args = ap.parse_args()
+    if args.smoke:
+        args.images, args.image_size, args.batch_size, args.shard_size = 8, "128,160", 4, 4
     setup_logging("WARNING")
     image_size = tuple(int(v) for v in args.image_size.split(","))
     cores = os.cpu_count() or 1

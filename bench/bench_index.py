@@ -7,6 +7,9 @@ searches fresh queries (not in the database) with k=100 and prints build time, i
 queries/s and recall@1 / recall@100 of each against the exact index's answers.
 
     nice .venv/bin/python bench/bench_index.py [--sizes 100000,1000000] [--queries 1000] [--workdir /tmp]
+    .venv/bin/python bench/bench_index.py --smoke    # 2,000 descriptors in 2 shards, 20 queries: a few seconds
+
+Joins the Ray cluster named by ``RAY_ADDRESS`` when set, else starts a local one.
 """
 from __future__ import annotations
 
@@ -59,7 +62,10 @@ def main() -> None:
     ap.add_argument("--shard-rows", type=int, default=100_000, help="rows per extraction shard")
     ap.add_argument("--memory-budget", default="4G")
     ap.add_argument("--workdir", default=None)
+    ap.add_argument("--smoke", action="store_true", help="the smallest setting (tests/test_bench_scripts.py)")
     args = ap.parse_args()
+    if args.smoke:
+        args.sizes, args.queries, args.shard_rows = "2000", 20, 1000
     setup_logging("WARNING")
     ensure_ray()
     rows = []

@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/bench_mine.py --database 1000000 --queries 10000 100000 [--root /tmp/r2f_bench_mine]
     .venv/bin/python bench/bench_mine.py --validation 10000 100000      # training validation top-K step only
+    .venv/bin/python bench/bench_mine.py --smoke    # 512-row city, 64 queries, top 20, and a 50 x 500 validation
 
 On a synthetic city (``bench/city.py``, ``tokens=0``, database parts of ``--part-rows`` 1,024
 rows, query sets with positions), for each query count in one run:
@@ -17,6 +18,7 @@ rows, query sets with positions), for each query count in one run:
 validation runs each epoch) on Q x N synthetic unit descriptors in a subprocess: wall, peak RSS.
 
 Every figure is printed with the 1-minute load average beside it (other jobs share the machine).
+Joins the Ray cluster named by ``RAY_ADDRESS`` when set, else starts a local one.
 """
 from __future__ import annotations
 
@@ -164,11 +166,28 @@ def main() -> int:
     p.add_argument("--keep", action="store_true", help="reuse cities already written under --root")
     p.add_argument("--validation", type=int, nargs=2, metavar=("Q", "N"),
                    help="only the training-validation top-K step on Q x N synthetic descriptors")
+    p.add_argument("--smoke", action="store_true",
+                   help="the smallest setting of both modes, in a temporary --root (tests/test_bench_scripts.py)")
     args = p.parse_args()
 
+    if args.smoke:
+        import tempfile
+        args.database, args.queries, args.part_rows, args.top_k, args.block = 512, [64], 256, 20, 32
+        args.keep = False
+        smoke_root = tempfile.mkdtemp(prefix="bench_mine_smoke_")
+        args.root = smoke_root
+        try:
+            run_validation(50, 500, args.dim)
+            return mine_and_compare(args)
+        finally:
+            shutil.rmtree(smoke_root, ignore_errors=True)
     if args.validation:
         run_validation(*args.validation, args.dim)
         return 0
+    return mine_and_compare(args)
+
+
+def mine_and_compare(args) -> int:
 
     import ray
 

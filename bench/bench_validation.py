@@ -1,6 +1,7 @@
 """Training validation at scale: the two steps every epoch runs, each in its own process.
 
     .venv/bin/python bench/bench_validation.py [--rerank 300 50000] [--retrieval 10000 100000] [--threads 1]
+    .venv/bin/python bench/bench_validation.py --smoke    # 4 x 64 rerank (T = 8), 50 x 500 retrieval
 
 - ``--rerank Q N``: rerank-stage validation, ``pipeline.train.rerank_recall_at`` (what
   ``r2f train --stage rerank`` runs with ``val`` stores), on a synthetic city from
@@ -97,13 +98,23 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=1, help="torch / FAISS (OpenMP) threads of each step")
     p.add_argument("--skip", choices=["rerank", "retrieval"], action="append", default=[])
     p.add_argument("--root", default="/tmp/r2f_bench_validation")
+    p.add_argument("--smoke", action="store_true",
+                   help="the smallest setting, in a temporary --root (tests/test_bench_scripts.py)")
     args = p.parse_args()
+    if args.smoke:
+        import tempfile
+        args.rerank, args.retrieval, args.tokens, args.candidates = [4, 64], [50, 500], 8, 5
+        args.root = tempfile.mkdtemp(prefix="bench_validation_smoke_")
     root = Path(args.root)
     root.mkdir(parents=True, exist_ok=True)
-    if "rerank" not in args.skip:
-        run_rerank(*args.rerank, args.tokens, args.candidates, root, args.threads)
-    if "retrieval" not in args.skip:
-        run_retrieval(*args.retrieval, args.dim, args.threads)
+    try:
+        if "rerank" not in args.skip:
+            run_rerank(*args.rerank, args.tokens, args.candidates, root, args.threads)
+        if "retrieval" not in args.skip:
+            run_retrieval(*args.retrieval, args.dim, args.threads)
+    finally:
+        if args.smoke:
+            shutil.rmtree(root, ignore_errors=True)
     return 0
 
 
