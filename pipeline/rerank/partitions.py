@@ -62,22 +62,28 @@ class RerankPlan:
     partition_queries: int
     rerank_dtype: str
     ransac: dict[str, Any] | None = None  # method, reprojection_threshold, image_scale
+    adaptive: dict[str, Any] | None = None  # the rules per reranker (adaptive.py); None: every candidate
+    rounds: list[int] | None = None         # the job's round boundaries (adaptive runs)
+    score_partition_queries: int | None = None  # queries per score partition, fixed at the first start
 
     @classmethod
     def of(cls, config, rerankers: list[str], k: int, state, query_manifest: dict[str, Any],
-           ransac: dict[str, Any]) -> RerankPlan:
+           ransac: dict[str, Any], rules=None, score_partition_queries: int | None = None) -> RerankPlan:
         """The plan of ``config`` (a RerankConfig) over this query store and pinned ``state``."""
+        from .adaptive import job_bounds, rules_json
         return cls(query_store=config.query_store, query_keys_digest=query_manifest.get("keys_digest"),
                    query_shards=[int(s) for s in query_manifest["shards"]], query_rows=query_manifest.get("rows"),
                    database=state.metadata(), candidates=int(k), reranker=rerankers[0], rerankers=list(rerankers),
                    backbone=config.backbone, checkpoint=config.checkpoint, batch_pairs=int(config.batch_pairs),
                    partition_queries=int(config.partition_queries), rerank_dtype=config.rerank_dtype,
-                   ransac=dict(ransac) if "ransac" in rerankers else None)
+                   ransac=dict(ransac) if "ransac" in rerankers else None, adaptive=rules_json(rules),
+                   rounds=job_bounds(rules, k) if rules else None, score_partition_queries=score_partition_queries)
 
     def to_json(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in fields(self)}
-        if out["ransac"] is None:
-            del out["ransac"]
+        for key in ("ransac", "adaptive", "rounds", "score_partition_queries"):
+            if out[key] is None:  # absent, as in folders written before these fields
+                del out[key]
         return out
 
     @classmethod
@@ -89,22 +95,36 @@ class RerankPlan:
         return cls(**data)
 
 
-def check_plan(results: str, plan: RerankPlan) -> bool:
-    """Write ``plan.json`` for a new folder; for an existing one, refuse another plan. Returns
-    True when resuming. The comparison is of the files' content, so a key only one side has is
-    named as a change too."""
+def check_plan(results: str, plan: RerankPlan) -> RerankPlan | None:
+    """Write ``plan.json`` for a new folder (returns None); for an existing one, refuse another
+    plan, else return the folder's plan (resuming). The comparison is of the files' content, so a
+    key only one side has is named as a change too. The score partitions' size is the first
+    start's (it followed that cluster's parallelism): a resume elsewhere keeps it."""
     lay = ResultsLayout(results)
     new = plan.to_json()
     if not storage.exists(lay.plan):
         storage.write_json(lay.plan, new)
-        return False
+        return None
     old = storage.read_json(lay.plan)
+    new.pop("score_partition_queries", None)
+    if "score_partition_queries" in old:
+        new["score_partition_queries"] = old["score_partition_queries"]
     changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     if changed:
-        detail = "; ".join(f"{k}: {_short(old.get(k))} -> {_short(new.get(k))}" for k in changed)
+        detail = "; ".join(f"{k}: {_describe(k, old.get(k))} -> {_describe(k, new.get(k))}" for k in changed)
         raise PlanMismatch(f"{results} holds results of another run ({detail}); its parts would mix with "
                            f"this run's. Write to a new --results folder, or delete {results} to start over")
-    return True
+    return RerankPlan.from_json(old)
+
+
+def _describe(key: str, v: Any) -> str:
+    """A plan value as the refusal names it; a rule in full (both rules must be readable)."""
+    if key == "adaptive":
+        if not v:
+            return "none (every candidate)"
+        from .adaptive import AdaptiveRule
+        return "{" + ", ".join(f"{n}: {AdaptiveRule.from_json(r, n).describe()}" for n, r in v.items()) + "}"
+    return _short(v)
 
 
 @dataclass(frozen=True)
@@ -149,6 +169,19 @@ class RerankJob:
     query_tokens: TokenShape | None = None  # None when no reranker reads tokens
     database_rows: int = 1                  # phase 1 only: known once the catalog is built
     index: IndexInfo | None = None          # phase 1 only
+    rules: dict | None = None               # {reranker: AdaptiveRule} of an adaptive run, else None
+    bounds: tuple[int, ...] = ()            # the rounds' boundaries (``adaptive.job_bounds``); () = (K,)
+    round: int = 0                          # the round a scoring or prefix phase works on
+    score_partition_queries: int = 0        # queries per score partition (plan.json); 0: partition_queries
+
+    @property
+    def rounds(self) -> tuple[int, ...]:
+        return self.bounds or (self.candidates,)
+
+    def window(self, i: int) -> tuple[int, int]:
+        """Round ``i`` scores the candidates at positions [lo, hi) of each K list."""
+        b = self.rounds
+        return (b[i - 1] if i else 0), b[i]
 
     @property
     def scorers(self) -> tuple[str, ...]:

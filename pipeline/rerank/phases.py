@@ -6,6 +6,11 @@ partitions not committed yet through a Ray pool of the workers in workers.py::
     barrier            route histograms ─► routes/bounds.json     the score partitions, fixed once
     split_strays       searched partitions not split ─► strays/   Ray Data tasks
     score              score partitions not scored ─► scores/     ScoreWorker actor pool (Ray Data)
+    (adaptive runs, rounds i = 1, 2, ...: the candidates at positions [b[i-1], b[i]) of K)
+    prefixes           partitions without round i's prefixes ─► rounds/round-i/prefix-*   Ray Data tasks:
+                       each query's prefix length per reranker from the scores of rounds < i
+    score              round i's pairs (positions in the window, below the query's prefix)
+                       ─► rounds/round-i/score-*                  ScoreWorker actor pool
     commit             partitions without a marker ─► parts       Ray Data tasks
 
 Every worker gets the same ``RerankJob`` (partitions.py) and the catalog's reference; each
@@ -53,6 +58,13 @@ class RerankSummary:
     stray_pairs: int = 0
     stray_bytes: int = 0                          # query tokens copied beside the strays
     seen: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # database rows served
+    scoring_seconds: float = 0.0                  # per round: first partition's start to last one's end
+    _span: list[float] = field(default_factory=list)  # this round's [first start, last end] (epoch s)
+
+    def end_round(self) -> None:
+        if self._span:
+            self.scoring_seconds += self._span[1] - self._span[0]
+        self._span = []
 
     def add(self, phase: str, row: dict[str, Any]) -> None:
         """One partition's summary row of ``phase``."""
@@ -65,6 +77,9 @@ class RerankSummary:
             self.nodes.add(str(row["node_id"]))
             self.pairs += int(row["pairs"])
             self.fetched_bytes += int(row["fetched_bytes"])
+            if int(row["pairs"]):
+                a, b = float(row["started"]), float(row["finished"])
+                self._span = [min(self._span[0], a), max(self._span[1], b)] if self._span else [a, b]
             rows = np.asarray(row["candidate_rows"], np.int64)
             if len(rows):
                 if rows.max() >= len(self.seen):
@@ -138,7 +153,7 @@ def run_phases(job: RerankJob, pools: Pools, state, searches: int, resuming: boo
         bounds = read_bounds(job.results)
         if bounds is None:
             failed_searches = search_and_route(job, pools, catalog, searches, resuming, summary)
-            bounds = barrier(job.results, job.partition_queries)
+            bounds = barrier(job.results, job.score_partition_queries or job.partition_queries)
         failed_searches = sorted(set(failed_searches) | {s for s in range(searches) if s not in bounds["searched"]
                                                          and storage.exists(lay.routes.failure(s))})
 
@@ -156,6 +171,13 @@ def run_phases(job: RerankJob, pools: Pools, state, searches: int, resuming: boo
                 log.info("resuming %s: %d of %d score partitions already scored", job.results, len(scored_before),
                          total)
             failed_scores = score(job, pools, catalog, [q for q in range(total) if q not in scored_before], summary)
+            summary.end_round()
+            for i in range(1, len(job.rounds)):  # adaptive runs: the later rounds, each over what it lacks
+                rjob = replace(job, round=i)
+                failed_scores += prefixes(rjob, pools, catalog, total, summary)
+                done = lay.round_scores(i).committed()
+                failed_scores += score(rjob, pools, catalog, [q for q in range(total) if q not in done], summary)
+                summary.end_round()
     with timed(seconds, "commit"):
         failed = commit(job, pools, catalog, pending, summary)
     return PhasesOutcome(summary=summary, partitions=total, skipped_partitions=len(done_before),
@@ -216,6 +238,17 @@ def score(job: RerankJob, pools: Pools, catalog: _Catalog, pending: list[int], s
                      summary)
 
 
+def prefixes(job: RerankJob, pools: Pools, catalog: _Catalog, total: int, summary: RerankSummary) -> list[int]:
+    """Before round ``job.round`` of an adaptive run: each partition's queries' prefix lengths
+    from the scores of the rounds before (Ray Data tasks). Returns the partitions that failed."""
+    done = ResultsLayout(job.results).prefixes(job.round).committed()
+    todo = [p for p in range(total) if p not in done]
+    if not todo:
+        return []
+    return _run_pool(job, pools, "prefix", todo, lambda rest: _task_pool("prefix", job, catalog.ref(), rest),
+                     summary)
+
+
 def commit(job: RerankJob, pools: Pools, catalog: _Catalog, pending: list[int], summary: RerankSummary) -> list[int]:
     """Phase 4: the partitions without a progress marker ─► part-NNNNN.parquet, then the marker
     (Ray Data tasks). Returns the partitions that failed."""
@@ -227,11 +260,11 @@ def commit(job: RerankJob, pools: Pools, catalog: _Catalog, pending: list[int], 
 
 # ---------------------------------------------------------------- the pools the phases stream through
 # Each phase's partitions and where their files are in the results folder (ResultsLayout).
-PHASE_FILES = {"search": "routes", "split": "strays", "score": "scores", "commit": "parts"}
+PHASE_FILES = {"search": "routes", "split": "strays", "score": "scores", "prefix": "prefixes", "commit": "parts"}
 
 
-def _phase_files(results: str, phase: str) -> PartitionFiles:
-    return getattr(ResultsLayout(results), PHASE_FILES[phase])
+def _phase_files(job: RerankJob, phase: str) -> PartitionFiles:
+    return ResultsLayout(job.results).phase_files(PHASE_FILES[phase], job.round)
 
 
 def _run_pool(job: RerankJob, pools: Pools, phase: str, pending: list[int], make: Callable[[list[int]], Any],
@@ -242,7 +275,7 @@ def _run_pool(job: RerankJob, pools: Pools, phase: str, pending: list[int], make
     ends up recorded as failed instead of looping. Returns the failed partitions."""
     import ray
 
-    files = _phase_files(job.results, phase)
+    files = _phase_files(job, phase)
     failed: list[int] = []
     restarts = 0
     while pending:
@@ -317,8 +350,10 @@ def _task_pool(phase: str, job: RerankJob, catalog, pending: list[int]):
     """Phases 2 and 4 (split the strays, commit the parts): file work without a model, as Ray Data
     tasks (Ray's pooled workers, as many at once as the cluster has CPUs, each recycled after
     tasks_per_worker(partition_queries) partitions)."""
-    from .workers import commit_batch, split_batch
+    from .workers import commit_batch, prefix_batch, split_batch
 
+    fn = {"split": split_batch, "prefix": prefix_batch, "commit": commit_batch}[phase]
     return _partitions(pending).map_batches(
-        split_batch if phase == "split" else commit_batch, batch_size=1, batch_format="numpy",
-        fn_kwargs=dict(job=job, catalog=[catalog]), num_cpus=1, max_calls=tasks_per_worker(job.partition_queries))
+        fn, batch_size=1, batch_format="numpy", fn_kwargs=dict(job=job, catalog=[catalog]), num_cpus=1,
+        max_calls=tasks_per_worker(job.partition_queries if phase == "split"
+                                   else job.score_partition_queries or job.partition_queries))

@@ -6,7 +6,8 @@ Names: ``r2former`` (the learned transformer; score = softmax(logits)[:, 1]), ``
 ``none`` (the global order), ``auto`` (r2former when the weights include a trained reranker,
 otherwise ransac); ``token-similarity`` is a benchmark stand-in, accepted but not listed.
 
-The order rule: candidates by rerank score, higher first, ties in global order. The job's commit
+The order rule: candidates by rerank score, higher first, ties in global order; candidates an
+adaptive run did not score (NaN score) after the scored ones, in global order. The job's commit
 phase (``reranked_ranks``, vectorised over a partition) and anything that reorders one query
 (``reranked_order``) use the same sort key, so they cannot disagree.
 """
@@ -80,16 +81,26 @@ def resolve_rerankers(spec: str | list[str], backbone: str, checkpoint: str | No
     return names
 
 
+def _order_keys(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(unscored, -score): scored candidates first, by score; unscored ones compare equal."""
+    s = np.asarray(scores, np.float64)
+    unscored = np.isnan(s)
+    return unscored, np.where(unscored, 0.0, -s)
+
+
 def reranked_order(rerank_score: np.ndarray, global_rank: np.ndarray) -> np.ndarray:
-    """Indices that sort one query's candidates by rerank score, ties broken by global rank."""
-    return np.lexsort((global_rank, -np.asarray(rerank_score, np.float64)))
+    """Indices that sort one query's candidates by rerank score, ties broken by global rank;
+    unscored candidates (NaN) last, in global order."""
+    unscored, key = _order_keys(rerank_score)
+    return np.lexsort((global_rank, key, unscored))
 
 
 def reranked_ranks(qi: np.ndarray, scores: np.ndarray, global_rank: np.ndarray) -> np.ndarray:
     """1-based rank of each pair within its query (``qi``): ``reranked_order`` for every query
     at once, by (query, -score, global rank)."""
     n = len(qi)
-    order = np.lexsort((global_rank, -np.asarray(scores, np.float64), qi))
+    unscored, key = _order_keys(scores)
+    order = np.lexsort((global_rank, key, unscored, qi))
     rank = np.empty(n, np.int32)
     if n:
         starts = np.r_[0, np.flatnonzero(np.diff(qi[order])) + 1]

@@ -12,12 +12,19 @@ A results location is a folder (the streaming job) or, for runs made before it, 
     <results>/routes/bounds.json        the barrier: which bins each score partition covers (fixed once written)
     <results>/strays/search-00003.parquet          phase 2: search partition 3's pairs scored by another partition
     <results>/scores/score-00012.parquet           phase 3: scores of the pairs whose candidate is in partition 12's rows
+    <results>/rounds/round-1/prefix-00012.parquet  adaptive runs, before round 1: how many leading candidates
+                                                   each query of partition 12 scores, per reranker (adaptive.py)
+    <results>/rounds/round-1/score-00012.parquet   round 1's scores (round 0's are scores/), as phase 3's
     <results>/manifest.json             written last: the parts of a finished job and the state it read
 
 A part carries ``rank`` / ``rerank_score`` of the first reranker of the run and, for every
 reranker ``n`` of the run (the first included), ``rank_<n>`` / ``rerank_score_<n>``: one top-K
 search, several rerankers over the same candidates. Results written before that have only
 ``rank`` / ``rerank_score`` (``rerankers_of`` and ``rank_column`` read both).
+
+An adaptive run (``RerankConfig.adaptive``) scores a prefix of each query's candidates: the
+others have a null ``rerank_score_<n>`` and rank after the scored ones, in global order; the
+pairs a query had scored by reranker ``n`` are its rows with a non-null ``rerank_score_<n>``.
 
 A part holds whole queries, rows ordered by (query, reranked rank). ``iter_parts`` yields one
 part at a time, so readers hold one partition's rows, never the whole result set.
@@ -112,6 +119,26 @@ class ResultsLayout:
         self.routes = PartitionFiles(storage.join(self.root, "routes"), "search-")
         self.strays = PartitionFiles(storage.join(self.root, "strays"), "search-")
         self.scores = PartitionFiles(storage.join(self.root, "scores"), "score-")
+
+    def round_scores(self, i: int) -> PartitionFiles:
+        """Round ``i``'s scores: ``scores/`` for round 0 (every fixed-K run), ``rounds/round-i/``
+        after it."""
+        return self.scores if i == 0 else PartitionFiles(self._round(i), "score-")
+
+    def prefixes(self, i: int) -> PartitionFiles:
+        """Before round ``i`` >= 1: each query's prefix length per reranker, by score partition."""
+        return PartitionFiles(self._round(i), "prefix-")
+
+    def _round(self, i: int) -> str:
+        return storage.join(self.root, "rounds", f"round-{int(i)}")
+
+    def phase_files(self, phase: str, round_: int = 0) -> PartitionFiles:
+        """The files of a phase (``routes``, ``strays``, ``scores``, ``prefixes``, ``parts``) in round ``round_``."""
+        if phase == "scores":
+            return self.round_scores(round_)
+        if phase == "prefixes":
+            return self.prefixes(round_)
+        return getattr(self, phase)
 
     @property
     def plan(self) -> str:

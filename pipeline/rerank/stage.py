@@ -26,6 +26,7 @@ from .. import storage
 from ..log import get_logger
 from ..ransac import RansacConfig
 from ..weights import checkpoint_hash
+from .adaptive import job_bounds, rules_of
 from .partitions import RerankJob, RerankPlan, TokenShape, check_plan, num_partitions
 from .phases import PhasesOutcome, Pools, run_phases, timed
 from .rerankers import RERANKERS, resolve_rerankers
@@ -58,6 +59,9 @@ class RerankConfig:
     ransac_threshold_px: float = 24.0
     extract: dict[str, Any] = field(default_factory=dict)  # extra ExtractConfig fields for the queries
     allow_untrained_reranker: bool = False   # throughput benchmarks only: r2former scores of untrained weights
+    # Adaptive candidate counts (adaptive.py): {reranker: {rounds: [5, 20], stop: {score, margin},
+    # gate: {global_margin}}}, one rule per reranker of the run; None: every query scores all K.
+    adaptive: dict[str, Any] | None = None
 
 
 @dataclass
@@ -85,6 +89,9 @@ class RerankResult:
     stray_query_token_bytes: int = 0         # query tokens copied beside those pairs (strays/, this run)
     skipped_score_partitions: int = 0        # score partitions scored by an earlier run (resume)
     failed_score_partitions: list[int] = field(default_factory=list)
+    scoring_seconds: float = 0.0             # this run's scoring wall time: first pair to last, per round, summed
+    scorer_slots: int = 0                    # scorers the cluster ran at once (the partitions follow them)
+    pairs_scored: dict[str, int] = field(default_factory=dict)  # per reranker, every committed part
 
     @property
     def ok(self) -> bool:
@@ -106,6 +113,20 @@ class RerankResult:
 
 class RerankError(RuntimeError):
     pass
+
+
+def read_rule(path: str) -> dict[str, Any]:
+    """RULE.yaml: exactly the ``adaptive`` block of a config (one rule per reranker name)."""
+    import yaml
+
+    if not storage.exists(path):
+        raise FileNotFoundError(f"adaptive rule {path} does not exist")
+    fs, local = storage.filesystem(path)
+    with fs.open(local, "rb") as f:
+        data = yaml.safe_load(f.read().decode())
+    if not isinstance(data, dict) or not data:
+        raise ValueError(f"{path} holds no adaptive rule (a mapping of reranker names to rules)")
+    return data
 
 
 def _model_signature(config) -> dict[str, Any]:
@@ -174,22 +195,54 @@ def run(config: RerankConfig) -> RerankResult:
     k = min(config.candidates, num_vectors)
     if k < config.candidates:
         log.info("candidates capped at the database size: %d", k)
+    rules = rules_of(config.adaptive, rerankers)
+    slots = scorer_slots(config.num_actors, config.threads_per_actor, "r2former" in rerankers)
     # Refuse a changed plan before any actor starts.
-    plan = RerankPlan.of(config, rerankers, k, state, query_manifest, ransac)
-    resuming = check_plan(config.results, plan)
-    job = _job(config, rerankers, k, ransac)
+    plan = RerankPlan.of(config, rerankers, k, state, query_manifest, ransac, rules,
+                         score_partition_size(int(query_manifest.get("rows") or 0), config.partition_queries, slots))
+    kept = check_plan(config.results, plan)
+    resuming = kept is not None
+    job = _job(config, rerankers, k, ransac, rules, (kept or plan).score_partition_queries)
     searches = num_partitions(query_manifest, config.partition_queries)
     pools = Pools(index_dir=config.index_dir, index_version=version, num_actors=config.num_actors,
                   max_pool_restarts=config.max_pool_restarts)
     with hold_lease(config.index_dir, lease_job, state):
         outcome = run_phases(job, pools, state, searches, resuming, seconds)
     res = _result(job, state, seconds, outcome)
+    res.scorer_slots = slots
     _write_manifest(config, res, plan, state, res.partitions)
     res.num_failed_queries += failed_queries  # queries that could not be extracted count too
     return res
 
 
-def _job(config: RerankConfig, rerankers: list[str], k: int, ransac: dict[str, Any]) -> RerankJob:
+# Score partitions per scorer slot, at least: a small query set still keeps every scorer busy, and
+# the last partitions do not leave all but one idle.
+PARTITIONS_PER_SLOT = 3
+
+
+def scorer_slots(num_actors: int | None, threads: int, learned: bool) -> int:
+    """Scorers the cluster runs at once: ``num_actors``, else its GPUs (the learned reranker) or
+    its CPUs / threads per scorer."""
+    import ray
+
+    if num_actors:
+        return int(num_actors)
+    res = ray.cluster_resources() if ray.is_initialized() else {}
+    if learned and res.get("GPU", 0) >= 1:
+        return int(res["GPU"])
+    return max(1, int(res.get("CPU", 1) // max(1, threads)))
+
+
+def score_partition_size(queries: int, partition_queries: int, slots: int) -> int:
+    """Queries per score partition: ``partition_queries`` (the memory bound), or fewer, so that the
+    query set makes at least PARTITIONS_PER_SLOT partitions per scorer slot."""
+    if queries <= 0:
+        return int(partition_queries)
+    return max(1, min(int(partition_queries), -(-queries // (PARTITIONS_PER_SLOT * max(1, slots)))))
+
+
+def _job(config: RerankConfig, rerankers: list[str], k: int, ransac: dict[str, Any], rules,
+         score_partition_queries: int | None) -> RerankJob:
     """What the workers are handed; a fresh ``run_id`` counts this run's attempts apart from earlier runs'."""
     tokens = None
     if any(r != "none" for r in rerankers):  # what phase 2 copies for the strays (metadata only)
@@ -200,7 +253,9 @@ def _job(config: RerankConfig, rerankers: list[str], k: int, ransac: dict[str, A
                      batch_pairs=config.batch_pairs, partition_queries=config.partition_queries,
                      threads=config.threads_per_actor, rerank_dtype=config.rerank_dtype,
                      cache_chunks=config.cache_chunks, max_attempts=config.max_attempts,
-                     ransac=RansacConfig(**ransac), run_id=uuid.uuid4().hex, query_tokens=tokens)
+                     ransac=RansacConfig(**ransac), run_id=uuid.uuid4().hex, query_tokens=tokens,
+                     rules=rules, bounds=tuple(job_bounds(rules, k)) if rules else (),
+                     score_partition_queries=int(score_partition_queries or config.partition_queries))
 
 
 def _result(job: RerankJob, state, seconds: dict[str, float], outcome: PhasesOutcome) -> RerankResult:
@@ -212,7 +267,9 @@ def _result(job: RerankJob, state, seconds: dict[str, float], outcome: PhasesOut
     row_bytes = _row_bytes(job.database_store) if job.scorers else 0
     num_queries = sum(int(m.get("queries", 0)) for m in markers.values())
     num_pairs = sum(int(m.get("pairs", 0)) for m in markers.values())
-    pps = summary.pairs / seconds["rerank"] if summary.pairs and seconds["rerank"] > 0 else 0.0
+    # Pairs over the scorers' own wall time (first pair to last, per round): the pool's start-up
+    # and the file phases are in stage_seconds, not in the scoring rate.
+    pps = summary.pairs / summary.scoring_seconds if summary.pairs and summary.scoring_seconds > 0 else 0.0
     rerank_seconds = {r: sum(float((m.get("rerank_seconds") or {}).get(r, 0.0)) for m in scored.values())
                       for r in job.rerankers}
     res = RerankResult(results=job.results, reranker=job.rerankers[0], num_queries=num_queries, num_pairs=num_pairs,
@@ -226,7 +283,10 @@ def _result(job: RerankJob, state, seconds: dict[str, float], outcome: PhasesOut
                        fetched_query_token_bytes=summary.fetched_query_bytes, stray_pairs=summary.stray_pairs,
                        stray_query_token_bytes=summary.stray_bytes,
                        skipped_score_partitions=outcome.skipped_score_partitions,
-                       failed_score_partitions=outcome.failed_score_partitions)
+                       failed_score_partitions=outcome.failed_score_partitions,
+                       scoring_seconds=summary.scoring_seconds,
+                       pairs_scored={r: sum(int((m.get("pairs_scored") or {}).get(r, m.get("pairs", 0)))
+                                            for m in markers.values()) for r in job.scorers})
     ratio = f"{res.token_ratio:.2f}x" if res.token_ratio else "-"
     log.info("reranked %d queries x %d candidates with %s: %d pairs this run in %.1f s (%.0f pairs/s); "
              "tokens fetched %.1f MB for %.1f MB of distinct candidates (%s), %d stray pairs (%.1f MB of query "
@@ -253,7 +313,8 @@ def _write_manifest(config: RerankConfig, res: RerankResult, plan: RerankPlan, s
         "failed_score_partitions": res.failed_score_partitions,
         "complete": not failures and not res.failed_search_partitions,
         "state": state.metadata(), "plan": plan.to_json(), "reranker": res.reranker, "rerankers": res.rerankers,
-        "rerank_seconds": res.rerank_seconds, "candidates": res.candidates,
+        "rerank_seconds": res.rerank_seconds, "candidates": res.candidates, "adaptive": plan.adaptive,
+        "pairs_scored": res.pairs_scored,
         "backbone": config.backbone, "database_store": config.database_store, "query_store": config.query_store,
         "index_dir": config.index_dir, "num_queries": res.num_queries, "num_pairs": res.num_pairs,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -282,6 +343,8 @@ def register_cli(subparsers) -> None:
     p.add_argument("--candidates", type=int)
     p.add_argument("--partition-queries", type=int)
     p.add_argument("--rerank-dtype", choices=("float32", "bfloat16"))
+    p.add_argument("--adaptive", metavar="RULE.yaml", help="adaptive candidate counts: one rule per reranker "
+                   "(rounds, stop, gate; as `r2f evaluate --sweep-adaptive --write-rule` writes it)")
     add_image_size_argument(p)
     p.set_defaults(func=_cli)
 
@@ -292,6 +355,8 @@ def _cli(args: argparse.Namespace) -> int:
     cfg = config_from_args(RerankConfig, args, ("queries", "query_store", "database_store", "index_dir", "results",
                                                 "backbone", "checkpoint", "reranker", "candidates", "image_size",
                                                 "partition_queries", "rerank_dtype"))
+    if args.adaptive:
+        cfg.adaptive = read_rule(args.adaptive)
     res = run(cfg)
     ratio = f"{res.token_ratio:.2f}x" if res.token_ratio else "-"
     print(f"{res.num_queries} queries x {res.candidates} candidates reranked with {res.reranker}: "

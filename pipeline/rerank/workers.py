@@ -86,7 +86,7 @@ class PartitionWorker:
         from .route import read_bounds
         self.job = job
         self.layout = ResultsLayout(job.results)
-        self.files = getattr(self.layout, self.phase)
+        self.files = self.layout.phase_files(self.phase, job.round)
         ctx = ray.get_runtime_context()
         self.node_id, self.pid = ctx.get_node_id(), os.getpid()
         self.catalog = ray.get(catalog[0])
@@ -272,7 +272,8 @@ class ScoreWorker(PartitionWorker):
 
     kind = "score partition"
     phase = "scores"
-    empty = {"pairs": 0, "fetched_bytes": 0, "candidate_rows": np.zeros(0, np.int64)}
+    empty = {"pairs": 0, "fetched_bytes": 0, "candidate_rows": np.zeros(0, np.int64), "started": 0.0,
+             "finished": 0.0}
 
     def __init__(self, job: RerankJob, catalog: list):
         from .tokens import ChunkCache
@@ -291,27 +292,39 @@ class ScoreWorker(PartitionWorker):
         from .route import TokenRows, candidate_pairs, owner_of, partition_routes
         from .strays import owned_strays, stray_query_tokens
 
+        started = time.time()
         qc, cc = self.caches
         shape, dtype = qc.array.shape[1:], qc.array.dtype
         rt = partition_routes(self.job.results, self.bounds, q)
         pairs = candidate_pairs(rt, self.catalog)
         local = np.flatnonzero(owner_of(pairs["row"], self.bounds) == q)
         st = owned_strays(self.job.results, self.bounds["searched"], q)
-        nq, ns = rt.num_rows, st.num_rows
+        nq = rt.num_rows
         # Query tokens stay in the tables' buffers (route rows: own queries; strays: one copy per
         # distinct stray query); each batch gathers the rows it needs (float32), nothing else is copied.
         own = TokenRows(rt.column("query_tokens"), shape, dtype)
         stray, stray_at = stray_query_tokens(st, shape, dtype)
+        # This round's pairs: positions in its window, below the query's prefix for some reranker.
+        qids = rt.column("query_id").to_numpy()
+        own_prefix = self._prefixes(q, qids)
+        own_active = self._active(pairs["gi"][local], None if own_prefix is None else
+                                  {n: v[pairs["qi"][local]] for n, v in own_prefix.items()})
+        st_active = self._active(st.column("gi").to_numpy(), self._stray_prefixes(st))
+        keep_own = np.any(list(own_active.values()), axis=0) if own_active else np.zeros(len(local), bool)
+        keep_st = np.flatnonzero(np.any(list(st_active.values()), axis=0) if st_active else np.zeros(st.num_rows, bool))
+        local = local[keep_own]
+        active = {n: np.r_[own_active[n][keep_own], st_active[n][keep_st]] for n in self.scorers}
+        ns = len(keep_st)
         # Token locality: own queries by their top-1 candidate's row, then the strays (sorted by
         # candidate row already); pairs by candidate chunk.
         qpos = np.empty(nq, np.int64)
         qpos[locality_order(rt.column("top1_row").to_numpy())] = np.arange(nq)
-        tok_idx = np.r_[pairs["qi"][local], nq + stray_at]
-        rows = np.r_[pairs["row"][local], st.column("candidate_row").to_numpy()].astype(np.int64)
+        tok_idx = np.r_[pairs["qi"][local], nq + stray_at[keep_st]]
+        rows = np.r_[pairs["row"][local], st.column("candidate_row").to_numpy()[keep_st]].astype(np.int64)
         sched = pair_schedule(np.r_[qpos[pairs["qi"][local]], nq + np.arange(ns)], rows, cc.chunk_rows)
         n = len(rows)
         before = cc.fetched_bytes
-        scores = {name: np.empty(n, np.float32) for name in self.scorers}
+        scores = {name: np.full(n, np.nan, np.float32) for name in self.scorers}
         seconds = {name: 0.0 for name in self.scorers}
         step = max(1, int(self.job.batch_pairs))
         for a in range(0, n, step):
@@ -323,29 +336,176 @@ class ScoreWorker(PartitionWorker):
             stray.gather_into(qtok, np.flatnonzero(~mine), ti[~mine] - nq)
             ctok = cc.read(rows[sel])
             for name, scorer in self.scorers.items():
+                on = active[name][sel]
+                if not on.any():
+                    continue
                 t = time.perf_counter()
-                scores[name][sel] = scorer.score(qtok, ctok)
+                if on.all():
+                    scores[name][sel] = scorer.score(qtok, ctok)
+                else:
+                    scores[name][sel[on]] = scorer.score(qtok[on], ctok[on])
                 seconds[name] += time.perf_counter() - t
         fetched = cc.fetched_bytes - before
-        origin = np.r_[np.full(len(local), q, np.int32), st.column("origin").to_numpy()].astype(np.int32)
-        qid = np.r_[rt.column("query_id").to_numpy()[pairs["qi"][local]], st.column("query_id").to_numpy()]
-        gi = np.r_[pairs["gi"][local], st.column("gi").to_numpy()].astype(np.int32)
+        origin = np.r_[np.full(len(local), q, np.int32), st.column("origin").to_numpy()[keep_st]].astype(np.int32)
+        qid = np.r_[qids[pairs["qi"][local]], st.column("query_id").to_numpy()[keep_st]]
+        gi = np.r_[pairs["gi"][local], st.column("gi").to_numpy()[keep_st]].astype(np.int32)
         order = np.lexsort((gi, qid, origin))
         schema = scores_schema(list(self.scorers))
         table = pa.table({"origin": origin, "query_id": qid.astype(np.int64), "gi": gi,
-                          **{f"score_{name}": v for name, v in scores.items()}}, schema=schema).take(pa.array(order))
-        lay = self.layout
-        fs, path = storage.filesystem(lay.scores.file(q))
+                          **{f"score_{name}": pa.array(v, pa.float32(), mask=np.isnan(v))
+                             for name, v in scores.items()}}, schema=schema).take(pa.array(order))
+        files = self.files
+        fs, path = storage.filesystem(files.file(q))
         storage.makedirs(fs, path.rsplit("/", 1)[0])
         with fs.open(path, "wb") as f:
             pq.write_table(table, f, row_group_size=SCORES_ROW_GROUP)
         distinct = np.unique(rows)
-        storage.write_json(lay.scores.progress(q), {
-            "score_partition": q, "queries": nq, "pairs": n, "own_pairs": int(len(local)), "stray_pairs": ns,
-            "stray_queries": int(len(stray)),
+        finished = time.time()
+        storage.write_json(files.progress(q), {
+            "score_partition": q, "round": self.job.round, "queries": nq, "pairs": n, "own_pairs": int(len(local)),
+            "stray_pairs": ns, "stray_queries": int(len(stray)),
+            "pairs_scored": {name: int(v.sum()) for name, v in active.items()},
             "fetched_token_bytes": fetched, "distinct_candidates": int(len(distinct)), "rerank_seconds": seconds,
+            "started": started, "finished": finished,
             "node_id": self.node_id, "pid": self.pid, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-        return {"pairs": n, "fetched_bytes": fetched, "candidate_rows": distinct}
+        return {"pairs": n, "fetched_bytes": fetched, "candidate_rows": distinct, "started": started,
+                "finished": finished}
+
+    def _active(self, gi: np.ndarray, prefix: dict[str, np.ndarray] | None) -> dict[str, np.ndarray]:
+        """Per reranker: which of these pairs (positions ``gi`` in their K lists) this round scores:
+        in the round's window and, after round 0, below the query's prefix length."""
+        lo, hi = self.job.window(self.job.round)
+        inside = (gi >= lo) & (gi < hi)
+        if prefix is None:
+            return {n: inside for n in self.scorers}
+        return {n: inside & (gi < prefix[n]) for n in self.scorers}
+
+    def _prefixes(self, p: int, qids: np.ndarray) -> dict[str, np.ndarray] | None:
+        """Prefix length per reranker of queries ``qids`` of partition ``p`` (None in round 0,
+        where every query scores the whole window)."""
+        if self.job.round == 0 or not self.job.rules:
+            return None
+        return prefixes_of(self.layout, self.job.round, p, qids, list(self.scorers))
+
+    def _stray_prefixes(self, st: pa.Table) -> dict[str, np.ndarray] | None:
+        """The same for the strays this partition owns, from their origin partitions' prefix files
+        (one partition's file at a time)."""
+        if self.job.round == 0 or not self.job.rules:
+            return None
+        origin, qids = st.column("origin").to_numpy(), st.column("query_id").to_numpy()
+        out = {n: np.zeros(len(qids), np.int64) for n in self.scorers}
+        lo, hi = self.job.window(self.job.round)
+        gi = st.column("gi").to_numpy()
+        for o in np.unique(origin[(gi >= lo) & (gi < hi)]):
+            at = np.flatnonzero(origin == o)
+            for n, v in prefixes_of(self.layout, self.job.round, int(o), qids[at], list(self.scorers)).items():
+                out[n][at] = v
+        return out
+
+
+PREFIX_SCHEMA_BASE = [("query_id", pa.int64())]
+
+
+def prefixes_of(layout: ResultsLayout, i: int, p: int, qids: np.ndarray, names: list[str]) -> dict[str, np.ndarray]:
+    """Round ``i``'s prefix length per reranker of queries ``qids`` of score partition ``p``."""
+    files = layout.prefixes(i)
+    if not storage.exists(files.progress(p)):
+        raise RuntimeError(f"partition {p} has no prefix lengths for round {i} (see {files.failure(p)})")
+    t = storage.read_parquet(files.file(p))
+    have = t.column("query_id").to_numpy()
+    at = np.minimum(np.searchsorted(have, qids), max(0, len(have) - 1))
+    if len(qids) and (not len(have) or (have[at] != qids).any()):
+        raise RuntimeError(f"round {i} prefix file of partition {p} lacks queries of its score rows")
+    return {n: t.column(f"prefix_{n}").to_numpy()[at].astype(np.int64) for n in names}
+
+
+# ---------------------------------------------------------------- the scores of one partition's pairs
+def gather_scores(layout: ResultsLayout, bounds: dict[str, Any], results: str, p: int, rt: pa.Table,
+                  pairs: dict[str, np.ndarray], scorers: list[str], rounds) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Each pair's score per reranker (NaN: not scored) from the score files of ``rounds`` of the
+    partitions owning its candidates (sorted by origin: only p's row groups are read), and which
+    pairs have a score row. A pair with two score rows, or a row that is no pair of p, is an error."""
+    from .route import owner_of, read_range
+    n = len(pairs["qi"])
+    out = {name: np.full(n, np.nan, np.float32) for name in scorers}
+    seen = np.zeros(n, bool)
+    if n == 0:
+        return out, seen
+    owners = np.unique(owner_of(pairs["row"], bounds)).tolist()
+    ids = rt.column("query_id").to_numpy()
+    sorter = np.argsort(ids, kind="stable")
+    k = len(rt.column("candidate_id")[0])
+    slot = np.full(rt.num_rows * k, -1, np.int64)
+    slot[pairs["qi"] * k + pairs["gi"]] = np.arange(n)
+    schema = scores_schema(scorers)
+    for j in rounds:
+        files = layout.round_scores(j)
+        missing = [o for o in owners if not storage.exists(files.progress(o))]
+        if missing:
+            raise RuntimeError(f"score partition(s) {missing} scored no pairs in round {j} (see "
+                               f"{files.failure(missing[0]).rsplit('/', 1)[0]}/); this partition's candidates in "
+                               f"their rows have no score")
+        tables = [read_range(files.file(o), "origin", p, p + 1, schema) for o in owners]
+        sc = pa.concat_tables([t for t in tables if t.num_rows] or [schema.empty_table()])
+        got_ids = sc.column("query_id").to_numpy()
+        at = sorter[np.minimum(np.searchsorted(ids[sorter], got_ids), len(ids) - 1)]
+        if len(got_ids) and not (ids[at] == got_ids).all():
+            raise RuntimeError(f"partition {p}: round {j} score rows of queries outside it in partitions {owners}")
+        take = slot[at * k + sc.column("gi").to_numpy()]
+        if (take < 0).any() or seen[take].any() or len(np.unique(take)) != len(take):
+            raise RuntimeError(f"partition {p}: round {j} score rows in partitions {owners} that are no pair of it, "
+                               f"or a pair scored twice")
+        seen[take] = True
+        for name in scorers:
+            out[name][take] = sc.column(f"score_{name}").to_numpy(zero_copy_only=False)
+    return out, seen
+
+
+def score_matrix(rt: pa.Table, pairs: dict[str, np.ndarray], values: np.ndarray) -> np.ndarray:
+    """(queries, K) of per-pair ``values`` at their positions in the K lists; NaN where no pair is."""
+    k = len(rt.column("candidate_id")[0]) if rt.num_rows else 0
+    m = np.full((rt.num_rows, k), np.nan, np.float64)
+    m[pairs["qi"], pairs["gi"]] = values
+    return m
+
+
+class PrefixWorker(PartitionWorker):
+    """Before round i of an adaptive run, score partition p: each query's prefix length per
+    reranker (``adaptive.prefix_lengths`` over the scores of rounds < i) ─►
+    ``rounds/round-i/prefix-PPPPP.parquet`` (query id, ``prefix_<n>``; sorted by query id), then
+    its marker. Ray tasks (``prefix_batch``)."""
+
+    kind = "prefix partition"
+    phase = "prefixes"
+    empty = {"queries": 0}
+
+    def work(self, p: int) -> dict[str, int]:
+        from .adaptive import prefix_lengths
+        from .route import candidate_pairs, partition_routes
+
+        i, k = self.job.round, self.job.candidates
+        rt = partition_routes(self.job.results, self.bounds, p, ["query_id", "candidate_id", "global_score"])
+        pairs = candidate_pairs(rt, self.catalog)
+        scorers = list(self.job.scorers)
+        scores, _ = gather_scores(self.layout, self.bounds, self.job.results, p, rt, pairs, scorers, range(i))
+        known = self.job.window(i)[0]
+        g = score_matrix(rt, pairs, pairs["global_score"])
+        cols = {"query_id": rt.column("query_id").to_numpy().astype(np.int64)}
+        for name in scorers:
+            cols[f"prefix_{name}"] = prefix_lengths(self.job.rules[name], score_matrix(rt, pairs, scores[name]), g,
+                                                    k, known=known).astype(np.int32)
+        table = pa.table(cols)
+        table = table.take(pa.array(np.argsort(cols["query_id"], kind="stable")))
+        storage.write_parquet(self.files.file(p), table)
+        storage.write_json(self.files.progress(p), {
+            "prefix_partition": p, "round": i, "queries": rt.num_rows,
+            "continuing": {n: int((cols[f"prefix_{n}"] > known).sum()) for n in scorers},
+            "node_id": self.node_id, "pid": self.pid})
+        return {"queries": rt.num_rows}
+
+
+def prefix_batch(batch: dict[str, np.ndarray], job: RerankJob, catalog: list) -> dict[str, np.ndarray]:
+    return PrefixWorker(job, catalog)(batch)
 
 
 # ---------------------------------------------------------------- phase 4: commit one results part
@@ -362,33 +522,26 @@ class CommitWorker(PartitionWorker):
     empty = {"pairs": 0, "queries": 0}
 
     def _gather(self, p: int, rt: pa.Table, pairs: dict[str, np.ndarray], scorers: list[str]) -> dict[str, np.ndarray]:
-        """Each pair's score per reranker, from the score files of the partitions owning its candidate."""
-        from .route import owner_of, read_range
-        lay = self.layout
-        owners = np.unique(owner_of(pairs["row"], self.bounds)).tolist()
-        missing = [o for o in owners if not storage.exists(lay.scores.progress(o))]
-        if missing:
-            raise RuntimeError(f"score partition(s) {missing} scored no pairs (see {self.job.results}/scores/"
-                               f"failures/); this partition's candidates in their rows have no score")
-        schema = scores_schema(scorers)
-        tables = [read_range(lay.scores.file(o), "origin", p, p + 1, schema) for o in owners]
-        sc = pa.concat_tables([t for t in tables if t.num_rows] or [schema.empty_table()])
-        ids = rt.column("query_id").to_numpy()
-        sorter = np.argsort(ids, kind="stable")
-        got_ids = sc.column("query_id").to_numpy()
-        at = sorter[np.minimum(np.searchsorted(ids[sorter], got_ids), len(ids) - 1)]
-        k = len(rt.column("candidate_id")[0])
-        n = len(pairs["qi"])
-        if sc.num_rows != n or not (ids[at] == got_ids).all():
-            raise RuntimeError(f"partition {p} has {n} pairs but {sc.num_rows} scores in the score files of "
-                               f"partitions {owners}")
-        slot = np.full(rt.num_rows * k, -1, np.int64)
-        slot[at * k + sc.column("gi").to_numpy()] = np.arange(sc.num_rows)
-        take = slot[pairs["qi"] * k + pairs["gi"]]
-        if (take < 0).any():
-            raise RuntimeError(f"partition {p}: {int((take < 0).sum())} pairs have no score in the score files of "
-                               f"partitions {owners}")
-        return {name: sc.column(f"score_{name}").to_numpy()[take] for name in scorers}
+        """Each pair's score per reranker (NaN where the run did not score it), from every round's
+        score files of the partitions owning its candidates. A fixed run scores every pair once; an
+        adaptive one exactly the pairs below the query's final prefix (``adaptive.prefix_lengths``
+        over all its scores), no more, no fewer."""
+        from .adaptive import prefix_lengths
+        scores, seen = gather_scores(self.layout, self.bounds, self.job.results, p, rt, pairs, scorers,
+                                     range(len(self.job.rounds)))
+        if not self.job.rules:
+            if not seen.all():
+                raise RuntimeError(f"partition {p}: {int((~seen).sum())} pairs have no score in the score files")
+            return scores
+        g = score_matrix(rt, pairs, pairs["global_score"])
+        for name in scorers:
+            length = prefix_lengths(self.job.rules[name], score_matrix(rt, pairs, scores[name]), g,
+                                    self.job.candidates)
+            want = pairs["gi"] < length[pairs["qi"]]
+            if (want != ~np.isnan(scores[name])).any():
+                raise RuntimeError(f"partition {p}: reranker {name} scored {int((~np.isnan(scores[name])).sum())} "
+                                   f"pairs where its rule asks for {int(want.sum())}")
+        return scores
 
     def work(self, p: int) -> dict[str, int]:
         from .route import ROUTE_SCHEMA, candidate_pairs, partition_routes
@@ -425,15 +578,23 @@ class CommitWorker(PartitionWorker):
         }
         for name in names:
             cols[f"rank_{name}"] = ranks[name]
-            cols[f"rerank_score_{name}"] = scores[name].astype(np.float32)
+            cols[f"rerank_score_{name}"] = _nullable(scores[name])
+        cols["rerank_score"] = _nullable(scores[first])
         table = pa.table(cols, schema=schema).take(pa.array(order))
-        write_part(self.job.results, p, table, self._marker(nq, n))
+        scored = {name: int((~np.isnan(scores[name])).sum()) for name in scorers}
+        write_part(self.job.results, p, table, self._marker(nq, n, scored))
         return {"pairs": n, "queries": nq}
 
-    def _marker(self, queries: int, pairs: int) -> dict[str, Any]:
+    def _marker(self, queries: int, pairs: int, scored: dict[str, int] | None = None) -> dict[str, Any]:
         # Token bytes and scoring seconds are the score partitions' (scores/progress/).
-        return {"queries": queries, "pairs": pairs, "node_id": self.node_id, "pid": self.pid,
-                "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        return {"queries": queries, "pairs": pairs, "pairs_scored": scored or {}, "node_id": self.node_id,
+                "pid": self.pid, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def _nullable(values: np.ndarray) -> pa.Array:
+    """Scores as float32, null where the pair was not scored (NaN)."""
+    v = np.asarray(values, np.float32)
+    return pa.array(v, pa.float32(), mask=np.isnan(v))
 
 
 def commit_batch(batch: dict[str, np.ndarray], job: RerankJob, catalog: list) -> dict[str, np.ndarray]:
