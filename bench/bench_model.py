@@ -16,6 +16,7 @@ Weights are the parity fixture's formula weights and the tokens are the fixture'
 features (row-permuted copies make 100 candidates), so the figures are for real token statistics.
 
     .venv/bin/python bench/bench_model.py [--threads 2] [--pairs 100] [--baseline-pairs 8] [--no-baseline]
+    .venv/bin/python bench/bench_model.py --smoke    # 1 image at 128x160, 4 pairs at T = 64, 256^2 matmul
 """
 from __future__ import annotations
 
@@ -87,9 +88,10 @@ def load_reranker():
     return rr.eval()
 
 
-def candidate_tokens(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """The fixture's query image 0 tokens and ``n`` candidates: its 4 token sets, rows shuffled."""
-    lf = torch.from_numpy(np.load(PARITY / "fixture.npz")["local_features"])
+def candidate_tokens(n: int, seed: int = 0, tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fixture's query image 0 tokens and ``n`` candidates: its 4 token sets, rows shuffled.
+    ``tokens``: only the first (best-attended) T rows of each set, what a ``num_local = T`` model keeps."""
+    lf = torch.from_numpy(np.load(PARITY / "fixture.npz")["local_features"])[:, :tokens]
     g = torch.Generator().manual_seed(seed)
     cands = torch.stack([lf[i % 4][torch.randperm(lf.shape[1], generator=g)] for i in range(n)])
     return lf[0:1].expand(n, -1, -1).contiguous(), cands
@@ -133,14 +135,14 @@ def official_style_logits(rr, x_rerank: torch.Tensor, y_rerank: torch.Tensor) ->
 
 
 # ---------------------------------------------------------------------------- memory (subprocess)
-def _memory_child(pairs: int, threads: int, style: str) -> None:
+def _memory_child(pairs: int, threads: int, style: str, tokens: int | None) -> None:
     torch.set_num_threads(threads)
     rr = load_reranker()
     if style == "official":
         # timm 0.5.4 (the release's) attention: explicit softmax(q k^T) matrices, no fused kernel
         for blk in [*rr.blocks, *rr.blocks_2]:
             blk.attn.fused_attn = False
-    q, c = candidate_tokens(pairs)
+    q, c = candidate_tokens(pairs, tokens=tokens)
     with torch.no_grad():       # warm-up on 2 pairs so one-time allocations are not counted
         (official_style_logits(rr, q[:2], c[:2]) if style == "official" else rr(q[:2], c[:2]))
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -185,9 +187,10 @@ class _RssSampler:
         return (self.peak - self.start_rss) / 2 ** 20
 
 
-def memory_run(pairs: int, threads: int, style: str) -> dict:
+def memory_run(pairs: int, threads: int, style: str, tokens: int) -> dict:
     out = subprocess.run([sys.executable, __file__, "--memory-child", style, "--pairs", str(pairs),
-                          "--threads", str(threads)], capture_output=True, text=True, check=True)
+                          "--threads", str(threads), "--tokens", str(tokens)], capture_output=True, text=True,
+                         check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -200,10 +203,18 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--baseline-pairs", type=int, default=8, help="pairs for the official-style reranker")
     ap.add_argument("--no-baseline", action="store_true")
+    ap.add_argument("--tokens", type=int, default=500, help="tokens per side (the fixture's first T rows)")
+    ap.add_argument("--image-size", default="480,640", help="H,W of the extraction images (multiples of 16)")
+    ap.add_argument("--matmul", type=int, default=2048, help="side of the reference torch.matmul")
+    ap.add_argument("--smoke", action="store_true", help="the smallest setting (tests/test_bench_scripts.py)")
     ap.add_argument("--memory-child", choices=["ours", "official"], help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.smoke:
+        args.pairs, args.batch, args.repeat, args.baseline_pairs = 4, 1, 1, 2
+        args.tokens, args.image_size, args.matmul = 64, "128,160", 256
     if args.memory_child:
-        return _memory_child(args.pairs, args.threads, args.memory_child)
+        return _memory_child(args.pairs, args.threads, args.memory_child, args.tokens)
+    H, W = (int(v) for v in args.image_size.split(","))
 
     from pipeline.device import choose_device
     from pipeline.model import normalize_images
@@ -217,16 +228,18 @@ def main() -> None:
     # --- extraction
     u8 = torch.from_numpy(np.load(PARITY / "fixture.npz")["images"])
     images = normalize_images(u8.repeat((args.batch + 3) // 4, 1, 1, 1)[:args.batch])
+    if (H, W) != tuple(images.shape[2:]):
+        images = F.interpolate(images, size=(H, W), mode="bilinear", align_corners=False)
     model.extract(images)
     flops = count_flops(lambda: model.extract(images[:1])) + attention_flops(model, images[:1])
     sec = _best(lambda: model.extract(images), args.repeat)
-    mm = matmul_gflops()
-    print(f"extraction 480x640: {args.batch / sec:.2f} images/s ({sec / args.batch * 1000:.0f} ms/image), "
+    mm = matmul_gflops(args.matmul)
+    print(f"extraction {H}x{W}: {args.batch / sec:.2f} images/s ({sec / args.batch * 1000:.0f} ms/image), "
           f"{flops / 1e9:.1f} GFLOP/image -> {flops * args.batch / sec / 1e9:.0f} GFLOP/s achieved; "
-          f"plain torch.matmul 2048^2: {mm:.0f} GFLOP/s ({flops * args.batch / sec / 1e9 / mm:.0%})")
+          f"plain torch.matmul {args.matmul}^2: {mm:.0f} GFLOP/s ({flops * args.batch / sec / 1e9 / mm:.0%})")
 
     # --- reranking speed
-    q, c = candidate_tokens(args.pairs)
+    q, c = candidate_tokens(args.pairs, tokens=args.tokens)
     model.rerank_logits(q[:4], c[:4])
     sec = _best(lambda: model.rerank_logits(q, c), args.repeat)
     logits = model.rerank_logits(q, c)
@@ -241,7 +254,7 @@ def main() -> None:
           f"(match score by {(ph - p).abs().max().item():.2e}) over {args.pairs} pairs")
 
     # --- memory, our reranker
-    ours = memory_run(args.pairs, args.threads, "ours")
+    ours = memory_run(args.pairs, args.threads, "ours", args.tokens)
     print(f"memory, rerank {args.pairs} candidates (fresh process): +{ours['delta_mib']:.0f} MiB over the "
           f"loaded state (sampled RSS +{ours['sampled_delta_mib']:.0f}, ru_maxrss +{ours['maxrss_delta_mib']:.0f}; "
           f"process peak RSS {ours['peak_mib']:.0f} MiB, of which ~600 MiB is importing torch), "
@@ -249,7 +262,7 @@ def main() -> None:
 
     if not args.no_baseline:
         n = args.baseline_pairs
-        base = memory_run(n, args.threads, "official")
+        base = memory_run(n, args.threads, "official", args.tokens)
         scaled = base["seconds"] * args.pairs / n
         diff = np.abs(np.array(base["logits"]) - logits[:n].numpy()).max()
         cpu_ratio = base["cpu_seconds"] * args.pairs / n / ours["cpu_seconds"]
