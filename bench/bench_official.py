@@ -31,7 +31,11 @@ the project:
         [--pairs 20,100] [--tokens 500,128,64] [--skip-extract] [--skip-sizes]
 
 ``--official`` defaults to $R2F_OFFICIAL_DIR, the interpreter to $R2F_OFFICIAL_PYTHON or
-<checkout>/../venv/bin/python. Without a checkout the script says so and exits 0.
+<checkout>/../venv/bin/python. Without a checkout (or its interpreter) the script says so, skips
+every official figure and runs the project side alone: our reranker's seconds (SDPA and blocked)
+with the per-phase profile, and the parameter / GFLOP table.
+
+    .venv/bin/python bench/bench_official.py --smoke    # T = 64, 2 pairs, 1 run; sizes at 224 x 224 only
 """
 from __future__ import annotations
 
@@ -197,6 +201,30 @@ def phase_profile(rr, q, c, repeats: int) -> None:
 
 
 # ---------------------------------------------------------------------------- sections
+def bench_rerank_ours(model, pairs: list[int], tokens: list[int], warmup: int, repeats: int, profile: bool) -> None:
+    """Our side of ``bench_rerank`` alone (no official checkout): SDPA and blocked attention."""
+    print("\n== reranker, ours only (bench/bench_official.py; no official checkout): seconds for P pairs, "
+          f"median of {repeats} alternating runs after {warmup} warm-ups, float32, no_grad ==")
+    print(f"{'T':>4} {'P':>4} {'ours s':>8} {'ours-blocked s':>14}  load")
+    rr = model.reranker.eval()
+    for T in tokens:
+        for P in pairs:
+            q, c = token_sets(P, T)
+
+            def blocked_run():
+                rr.cpu_attention = "blocked"
+                try:
+                    return timed(lambda: model.rerank_logits(q, c))()
+                finally:
+                    rr.cpu_attention = "sdpa"
+            med = alternate({"ours": timed(lambda: model.rerank_logits(q, c)), "ours-blocked": blocked_run},
+                            warmup, repeats)
+            print(f"{T:>4} {P:>4} {med['ours']:>8.3f} {med['ours-blocked']:>14.3f}  {load()}", flush=True)
+    if profile:
+        q, c = token_sets(min(pairs), max(tokens))
+        phase_profile(rr, q, c, max(3, repeats // 2))
+
+
 def bench_rerank(official: Official, model, tmp: Path, pairs: list[int], tokens: list[int],
                  warmup: int, repeats: int, profile: bool) -> None:
     print("\n== reranker (bench/bench_official.py): seconds for P pairs, median of "
@@ -280,7 +308,7 @@ def _count(fn) -> tuple[float, float]:
     return layers / 2e9, sum(ops.values()) / 1e9
 
 
-def bench_sizes(model) -> None:
+def bench_sizes(model, sizes=((480, 640), (224, 224))) -> None:
     from bench_model import attention_flops
     from pipeline.model.efficientnet import EfficientNetLite0VPR
     eff = EfficientNetLite0VPR().eval()
@@ -288,7 +316,7 @@ def bench_sizes(model) -> None:
     print("\n== model size (bench/bench_official.py); GMAC = Linear + Conv multiply-accumulates (what "
           "module-hook counters report as 'FLOPs'), GFLOP = all counted operations x 2 incl. attention ==")
     print("supplementary table 3: " + "; ".join(f"{k} {p} M / {f} GFLOPs" for k, (p, f) in TABLE3.items()))
-    for H, W in ((480, 640), (224, 224)):
+    for H, W in sizes:
         x = torch.zeros(1, 3, H, W)
         from pipeline.model import R2Former
         m = R2Former(img_size=(H, W), init_weights=False).eval()
@@ -321,18 +349,26 @@ def main() -> int:
     ap.add_argument("--skip-extract", action="store_true")
     ap.add_argument("--skip-sizes", action="store_true")
     ap.add_argument("--no-profile", action="store_true")
+    ap.add_argument("--smoke", action="store_true", help="the smallest setting (tests/test_bench_scripts.py)")
     args = ap.parse_args()
-    checkout = Path(args.official) if args.official else None
-    if checkout is None or not (checkout / "model" / "R2Former.py").is_file():
-        print(f"official R2Former checkout not found ({checkout or 'set --official or R2F_OFFICIAL_DIR'}); "
-              f"nothing to compare, skipping (see this script's docstring to set it up)")
-        return 0
-    python = args.official_python or str(checkout.parent / "venv" / "bin" / "python")
-    if not Path(python).exists():
-        print(f"official venv interpreter {python} not found; skipping (pass --official-python)")
-        return 0
+    sizes = ((480, 640), (224, 224))
+    if args.smoke:
+        args.pairs, args.tokens, args.warmup, args.repeats, args.extract_batch = "2", "64", 0, 1, 1
+        sizes = ((224, 224),)
+    pairs, tokens = [int(p) for p in args.pairs.split(",")], [int(t) for t in args.tokens.split(",")]
     sys.path.insert(0, str(ROOT / "bench"))
     torch.set_num_threads(args.threads)
+    python, missing = official_side(args)
+    if missing:
+        print(f"{missing}; official side skipped, running the project side only "
+              f"(see this script's docstring to set the official code up)", flush=True)
+        model = our_model(formula_weights())
+        if not args.skip_rerank:
+            bench_rerank_ours(model, pairs, tokens, args.warmup, args.repeats, not args.no_profile)
+        if not args.skip_sizes:
+            bench_sizes(model, sizes)
+        return 0
+    checkout = Path(args.official)
     sd = formula_weights()
     model = our_model(sd)
     with tempfile.TemporaryDirectory(prefix="bench_official_") as d:
@@ -345,16 +381,25 @@ def main() -> int:
                   f"(stubbed unused imports: {', '.join(official.info['stubbed']) or 'none'}); "
                   f"torch.compile: not used; {load()}")
             if not args.skip_rerank:
-                bench_rerank(official, model, tmp, [int(p) for p in args.pairs.split(",")],
-                             [int(t) for t in args.tokens.split(",")], args.warmup, args.repeats,
-                             not args.no_profile)
+                bench_rerank(official, model, tmp, pairs, tokens, args.warmup, args.repeats, not args.no_profile)
             if not args.skip_extract:
                 bench_extract(official, model, tmp, args.extract_batch, args.warmup, args.repeats)
         finally:
             official.close()
     if not args.skip_sizes:
-        bench_sizes(model)
+        bench_sizes(model, sizes)
     return 0
+
+
+def official_side(args) -> tuple[str | None, str | None]:
+    """(interpreter of the official venv, None), or (None, why the official side cannot run)."""
+    checkout = Path(args.official) if args.official else None
+    if checkout is None or not (checkout / "model" / "R2Former.py").is_file():
+        return None, f"official R2Former checkout not found ({checkout or 'set --official or R2F_OFFICIAL_DIR'})"
+    python = args.official_python or str(checkout.parent / "venv" / "bin" / "python")
+    if not Path(python).exists():
+        return None, f"official venv interpreter {python} not found (pass --official-python)"
+    return python, None
 
 
 if __name__ == "__main__":
