@@ -25,6 +25,12 @@ Training: day_left queries, day_right database, positives within ``--positive-ra
 
 Stores, mined negatives and training runs are cached under ``--work``, keyed by their settings,
 so a rerun with other training flags extracts and mines nothing again.
+
+    .venv/bin/python bench/gardens_point_protocol.py --smoke
+
+``--smoke`` runs every step at the smallest size, in a temporary ``--work``: 8 training places,
+12 evaluation places (val 80-85, test 86-91), 128x224 images, K = 2, 4, one training step on one
+Ray Train worker. Ray: the cluster named by ``RAY_ADDRESS`` when set, else a local one.
 """
 from __future__ import annotations
 
@@ -61,10 +67,23 @@ TOL = 2.0            # frames: a retrieved image within 2 places of the query is
 MINE_RADIUS = 2.0    # frames: soft positives left out of the mined negatives
 KS = (10, 20)        # candidates reranked
 NS = (1, 5, 10)
+MINE_TOP = 100       # hardest negatives mined per training query
+TRAIN_BATCH, TRAIN_WORKERS, MAX_STEPS = 16, 2, 0
 # name, traverse, first place, end place (exclusive)
 SPLITS = [("train_q", "day_left", 0, 80), ("train_db", "day_right", 0, 80),
           ("eval_db", "day_right", 80, 200), ("eval_q", "night_right", 80, 200)]
 EVAL = {"val": (80, 100), "test": (100, 200)}
+
+
+def smoke_settings(args) -> None:
+    """The smallest setting that still runs every step (see the module docstring)."""
+    global SIZE, KS, MINE_TOP, SPLITS, EVAL, TRAIN_BATCH, TRAIN_WORKERS, MAX_STEPS
+    SIZE, KS, MINE_TOP = (128, 224), (2, 4), 4
+    SPLITS = [("train_q", "day_left", 0, 8), ("train_db", "day_right", 0, 8),
+              ("eval_db", "day_right", 80, 92), ("eval_q", "night_right", 80, 92)]
+    EVAL = {"val": (80, 86), "test": (86, 92)}
+    TRAIN_BATCH, TRAIN_WORKERS, MAX_STEPS = 2, 1, 1
+    args.epochs, args.negatives_top = 1, MINE_TOP
 
 
 def key(obj) -> str:
@@ -104,11 +123,11 @@ def extract_stores(work: Path, data: Path) -> dict[str, str]:
 
 
 def mined(work: Path, stores: dict[str, str]) -> str:
-    out = work / "mined" / key([stores["train_q"], stores["train_db"], MINE_RADIUS, 100])
+    out = work / "mined" / key([stores["train_q"], stores["train_db"], MINE_RADIUS, MINE_TOP])
     if not (out / "hardest_negatives.parquet").exists():
         t0 = time.perf_counter()
         m = mine(MineConfig(queries=stores["train_q"], database=stores["train_db"], output=str(out),
-                            soft_positive_radius=MINE_RADIUS, top_k=100))
+                            soft_positive_radius=MINE_RADIUS, top_k=MINE_TOP))
         print(f"mine: {m.queries} queries, {time.perf_counter() - t0:.1f} s", flush=True)
     return str(out)
 
@@ -133,10 +152,12 @@ def train_reranker(work: Path, stores: dict[str, str], negatives: str, args) -> 
         settings["augment_scale"] = args.augment_scale
     name = f"gp_rerank-{key([settings, stores['train_q'], stores['train_db']])}"
     extra = {"augment": args.augment, "augment_scale": args.augment_scale} if args.augment != "none" else {}
-    cfg = TrainConfig(stage="rerank", name=name, output=str(work / "runs"), backbone=BACKBONE, checkpoint=start,
-                      train=data_cfg, image_size=list(SIZE), epochs=args.epochs, batch_size=16, lr=args.lr,
-                      weight_decay=0.05, warmup_epochs=1, positive_radius=args.positive_radius,
-                      negatives_top=args.negatives_top, num_workers=2, seed=args.seed, **extra)
+    # recipe rerank on the stored tokens (the stores above hold them; no image specs needed)
+    cfg = TrainConfig(recipe="rerank", rerank_source="tokens", name=name, output=str(work / "runs"),
+                      backbone=BACKBONE, checkpoint=start, train=data_cfg, image_size=list(SIZE), epochs=args.epochs,
+                      batch_size=TRAIN_BATCH, lr=args.lr, weight_decay=0.05, warmup_epochs=1,
+                      positive_radius=args.positive_radius, negatives_top=args.negatives_top,
+                      num_workers=TRAIN_WORKERS, max_steps_per_epoch=MAX_STEPS, seed=args.seed, **extra)
     summary_path = work / "runs" / name / "protocol-summary.json"
     if summary_path.exists():
         summary = json.loads(summary_path.read_text())
@@ -228,7 +249,22 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--splits", default="val,test", help="which evaluation splits to print")
     ap.add_argument("--no-ransac", action="store_true", help="skip RANSAC (the same for every training flag)")
+    ap.add_argument("--smoke", action="store_true",
+                    help="every step at the smallest size, in a temporary --work (tests/test_bench_scripts.py)")
     args = ap.parse_args()
+    if args.smoke:
+        import shutil
+        import tempfile
+        smoke_settings(args)
+        args.work = tempfile.mkdtemp(prefix="gp_protocol_smoke_")
+        try:
+            return protocol(args)
+        finally:
+            shutil.rmtree(args.work, ignore_errors=True)
+    return protocol(args)
+
+
+def protocol(args) -> int:
     setup_logging("WARNING")
     os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
     from pipeline.cluster import ensure_ray
