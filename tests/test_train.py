@@ -70,10 +70,18 @@ def rerank_config(gp, name: str, epochs: int) -> TrainConfig:
                        val_radius=2.0, val_candidates=6, num_workers=2, official_layout=True, seed=0)
 
 
-def test_rerank_stage_learns_and_checkpoints_load_back(gp):
+def test_rerank_stage_learns_and_checkpoints_load_back(gp, s3_bucket):
+    import fsspec
+
+    from pipeline import storage
     from pipeline.model import R2Former
 
-    result = run(rerank_config(gp, "rerank", epochs=4))
+    # Stage 2 starts from the model.pt stage 1 left on S3: the workers open it from its s3:// URL.
+    start_url = f"{s3_bucket}/runs/stage1/model.pt"
+    fsspec.filesystem("s3", **storage.storage_options(s3_bucket)).put(gp["start"], start_url)
+    cfg = rerank_config(gp, "rerank", epochs=4)
+    cfg.checkpoint = start_url
+    result = run(cfg)
     assert result.epochs_run == 4 and result.metrics, "rank 0 reports metrics with its checkpoint"
     history = read_state(result.checkpoint)["history"]
     first, last = loss_went_down(history)

@@ -49,7 +49,7 @@ from typing import Any, Literal
 import numpy as np
 
 from .. import storage
-from ..config import ConfigError, from_dict, load_config, to_dict
+from ..config import ConfigError, from_dict, load_config, parse_use_gpu, to_dict
 from ..log import get_logger
 from ..model import training as mt
 from .recipes import RECIPES, STAGE_ALIASES, Recipe, build_optimizer, epoch_lr, set_lr
@@ -123,10 +123,10 @@ class TrainConfig:
 
     # distribution
     num_workers: int = 2
-    use_gpu: Literal["auto", "true", "false"] = "auto"
+    use_gpu: str = "auto"                   # auto | true | false (config.parse_use_gpu)
     cpus_per_worker: float = 1.0
     threads_per_worker: int = 1
-    address: str | None = None
+    ray_address: str | None = None
     seed: int = 0
     official_layout: bool = False
     keep_checkpoints: int = 2
@@ -186,6 +186,7 @@ class TrainResult:
 def validate(cfg: TrainConfig) -> Recipe:
     """Clear errors for configs that cannot train, before any worker starts; returns the recipe."""
     recipe = resolve_recipe(cfg, warn=False)
+    parse_use_gpu(cfg.use_gpu)
     if len(cfg.image_size) != 2 or any(s % 16 for s in cfg.image_size):
         raise ConfigError(f"image_size must be [H, W], multiples of 16, got {cfg.image_size}")
     if recipe.batch_size < cfg.num_workers:
@@ -218,8 +219,8 @@ def validate(cfg: TrainConfig) -> Recipe:
 
 # ====================================================================== model helpers
 def build_training_model(cfg: TrainConfig):
-    """The start model on CPU (float32)."""
-    from ..model import build_model
+    """The start model on CPU (float32); ``cfg.checkpoint`` from any URL (``pipeline.weights``)."""
+    from ..weights import build_model
 
     if cfg.backbone == "r2former":
         from ..model import R2Former
@@ -901,8 +902,13 @@ def run(config: TrainConfig) -> TrainResult:
     dev = deviations(config)
     if dev:
         log.warning("recipe %s with project deviations from the official one: %s", recipe.name, dev)
-    ensure_ray(config.address)
-    use_gpu = cluster_gpus() > 0 if config.use_gpu == "auto" else config.use_gpu == "true"
+    storage.check_output(config.output, "--output")  # before Ray starts or a model loads
+    if config.checkpoint:  # fails fast on a missing file; workers fetch the same object per node
+        from ..weights import fetch
+        log.info("start weights %s (%s)", config.checkpoint, fetch(config.checkpoint).sha256)
+    ensure_ray(config.ray_address)
+    wanted = parse_use_gpu(config.use_gpu)
+    use_gpu = cluster_gpus() > 0 if wanted == "auto" else wanted
     storage_path, fs = _ray_storage(config.output)
     if fs is None:
         os.makedirs(storage_path, exist_ok=True)
