@@ -9,7 +9,13 @@ top-K candidates for several K.
 
     .venv/bin/python bench/train_gardens_point.py [--work /tmp/gp_train] [--epochs 30]
 
-Runs the real pipeline: Ray Data extraction, Ray mining, Ray Train (2 CPU workers, gloo).
+Runs the real pipeline: Ray Data extraction, Ray mining, Ray Train (2 CPU workers, gloo); Ray is the
+cluster named by ``RAY_ADDRESS`` when set, else a local one.
+
+    .venv/bin/python bench/train_gardens_point.py --smoke
+
+``--smoke``: every step at the smallest size, in a temporary ``--work``: train places 0-7, test
+places 100-107, 128x224 images, top-2/4 candidates, one training step on one Ray Train worker.
 """
 from __future__ import annotations
 
@@ -38,6 +44,16 @@ from pipeline.train import DataConfig, TrainConfig, read_state, run as train  # 
 SIZE = (272, 480)
 TOL = 2.0
 KS = (1, 5, 10)
+TRAIN_PLACES, TEST_PLACES = (0, 100), (100, 200)
+MINE_TOP, TRAIN_BATCH, TRAIN_WORKERS, MAX_STEPS = 100, 16, 2, 0
+
+
+def smoke_settings(args) -> None:
+    """The smallest setting that still runs every step (see the module docstring)."""
+    global SIZE, TRAIN_PLACES, TEST_PLACES, MINE_TOP, TRAIN_BATCH, TRAIN_WORKERS, MAX_STEPS
+    SIZE, TRAIN_PLACES, TEST_PLACES = (128, 224), (0, 8), (100, 108)
+    MINE_TOP, TRAIN_BATCH, TRAIN_WORKERS, MAX_STEPS = 4, 2, 1, 1
+    args.epochs, args.candidates = 1, "2,4"
 
 
 def subset(folder: Path, lo: int, hi: int):
@@ -50,8 +66,8 @@ def extract(work: Path, data: Path) -> dict[str, str]:
     cfg = ExtractConfig(backbone="efficientnet-lite0", image_size=SIZE, batch_size=16, shard_size=64,
                         chunk_rows=16, progress=False, num_actors=1, threads_per_actor=2)
     stores = {}
-    for name, folder, lo, hi in [("train_db", "day_left", 0, 100), ("train_q", "day_right", 0, 100),
-                                 ("test_db", "day_right", 100, 200), ("test_q", "night_right", 100, 200)]:
+    for name, folder, (lo, hi) in [("train_db", "day_left", TRAIN_PLACES), ("train_q", "day_right", TRAIN_PLACES),
+                                   ("test_db", "day_right", TEST_PLACES), ("test_q", "night_right", TEST_PLACES)]:
         stores[name] = str(work / name)
         t0 = time.perf_counter()
         res = extract_dataset(subset(data / folder, lo, hi), stores[name], cfg, source=f"{folder}[{lo}:{hi}]")
@@ -91,7 +107,22 @@ def main() -> int:
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--candidates", default="5,10,20")
     ap.add_argument("--positive-radius", type=float, default=1.0)
+    ap.add_argument("--smoke", action="store_true",
+                    help="every step at the smallest size, in a temporary --work (tests/test_bench_scripts.py)")
     args = ap.parse_args()
+    if args.smoke:
+        import shutil
+        import tempfile
+        smoke_settings(args)
+        args.work = tempfile.mkdtemp(prefix="gp_train_smoke_")
+        try:
+            return experiment(args)
+        finally:
+            shutil.rmtree(args.work, ignore_errors=True)
+    return experiment(args)
+
+
+def experiment(args) -> int:
     setup_logging("WARNING")
     os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
     from pipeline.cluster import ensure_ray
@@ -104,7 +135,7 @@ def main() -> int:
     stores = extract(work, data)
     t0 = time.perf_counter()
     m = mine(MineConfig(queries=stores["train_q"], database=stores["train_db"], output=str(work / "mined"),
-                        soft_positive_radius=TOL, top_k=100))
+                        soft_positive_radius=TOL, top_k=MINE_TOP))
     print(f"mine: {m.queries} queries, {time.perf_counter() - t0:.1f} s", flush=True)
 
     # The start weights: ImageNet backbone, untrained reranker (what B's pretrained() gives).
@@ -113,17 +144,19 @@ def main() -> int:
         EfficientNetLite0VPR.pretrained().save_checkpoint(start)
     data_cfg = DataConfig(queries_store=stores["train_q"], database_store=stores["train_db"],
                           hardest_negatives=str(work / "mined"))
-    cfg = TrainConfig(stage="rerank", name="gp_rerank", output=str(work / "runs"), backbone="efficientnet-lite0",
-                      checkpoint=str(start), train=data_cfg, image_size=list(SIZE), epochs=args.epochs,
-                      batch_size=16, lr=args.lr, weight_decay=0.05, warmup_epochs=1,
-                      positive_radius=args.positive_radius, negatives_top=100, num_workers=2, seed=0)
+    # recipe rerank on the stored tokens (configs/train_gardens_point.yaml; no image specs needed)
+    cfg = TrainConfig(recipe="rerank", rerank_source="tokens", name="gp_rerank", output=str(work / "runs"),
+                      backbone="efficientnet-lite0", checkpoint=str(start), train=data_cfg, image_size=list(SIZE),
+                      epochs=args.epochs, batch_size=TRAIN_BATCH, lr=args.lr, weight_decay=0.05, warmup_epochs=1,
+                      positive_radius=args.positive_radius, negatives_top=MINE_TOP, num_workers=TRAIN_WORKERS,
+                      max_steps_per_epoch=MAX_STEPS, seed=0)
     t0 = time.perf_counter()
     result = train(cfg)
     history = read_state(result.checkpoint)["history"]
     print(f"train: {result.epochs_run} epochs, {time.perf_counter() - t0:.1f} s; loss per epoch "
           f"{[round(h['loss'], 3) for h in history]}", flush=True)
 
-    # ---- test: places 100-199, day_right database, night_right queries
+    # ---- test: places TEST_PLACES (100-199), day_right database, night_right queries
     db_pos, db_desc, db_tok = load_split(stores["test_db"])
     q_pos, q_desc, q_tok = load_split(stores["test_q"])
     glob = np.argsort(((q_desc[:, None] - db_desc[None]) ** 2).sum(-1), axis=1, kind="stable")
