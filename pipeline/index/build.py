@@ -1,16 +1,25 @@
 """Descriptors become an index: ``build(config)`` turns a finished extraction store into a new
 index version (one FAISS index per index shard, built in parallel Ray tasks).
 
-The build runs in three steps:
+The build reads as its dataflow (``build``):
 
-1. *sample* (one Ray task per index shard): a held-back sample of database descriptors used as
+1. *plan*: the index choice (from the vector count and the memory budget, or kept from a previous
+   version) and the grouping of extraction shards into index shards;
+2. *sample* (one Ray task per index shard): a held-back sample of database descriptors used as
    queries for the recall figure, and a training sample disjoint from it;
-2. *train* (driver, on all GPUs when present): one empty trained index that every shard is
+3. *train* (driver, on all GPUs when present): one empty trained index that every shard is
    filled from, so all shards share the IVF quantizer (shards can then be merged into one file,
    and the reindex stage can refill one shard without retraining);
-3. *fill* (one Ray task per index shard): add the shard's descriptors, write the shard file and
-   search the held-back queries both exactly and through the new index, so the driver can tune
-   ``nprobe`` and report recall@K of the merged result without another pass over the data.
+4. *fill* (one Ray task per index shard): add the shard's descriptors, write the shard file and
+   answer the held-back queries both exactly and through the new index (``tune``), so the
+   driver needs no other pass over the data;
+5. *merge* (only with ``merged=true``): one IVF index with on-disk inverted lists;
+6. *tune* (``tune``): ``nprobe`` and the recall@K of the merged per-shard results;
+7. *publish*: ``infos.json`` last (the version then exists for readers), then ``CURRENT``.
+
+The module is longer than one step per file would make it because the Ray tasks, the shard
+grouping and the merged-file writer are the steps' own halves (what runs on a worker beside what
+the driver plans); tuning and recall, which are a topic of their own, live in ``tune``.
 """
 from __future__ import annotations
 
@@ -32,17 +41,12 @@ from ..config import ConfigError, parse_size, parse_use_gpu
 from ..log import get_logger
 from ..timefmt import utc_now
 from . import layout as L
+from . import tune
 from .choose import IndexChoice, choose_index, gpus_to_use, new_index, to_cpu, to_device
-from .search import apply_search_params, merge_topk, recall_against_exact
 
 log = get_logger(__name__)
 
 METRIC = "inner_product"
-NPROBE_CANDIDATES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
-# Tuning stops at nprobe = nlist / 8: scanning more than an eighth of the data brings little over
-# exact search. Where the target recall needs more (uniform high-dimensional data, or K far
-# beyond the near duplicates), the reported recall says so instead of hiding a brute-force scan.
-MAX_SCAN_FRACTION = 8
 DEFAULT_K_FACTOR = 4
 SHARD_TARGET_BYTES = 1 << 30  # one index shard should load comfortably on any worker
 PARALLEL_MIN_VECTORS = 200_000  # below this one task is quicker than spreading the fill
@@ -85,6 +89,24 @@ class IndexBuildResult:
 
 
 # ---------------------------------------------------------------- entry point
+@dataclass
+class _BuildPlan:
+    """What a build indexes and how: the extraction shards, the index choice and the grouping."""
+    index_dir: str
+    manifest: dict[str, Any]
+    ext_shards: list[int]
+    counts: dict[int, int]             # rows per extraction shard
+    dim: int
+    choice: IndexChoice
+    groups: dict[int, list[int]]       # index shard -> its extraction shards
+    rebuild: set[int]                  # index shards to fill (the others are copied from previous)
+    previous: dict[str, Any] | None    # the previous version's infos.json
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+
 def build(config: IndexConfig, previous_version: str | None = None,
           rebuild_extraction_shards: Iterable[int] | None = None,
           manifest: dict[str, Any] | None = None) -> IndexBuildResult:
@@ -100,6 +122,49 @@ def build(config: IndexConfig, previous_version: str | None = None,
     indexed; by default the store's ``manifest.json``.
     """
     t0 = time.perf_counter()
+    plan = _plan(config, previous_version, rebuild_extraction_shards, manifest)
+    version = L.next_version(plan.index_dir)
+    lay = L.IndexLayout(plan.index_dir)
+    _claim_version_dir(lay.version_dir(version))
+
+    from ..cluster import ensure_ray
+
+    ensure_ray(config.ray_address)
+    gpus = _task_gpus(config, len(plan.groups))
+    template = new_index(plan.choice.factory, plan.dim)
+    needs_training = plan.previous is None and not template.is_trained
+    query_ids, queries, train = _sample_shards(config, plan, needs_training)
+    t_train = time.perf_counter()
+    trained_url, trained_meta, template = _trained_index(config, plan, lay, version, template, train)
+    train_seconds = time.perf_counter() - t_train
+    del train
+
+    nprobes = tune.nprobe_candidates(template, config.nprobe)
+    params_extra = tune.fixed_search_params(plan.choice.factory, config.k_factor)
+    filled = _fill_shards(config, plan, lay, version, trained_url, trained_meta, queries, nprobes, params_extra,
+                          gpus)
+    shard_entries = [{"shard": g, "file": L.shard_file_name(g), "extraction_shards": plan.groups[g],
+                      "num_vectors": filled[g]["num_vectors"], "bytes": filled[g]["bytes"],
+                      "checksum": filled[g]["checksum"], "rebuilt": g in plan.rebuild} for g in sorted(plan.groups)]
+    merged_entry = _merge_on_disk(plan.index_dir, version, trained_url, shard_entries) if config.merged else None
+    search_params, recall = tune.tune_and_measure(filled, query_ids, nprobes, params_extra, config.k,
+                                                  config.target_recall, config.nprobe)
+
+    infos = _infos(config, plan, shard_entries, trained_meta, merged_entry, search_params, recall,
+                   build_seconds=time.perf_counter() - t0, train_seconds=train_seconds)
+    _publish(config, plan, version, infos)
+    measured = "n/a (no held-back queries)" if recall["recall_at_k"] is None else f"{recall['recall_at_k']:.4f}"
+    log.info("index %s/%s: %s, %d vectors, recall@%d %s (%s), %.1fs", plan.index_dir, version,
+             plan.choice.factory, infos["num_vectors"], recall["k"], measured, search_params, infos["build_seconds"])
+    infos["version"] = version
+    return IndexBuildResult(version=version, index_dir=plan.index_dir, infos=infos)
+
+
+# ---------------------------------------------------------------- the build's steps
+def _plan(config: IndexConfig, previous_version: str | None, rebuild_extraction_shards: Iterable[int] | None,
+          manifest: dict[str, Any] | None) -> _BuildPlan:
+    """Check the config, read the store's row counts, and choose the index and its shards: kept
+    from ``previous_version`` when there is one, from the vector count and the budget otherwise."""
     if not config.store:
         raise ConfigError("IndexConfig.store is empty: name the extraction store to index")
     if config.k < 1 or config.held_back_queries < 0:
@@ -130,95 +195,87 @@ def build(config: IndexConfig, previous_version: str | None = None,
         rebuild = set(groups)
     log.info("indexing %d vectors (dim %d) from %d extraction shards into %d index shards as %s (%s)",
              total, dim, len(ext_shards), len(groups), choice.factory, choice.reason)
+    return _BuildPlan(index_dir, manifest, ext_shards, counts, dim, choice, groups, rebuild, previous)
 
-    version = L.next_version(index_dir)
-    lay = L.IndexLayout(index_dir)
-    _claim_version_dir(lay.version_dir(version))
 
-    from ..cluster import ensure_ray
+def _sample_shards(config: IndexConfig, plan: _BuildPlan, needs_training: bool
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """``(query ids, held-back queries, training vectors)``, one Ray task per index shard; the
+    queries are never trained on. No training vectors when the index needs no training."""
     import ray
 
-    ensure_ray(config.ray_address)
-    gpus = _task_gpus(config, len(groups))
-
-    # 1. samples: held-back queries (never trained on) and training vectors
-    template = new_index(choice.factory, dim)
-    needs_training = previous is None and not template.is_trained
-    group_rows = {g: sum(counts[s] for s in shards) for g, shards in groups.items()}
+    dim, total, groups = plan.dim, plan.total, plan.groups
+    group_rows = {g: sum(plan.counts[s] for s in shards) for g, shards in groups.items()}
     q_total = min(config.held_back_queries, max(0, total - 1))
-    t_total = _training_size(choice, total - q_total, config.max_training_vectors) if needs_training else 0
+    t_total = _training_size(plan.choice, total - q_total, config.max_training_vectors) if needs_training else 0
     q_per, t_per = _allocate(group_rows, q_total, config.seed), _allocate(group_rows, t_total, config.seed + 1)
-    sample_refs = {g: _sample_task.options(num_cpus=1).remote(
+    refs = {g: _sample_task.options(num_cpus=1).remote(
         config.store, groups[g], q_per[g], t_per[g], config.normalize, config.seed + g) for g in groups}
-    samples = {g: ray.get(ref) for g, ref in sample_refs.items()}
+    samples = {g: ray.get(ref) for g, ref in refs.items()}
     query_ids = np.concatenate([samples[g][0] for g in groups]).astype(np.int64)
     queries = np.concatenate([samples[g][1] for g in groups]).reshape(-1, dim).astype(np.float32)
+    train = (np.concatenate([samples[g][2] for g in groups]).reshape(-1, dim).astype(np.float32)
+             if needs_training else None)
+    return query_ids, queries, train
 
-    # 2. one trained, empty index shared by every shard
-    t_train = time.perf_counter()
-    if previous is not None:
-        trained_url = lay.file(version, "trained.faiss")
-        L.copy_file(L.IndexLayout(index_dir).file(previous["version"], "trained.faiss"), trained_url)
-        trained_meta = previous["trained"]
-    else:
-        if needs_training:
-            train = np.concatenate([samples[g][2] for g in groups]).reshape(-1, dim).astype(np.float32)
-            log.info("training %s on %d vectors", choice.factory, len(train))
-            on_device = to_device(template, config.use_gpu)
-            on_device.train(train)
-            template = to_cpu(on_device)
-            del train
-        trained_url = lay.file(version, "trained.faiss")
-        trained_meta = L.write_index_file(trained_url, template)
-    train_seconds = time.perf_counter() - t_train
-    del samples
 
-    # 3. fill the shards (or copy unchanged ones) and search the held-back queries
-    is_ivf = faiss.try_extract_index_ivf(template) is not None
-    nlist = faiss.extract_index_ivf(template).nlist if is_ivf else None
-    nprobes = [config.nprobe] if config.nprobe else (
-        [p for p in NPROBE_CANDIDATES if p <= max(1, nlist // MAX_SCAN_FRACTION)] if is_ivf else [])
-    k_search = min(config.k + 1, total)
-    params_extra = {"k_factor": config.k_factor} if "RFlat" in choice.factory or "Refine" in choice.factory else {}
+def _trained_index(config: IndexConfig, plan: _BuildPlan, lay: L.IndexLayout, version: str,
+                   template: faiss.Index, train: np.ndarray | None
+                   ) -> tuple[str, dict[str, Any], faiss.Index]:
+    """Write the one trained, empty index every shard is filled from: the previous version's
+    copied, or ``template`` trained on ``train`` (on all GPUs when present). Returns its URL,
+    its file entry and the template (trained when it was trained here)."""
+    trained_url = lay.file(version, "trained.faiss")
+    if plan.previous is not None:
+        L.copy_file(lay.file(plan.previous["version"], "trained.faiss"), trained_url)
+        return trained_url, plan.previous["trained"], template
+    if train is not None:
+        log.info("training %s on %d vectors", plan.choice.factory, len(train))
+        on_device = to_device(template, config.use_gpu)
+        on_device.train(train)
+        template = to_cpu(on_device)
+    return trained_url, L.write_index_file(trained_url, template), template
+
+
+def _fill_shards(config: IndexConfig, plan: _BuildPlan, lay: L.IndexLayout, version: str, trained_url: str,
+                 trained_meta: dict[str, Any], queries: np.ndarray, nprobes: list[int],
+                 params_extra: dict[str, Any], gpus: float) -> dict[int, dict[str, Any]]:
+    """Fill each index shard to rebuild (copy the others from the previous version), one Ray task
+    per shard, each also answering the held-back queries for ``tune``."""
+    import ray
+
+    k_search = min(config.k + 1, plan.total)
     queries_ref = ray.put(queries)
-    fill_refs = {}
-    for g, shards in groups.items():
+    refs = {}
+    for g, shards in plan.groups.items():
         out_url = lay.file(version, L.shard_file_name(g))
         reuse = None
-        if g not in rebuild:
-            prev_shard = next(s for s in previous["shards"] if s["shard"] == g)
-            L.copy_file(lay.file(previous["version"], prev_shard["file"]), out_url)
+        if g not in plan.rebuild:
+            prev_shard = next(s for s in plan.previous["shards"] if s["shard"] == g)
+            L.copy_file(lay.file(plan.previous["version"], prev_shard["file"]), out_url)
             reuse = {"bytes": prev_shard["bytes"], "checksum": prev_shard["checksum"]}
-        fill_refs[g] = _fill_task.options(num_cpus=1, num_gpus=gpus).remote(
+        refs[g] = _fill_task.options(num_cpus=1, num_gpus=gpus).remote(
             config.store, shards, trained_url, trained_meta, out_url, reuse, queries_ref, k_search,
             nprobes, params_extra, config.normalize, config.use_gpu)
-    filled = {g: ray.get(ref) for g, ref in fill_refs.items()}
+    return {g: ray.get(ref) for g, ref in refs.items()}
 
-    # merged exact and approximate results over all shards -> nprobe and recall@K
-    search_params, recall = _tune_and_measure(filled, query_ids, nprobes, params_extra, config)
 
-    shard_entries = []
-    for g in sorted(groups):
-        f = filled[g]
-        shard_entries.append({"shard": g, "file": L.shard_file_name(g), "extraction_shards": groups[g],
-                              "num_vectors": f["num_vectors"], "bytes": f["bytes"], "checksum": f["checksum"],
-                              "rebuilt": g in rebuild})
-
-    merged_entry = None
-    if config.merged:
-        merged_entry = _merge_on_disk(index_dir, version, trained_url, shard_entries)
-
-    infos = {
-        "index_type": choice.factory,
-        "choice_reason": choice.reason,
+def _infos(config: IndexConfig, plan: _BuildPlan, shard_entries: list[dict[str, Any]], trained_meta: dict[str, Any],
+           merged_entry: dict[str, Any] | None, search_params: dict[str, Any], recall: dict[str, Any],
+           build_seconds: float, train_seconds: float) -> dict[str, Any]:
+    """The version's ``infos.json``: how it was built and the recall it reached (docs/index.md)."""
+    manifest, previous = plan.manifest, plan.previous
+    return {
+        "index_type": plan.choice.factory,
+        "choice_reason": plan.choice.reason,
         "num_vectors": int(sum(e["num_vectors"] for e in shard_entries)),
-        "dim": dim,
+        "dim": plan.dim,
         "metric": METRIC,
         "normalized": config.normalize,
-        "bytes_per_vector": choice.bytes_per_vector,
+        "bytes_per_vector": plan.choice.bytes_per_vector,
         "memory_bytes": int(sum(e["bytes"] for e in shard_entries)),
         "memory_budget": config.memory_budget,
-        "build_seconds": round(time.perf_counter() - t0, 3),
+        "build_seconds": round(build_seconds, 3),
         "train_seconds": round(train_seconds, 3),
         "k": recall["k"],
         "recall_at_k": recall["recall_at_k"],
@@ -239,18 +296,17 @@ def build(config: IndexConfig, previous_version: str | None = None,
         "created": utc_now(),
         "config": dataclasses.asdict(config),
     }
-    storage.write_json(lay.infos(version), infos)  # last: the version now exists for readers
+
+
+def _publish(config: IndexConfig, plan: _BuildPlan, version: str, infos: dict[str, Any]) -> None:
+    """Write ``infos.json`` (last: the version now exists for readers), then point CURRENT at it."""
+    storage.write_json(L.IndexLayout(plan.index_dir).infos(version), infos)
     if config.make_current:
         # a generation is named only when its snapshot exists (a reindexed store): plain stores'
         # readers keep using manifest.json
-        gen = manifest.get("generation")
+        gen = plan.manifest.get("generation")
         named = gen is not None and storage.exists(storage.StoreLayout(config.store).manifest_snapshot(int(gen)))
-        L.set_current(index_dir, version, store_generation=int(gen) if named else None, store=config.store)
-    measured = "n/a (no held-back queries)" if recall["recall_at_k"] is None else f"{recall['recall_at_k']:.4f}"
-    log.info("index %s/%s: %s, %d vectors, recall@%d %s (%s), %.1fs", index_dir, version, choice.factory,
-             infos["num_vectors"], recall["k"], measured, search_params, infos["build_seconds"])
-    infos["version"] = version
-    return IndexBuildResult(version=version, index_dir=index_dir, infos=infos)
+        L.set_current(plan.index_dir, version, store_generation=int(gen) if named else None, store=config.store)
 
 
 # ---------------------------------------------------------------- planning helpers
@@ -419,29 +475,8 @@ def _fill(store, ext_shards, trained_url, trained_meta, out_url, reuse, queries,
             raise L.IndexFileError(f"{out_url} holds {index.ntotal} vectors but its extraction shards "
                                    f"{ext_shards} hold {len(ids)}; rebuild it")
         meta = dict(reuse)
-    kk = min(k, len(ids))
-    exact = faiss.IndexFlatIP(x.shape[1])
-    exact.add(x)
-    d_exact, p_exact = exact.search(queries, kk) if len(queries) else (np.zeros((0, kk), np.float32),
-                                                                        np.zeros((0, kk), np.int64))
-    i_exact = np.where(p_exact >= 0, ids[np.maximum(p_exact, 0)], -1)
-    del exact
-    approx = {}
-    if _is_exact(index):  # brute force again would only repeat the exact search
-        return {"num_vectors": int(len(ids)), **meta, "exact": (d_exact, i_exact), "approx": {None: (d_exact, i_exact)}}
-    searchable = to_device(index, use_gpu)
-    for p in nprobes or [None]:
-        params = dict(params_extra)
-        if p is not None:
-            params["nprobe"] = p
-        apply_search_params(searchable, params)
-        approx[p] = searchable.search(queries, kk) if len(queries) else (d_exact, i_exact)
-    return {"num_vectors": int(len(ids)), **meta, "exact": (d_exact, i_exact), "approx": approx}
-
-
-def _is_exact(index: faiss.Index) -> bool:
-    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
-    return type(inner) in (faiss.IndexFlat, faiss.IndexFlatIP)
+    return {"num_vectors": int(len(ids)), **meta,
+            **tune.search_held_back(index, ids, x, queries, k, nprobes, params_extra, use_gpu)}
 
 
 def _remote(fn):
@@ -464,67 +499,6 @@ class _Lazy:
 
 _sample_task = _Lazy(_sample)
 _fill_task = _Lazy(_fill)
-
-
-# ---------------------------------------------------------------- recall and nprobe
-def _drop_self(ids: np.ndarray, query_ids: np.ndarray, k: int) -> np.ndarray:
-    """Each held-back query is a database vector: remove its own id so the figure measures its
-    other neighbours, as for a new photo of a known place."""
-    out = np.full((len(ids), k), -1, np.int64)
-    for r, (row, q) in enumerate(zip(ids, query_ids)):
-        kept = row[row != q][:k]
-        out[r, :len(kept)] = kept
-    return out
-
-
-def _tune_and_measure(filled, query_ids, nprobes, params_extra, config):
-    n_q = len(query_ids)
-    total = sum(f["num_vectors"] for f in filled.values())
-    k_fig = max(1, min(config.k, total - 1))
-    if n_q == 0:
-        params = dict(params_extra)
-        if nprobes:
-            params["nprobe"] = nprobes[-1] if config.nprobe is None else config.nprobe
-        return params, {"k": k_fig, "recall_at_k": None, "recall_at_1": None, "queries": 0}
-    k_search = min(config.k + 1, total)
-    _, exact = merge_topk([f["exact"] for f in filled.values()], k_search)
-    exact = _drop_self(exact, query_ids, k_fig)
-
-    def approx_ids(p):
-        _, ids = merge_topk([f["approx"][p] for f in filled.values()], k_search)
-        return _drop_self(ids, query_ids, k_fig)
-
-    tuning = None
-    if len(nprobes) > 1:
-        # tune on the first half of the queries, report on the second: the figure is not tuned on
-        half = n_q // 2
-        tune, report = slice(0, half), slice(half, n_q)
-        tuning = {}
-        chosen = nprobes[-1]
-        for p in nprobes:
-            r = recall_against_exact(approx_ids(p)[tune], exact[tune], k_fig)
-            tuning[str(p)] = round(r, 5)
-            if r >= config.target_recall:
-                chosen = p
-                break
-        else:
-            log.warning("recall@%d %.3f at nprobe=%d (1/%d of the data) stays below target_recall %.3f; "
-                        "consider factory=Flat or a larger budget", k_fig, r, chosen, MAX_SCAN_FRACTION,
-                        config.target_recall)
-    else:
-        chosen = nprobes[0] if nprobes else None
-        report = slice(0, n_q)
-    got = approx_ids(chosen)
-    params = dict(params_extra)
-    if chosen is not None:
-        params["nprobe"] = int(chosen)
-    return params, {
-        "k": k_fig,
-        "recall_at_k": round(recall_against_exact(got[report], exact[report], k_fig), 5),
-        "recall_at_1": round(recall_against_exact(got[report], exact[report], 1), 5),
-        "queries": int(len(query_ids[report])),
-        "tuning": tuning,
-    }
 
 
 # ---------------------------------------------------------------- one merged file
