@@ -114,6 +114,31 @@ class QueryExtractor:
 
 
 # ---------------------------------------------------------------- the ingress
+def _thumbnail(path: str, side: int = 240) -> bytes:
+    from PIL import Image
+
+    from ..images import read_bytes
+
+    data = read_bytes(path)
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im = im.convert("RGB")
+            im.thumbnail((side, side))
+            out = io.BytesIO()
+            im.save(out, format="JPEG", quality=85)
+    except Exception as exc:
+        raise ImageReadError("decode", f"{type(exc).__name__}: {exc}") from None
+    return out.getvalue()
+
+
+@api.exception_handler(Exception)
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    """Never a 500: an unexpected failure is a 503 the client may retry; the log names the cause only."""
+    log.warning("serve: %s %s failed: %s: %s", request.method, request.url.path, type(exc).__name__, exc)
+    return JSONResponse({"detail": f"could not answer ({type(exc).__name__}); retry later"}, status_code=503,
+                        headers={"Retry-After": "1"})
+
+
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> HTTPException:
     return HTTPException(status_code=status, detail=message, headers=headers)
 
@@ -322,23 +347,6 @@ class Localizer:
     @api.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page(self):
         return HTMLResponse(PAGE)
-
-
-def _thumbnail(path: str, side: int = 240) -> bytes:
-    from PIL import Image
-
-    from ..images import read_bytes
-
-    data = read_bytes(path)
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            im = im.convert("RGB")
-            im.thumbnail((side, side))
-            out = io.BytesIO()
-            im.save(out, format="JPEG", quality=85)
-    except Exception as exc:
-        raise ImageReadError("decode", f"{type(exc).__name__}: {exc}") from None
-    return out.getvalue()
 
 
 # ---------------------------------------------------------------- the application

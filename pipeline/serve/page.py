@@ -62,18 +62,20 @@ $('photo').addEventListener('change', async () => {
   try {
     const q = 'localize?candidates=' + encodeURIComponent($('k').value) + '&reranker=' + encodeURIComponent($('reranker').value);
     const r = await fetch(q, {method: 'POST', body: file, headers: headers({'Content-Type': file.type || 'image/jpeg'})});
-    const answer = await r.json();
+    // image ids are 64-bit: JavaScript numbers would round them, so take them from the text
+    const text = await r.text(), answer = JSON.parse(text);
+    const ids = Array.from(text.matchAll(/"image_id":\s*(\d+)/g), m => m[1]);
     if (!r.ok) throw new Error(r.status + ': ' + (answer.detail || JSON.stringify(answer)));
     const v = answer.state.index_version, cands = $('cands'); cands.innerHTML = '';
-    for (const c of answer.candidates.slice(0, 5)) {
+    for (const [i, c] of answer.candidates.slice(0, 5).entries()) {
       const d = document.createElement('div'); d.className = 'cand' + (c.rank === 1 ? ' top' : '');
-      d.dataset.imageId = c.image_id; const t = document.createElement('img'); t.src = await thumb(c.image_id, v);
+      d.dataset.imageId = ids[i]; const t = document.createElement('img'); t.src = await thumb(ids[i], v);
       d.appendChild(t); const s = c.rerank_score === null ? '' : ' rerank ' + c.rerank_score.toFixed(3);
       d.appendChild(document.createTextNode('#' + c.rank + ' ' + c.path.split('/').pop() + ' global ' + c.global_score.toFixed(3) + s));
       cands.appendChild(d);
     }
     const top = answer.candidates[0];
-    $('top1').dataset.imageId = top ? top.image_id : ''; $('top1').dataset.state = v;
+    $('top1').dataset.imageId = top ? ids[0] : ''; $('top1').dataset.state = v;
     $('top1').textContent = top ? ('top-1: ' + top.path.split('/').pop() + ' at (' + top.utm_east + ', ' + top.utm_north
       + '), confidence ' + answer.estimate.confidence + ' (' + answer.estimate.confidence_kind + ')') : 'no candidates';
     const pos = await (await fetch('positions?index_version=' + encodeURIComponent(v), {headers: headers()})).json();
