@@ -119,7 +119,7 @@ print("RESULT " + json.dumps({"load": t1 - t0, "search": t2 - t1, "threads": fai
 VALIDATION = """
 import json, resource, sys, time
 import numpy as np
-from pipeline.train import recall_at
+from pipeline.train import global_recall_at as recall_at
 nq, nd, dim = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 rng = np.random.default_rng(0)
 db = rng.standard_normal((nd, dim), dtype=np.float32); db /= np.linalg.norm(db, axis=1, keepdims=True)
@@ -190,8 +190,8 @@ def main() -> int:
 def mine_and_compare(args) -> int:
 
     import ray
-
     from city import write_city
+
     from pipeline.cluster import ensure_ray
 
     root = Path(args.root)

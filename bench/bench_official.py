@@ -210,15 +210,15 @@ def bench_rerank_ours(model, pairs: list[int], tokens: list[int], warmup: int, r
     for T in tokens:
         for P in pairs:
             q, c = token_sets(P, T)
+            ours = timed(lambda q=q, c=c: model.rerank_logits(q, c))
 
-            def blocked_run():
+            def blocked_run(ours=ours):
                 rr.cpu_attention = "blocked"
                 try:
-                    return timed(lambda: model.rerank_logits(q, c))()
+                    return ours()
                 finally:
                     rr.cpu_attention = "sdpa"
-            med = alternate({"ours": timed(lambda: model.rerank_logits(q, c)), "ours-blocked": blocked_run},
-                            warmup, repeats)
+            med = alternate({"ours": ours, "ours-blocked": blocked_run}, warmup, repeats)
             print(f"{T:>4} {P:>4} {med['ours']:>8.3f} {med['ours-blocked']:>14.3f}  {load()}", flush=True)
     if profile:
         q, c = token_sets(min(pairs), max(tokens))
@@ -243,15 +243,16 @@ def bench_rerank(official: Official, model, tmp: Path, pairs: list[int], tokens:
             ours = model.rerank_logits(q, c)
             diff = float((torch.from_numpy(np.load(op)) - ours).abs().max())
 
-            def blocked_run():
+            ours_run = timed(lambda q=q, c=c: model.rerank_logits(q, c))
+
+            def blocked_run(ours_run=ours_run):
                 rr.cpu_attention = "blocked"
                 try:
-                    return timed(lambda: model.rerank_logits(q, c))()
+                    return ours_run()
                 finally:
                     rr.cpu_attention = "sdpa"
-            med = alternate({"official": lambda: official.run(op="rerank", q=str(qp), c=str(cp)),
-                             "ours": timed(lambda: model.rerank_logits(q, c)),
-                             "ours-blocked": blocked_run}, warmup, repeats)
+            med = alternate({"official": lambda qp=qp, cp=cp: official.run(op="rerank", q=str(qp), c=str(cp)),
+                             "ours": ours_run, "ours-blocked": blocked_run}, warmup, repeats)
             ratio = med["official"] / med["ours"]
             print(f"{T:>4} {P:>4} {med['official']:>11.3f} {med['ours']:>8.3f} {ratio:>6.1f}x "
                   f"{med['ours-blocked']:>14.3f} {med['official'] / med['ours-blocked']:>6.1f}x {diff:>12.2e}  {load()}",
@@ -272,6 +273,7 @@ def _rows_by_patch(local: np.ndarray) -> np.ndarray:
 
 def bench_extract(official: Official, model, tmp: Path, batch: int, warmup: int, repeats: int) -> None:
     from bench_model import attention_flops, count_flops
+
     from pipeline.model import normalize_images
     u8 = torch.from_numpy(np.load(PARITY / "fixture.npz")["images"])
     images = normalize_images(u8[torch.arange(batch) % len(u8)]).contiguous()
@@ -310,6 +312,7 @@ def _count(fn) -> tuple[float, float]:
 
 def bench_sizes(model, sizes=((480, 640), (224, 224))) -> None:
     from bench_model import attention_flops
+
     from pipeline.model.efficientnet import EfficientNetLite0VPR
     eff = EfficientNetLite0VPR().eval()
     mparams = lambda m: sum(p.numel() for p in m.parameters()) / 1e6   # noqa: E731
@@ -322,9 +325,9 @@ def bench_sizes(model, sizes=((480, 640), (224, 224))) -> None:
         m = R2Former(img_size=(H, W), init_weights=False).eval()
         m.load_state_dict({k: v for k, v in model.state_dict().items() if not k.endswith("pos_embed")},
                           strict=False)
-        bb_mac, bb_all = _count(lambda: m.backbone(x))
+        bb_mac, bb_all = _count(lambda m=m, x=x: m.backbone(x))
         att = attention_flops(m, x) / 1e9
-        e_mac, e_all = _count(lambda: eff.backbone.forward_features(x))
+        e_mac, e_all = _count(lambda x=x: eff.backbone.forward_features(x))
         print(f"{H} x {W}: R2Former backbone (DeiT-S distilled, 256-d heads) {mparams(m.backbone):.1f} M params, "
               f"{bb_mac:.1f} GMAC, {bb_all + att:.1f} GFLOP with attention; local head "
               f"{mparams(m.local_head) * 1e3:.0f} k params; EfficientNet-Lite0 + GeM {mparams(eff.backbone):.1f} M "

@@ -52,14 +52,16 @@ sys.path.insert(0, str(ROOT))
 from pipeline import storage  # noqa: E402
 from pipeline.datasets import load_dataset  # noqa: E402
 from pipeline.evaluate import correct_matrix, has_positive  # noqa: E402
-from pipeline.metrics import recall_at  # noqa: E402
 from pipeline.extract import ExtractConfig, extract_dataset  # noqa: E402
 from pipeline.log import setup_logging  # noqa: E402
-from pipeline.mine import MineConfig, run as mine  # noqa: E402
+from pipeline.metrics import recall_at  # noqa: E402
+from pipeline.mine import MineConfig  # noqa: E402
+from pipeline.mine import run as mine
 from pipeline.model import EfficientNetLite0VPR  # noqa: E402
 from pipeline.ransac import RansacConfig  # noqa: E402
 from pipeline.rerank.score import PairScorer  # noqa: E402
-from pipeline.train import DataConfig, TrainConfig, nearest_rows, read_state, run as train  # noqa: E402
+from pipeline.train import DataConfig, TrainConfig, nearest_rows, read_state  # noqa: E402
+from pipeline.train import run as train
 
 BACKBONE = "efficientnet-lite0"
 SIZE = (272, 480)

@@ -37,9 +37,11 @@ from pipeline import storage  # noqa: E402
 from pipeline.datasets import load_dataset  # noqa: E402
 from pipeline.extract import ExtractConfig, extract_dataset  # noqa: E402
 from pipeline.log import setup_logging  # noqa: E402
-from pipeline.mine import MineConfig, run as mine  # noqa: E402
+from pipeline.mine import MineConfig  # noqa: E402
+from pipeline.mine import run as mine
 from pipeline.model import EfficientNetLite0VPR  # noqa: E402
-from pipeline.train import DataConfig, TrainConfig, read_state, run as train  # noqa: E402
+from pipeline.train import DataConfig, TrainConfig, read_state  # noqa: E402
+from pipeline.train import run as train
 
 SIZE = (272, 480)
 TOL = 2.0
