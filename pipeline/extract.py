@@ -18,35 +18,27 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import io
 import json
 import math
 import os
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable
 
-import numpy as np
 import pyarrow as pa
 
 from . import storage, weights
-from .config import jsonable
 from .datasets import DATASET_SCHEMA, load_dataset
-from .images import PREPROCESSING, ImageReadError, content_hash, decode_resize, read_bytes
+from .extract_actors import ExtractError, ShardExtractor, decode_shard, forward, to_ipc
+from .images import PREPROCESSING
 from .log import get_logger
 from .timefmt import utc_now
 
+__all__ = ["ExtractConfig", "ExtractResult", "ExtractError", "extract_dataset", "extract_into", "forward",
+           "parse_max_failures", "register_cli", "run"]
+
 log = get_logger(__name__)
-
-# Columns of the per-image metadata that travels with a decoded shard.
-_META_SCHEMA = pa.schema([
-    ("image_id", pa.int64()), ("path", pa.string()), ("utm_east", pa.float64()), ("utm_north", pa.float64()),
-    ("heading", pa.float64()), ("timestamp", pa.string()), ("place_id", pa.string()), ("width", pa.int32()),
-    ("height", pa.int32()), ("row", pa.int64()), ("content_hash", pa.string()), ("tag", pa.string()),
-])
-
 
 @dataclass
 class ExtractConfig:
@@ -87,10 +79,6 @@ class ExtractResult:
                 f"{self.num_failed} failed{skipped}; {self.images_per_second:.1f} images/s, {self.seconds:.1f} s")
 
 
-class ExtractError(RuntimeError):
-    pass
-
-
 # ---------------------------------------------------------------- configuration checks
 def parse_max_failures(value: int | float | str | None, num_images: int) -> float:
     """The largest allowed number of failed images (``inf`` when unlimited)."""
@@ -120,179 +108,6 @@ def _check(config: ExtractConfig) -> None:
                          "that each shard's writer owns whole Zarr chunks")
     if not config.store:
         raise ValueError("store is empty: give a folder or s3:// URL to write the extraction to")
-
-
-# ---------------------------------------------------------------- stage 1: CPU tasks
-def _ipc(table: pa.Table) -> bytes:
-    sink = io.BytesIO()
-    with pa.ipc.new_stream(sink, table.schema) as w:
-        w.write_table(table)
-    return sink.getvalue()
-
-
-def _from_ipc(data: bytes) -> pa.Table:
-    return pa.ipc.open_stream(pa.py_buffer(data)).read_all()
-
-
-def decode_shard(batch: pa.Table, image_size: tuple[int, int], io_threads: int = 8) -> pa.Table:
-    """One shard row (its dataset rows as Arrow IPC) -> one row with the resized pixels of every
-    readable image, their metadata and the errors of the others."""
-    out = []
-    for i in range(batch.num_rows):
-        rows = _from_ipc(batch.column("rows")[i].as_py())
-        row_start = batch.column("row_start")[i].as_py()
-        paths = rows.column("path").to_pylist()
-
-        def load(path: str):
-            try:
-                data = read_bytes(path)
-                pixels, width, height = decode_resize(data, image_size)
-                return pixels, width, height, content_hash(data)
-            except ImageReadError as exc:
-                return exc
-
-        # Remote reads are latency bound, so they overlap; local reads stay sequential (CPU bound).
-        remote = any("://" in p for p in paths[:1])
-        if remote and len(paths) > 1:
-            with ThreadPoolExecutor(max_workers=io_threads) as pool:
-                loaded = list(pool.map(load, paths))
-        else:
-            loaded = [load(p) for p in paths]
-        ok = [j for j, r in enumerate(loaded) if not isinstance(r, ImageReadError)]
-        meta = rows.select(["image_id", "path", "utm_east", "utm_north", "heading", "timestamp", "place_id"])
-        meta = meta.take(pa.array(ok, pa.int64()))
-        tags = rows.column("tag").take(pa.array(ok, pa.int64()))
-        meta = meta.append_column("width", pa.array([loaded[j][1] for j in ok], pa.int32()))
-        meta = meta.append_column("height", pa.array([loaded[j][2] for j in ok], pa.int32()))
-        meta = meta.append_column("row", pa.array([row_start + j for j in ok], pa.int64()))
-        meta = meta.append_column("content_hash", pa.array([loaded[j][3] for j in ok], pa.string()))
-        meta = meta.append_column("tag", tags)
-        errors = pa.table({
-            "path": [paths[j] for j, r in enumerate(loaded) if isinstance(r, ImageReadError)],
-            "stage": [r.stage for r in loaded if isinstance(r, ImageReadError)],
-            "reason": [r.reason for r in loaded if isinstance(r, ImageReadError)],
-        }, schema=storage.ERROR_SCHEMA)
-        pixels = np.stack([loaded[j][0] for j in ok]) if ok else np.zeros((0, *image_size, 3), np.uint8)
-        out.append(dict(shard=batch.column("shard")[i].as_py(), row_start=row_start, n=len(paths),
-                        meta=_ipc(meta.cast(_META_SCHEMA)), errors=_ipc(errors), pixels=pixels.tobytes()))
-    return pa.Table.from_pylist(out, schema=pa.schema([
-        ("shard", pa.int32()), ("row_start", pa.int64()), ("n", pa.int32()),
-        ("meta", pa.large_binary()), ("errors", pa.large_binary()), ("pixels", pa.large_binary())]))
-
-
-# ---------------------------------------------------------------- stage 2: model actors
-def forward(model, pixels: np.ndarray, batch_size: int, plan=None) -> tuple[np.ndarray, np.ndarray]:
-    """Descriptors of uint8 (N, H, W, 3) images: ``global_descriptor`` (N, D) float32 and
-    ``local_tokens`` (N, T, 131) float32. The one forward path of actors and direct calls."""
-    import torch
-
-    from .device import autocast, choose_device
-    from .model import normalize_images
-
-    plan = plan or choose_device("cpu")
-    globals_, tokens = [], []
-    with torch.inference_mode():
-        for start in range(0, len(pixels), batch_size):
-            # uint8 goes to the device and is normalised there: a quarter of the float32 transfer.
-            x = torch.from_numpy(np.array(pixels[start:start + batch_size], copy=True))
-            x = normalize_images(x.to(plan.device, non_blocking=True))
-            with autocast(plan):
-                feats = model.extract(x)
-            feats = feats.cpu_float()
-            globals_.append(feats.global_descriptor.numpy())
-            tokens.append(feats.local_tokens.numpy())
-    return np.concatenate(globals_), np.concatenate(tokens)
-
-
-class ShardExtractor:
-    """A model actor: builds the model once, then extracts and writes whole shards."""
-
-    def __init__(self, backbone: str, checkpoint: str | None, store: str, image_size: tuple[int, int],
-                 batch_size: int, chunk_rows: int, num_rows: int, threads: int | None, device: str,
-                 file_metadata: dict[str, Any], checkpoint_sha256: str | None = None):
-        import ray
-
-        from .device import choose_device, set_cpu_threads
-
-        self.plan = choose_device(device)
-        if not self.plan.is_cuda:
-            set_cpu_threads(threads)
-        # R²Former's positional-embedding grid follows the image size; other backbones are size-free.
-        kwargs = {"img_size": tuple(image_size)} if backbone == "r2former" else {}
-        # The bytes the driver hashed into the plan, or an error: a store never records other weights.
-        model = weights.build_model(backbone, checkpoint, expected_sha256=checkpoint_sha256, **kwargs)
-        self.model = (model.place(self.plan) if hasattr(model, "place") else model.to(self.plan.device)).eval()
-        self.store, self.layout = store, storage.StoreLayout(store)
-        self.image_size, self.batch_size = tuple(image_size), batch_size
-        self.chunk_rows, self.num_rows = chunk_rows, num_rows
-        self.model_info = jsonable(getattr(model, "info", {}) or {})
-        self.file_metadata = {**file_metadata, "model": {**file_metadata.get("model", {}), **self.model_info}}
-        self.node_id = ray.get_runtime_context().get_node_id()
-        self.tokens_array = None
-        self.global_dim = int(getattr(getattr(model, "config", None), "global_dim", storage.GLOBAL_DIM))
-        storage.write_json(self.layout.actor_record(self.node_id, os.getpid()),
-                           dict(node_id=self.node_id, pid=os.getpid(), started_at=time.time(),
-                                device=str(self.plan.device), threads=threads))
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        return pa.Table.from_pylist([self._extract_shard(batch.slice(i, 1)) for i in range(batch.num_rows)])
-
-    def _extract_shard(self, row: pa.Table) -> dict[str, Any]:
-        t0 = time.perf_counter()
-        shard, row_start, n = (row.column(c)[0].as_py() for c in ("shard", "row_start", "n"))
-        meta = _from_ipc(row.column("meta")[0].as_py())
-        errors = _from_ipc(row.column("errors")[0].as_py())
-        h, w = self.image_size
-        pixels = np.frombuffer(row.column("pixels")[0].as_buffer(), np.uint8).reshape(meta.num_rows, h, w, 3)
-        desc, tokens = (forward(self.model, pixels, self.batch_size, self.plan) if meta.num_rows
-                        else (None, None))
-        if tokens is not None:
-            block = np.zeros((n, tokens.shape[1], storage.TOKEN_DIM), np.float16)
-            block[meta.column("row").to_numpy() - row_start] = tokens.astype(np.float16)
-            self._tokens(tokens.shape[1])[row_start:row_start + n] = block
-        # A shard whose images all failed still gets the model's width, so parts concatenate.
-        dim = desc.shape[1] if desc is not None else self.global_dim
-        gd = desc if desc is not None else np.zeros((0, dim), np.float32)
-        table = meta.select(["image_id", "path", "utm_east", "utm_north", "heading", "timestamp", "place_id",
-                             "width", "height"])
-        table = table.append_column("global_descriptor", pa.FixedSizeListArray.from_arrays(
-            pa.array(gd.astype(np.float32).ravel(), pa.float32()), dim))
-        table = table.append_column("shard", pa.array([shard] * meta.num_rows, pa.int32()))
-        table = table.append_column("row", meta.column("row"))
-        table = table.append_column("content_hash", meta.column("content_hash"))
-        table = table.append_column("tag", meta.column("tag"))
-        table = table.cast(storage.global_schema(dim))
-        storage.write_parquet(self.layout.global_part(shard), table, self.file_metadata)
-        storage.write_parquet(self.layout.errors_part(shard), errors, self.file_metadata)
-        marker = dict(shard=shard, row_start=row_start, images=n, extracted=meta.num_rows,
-                      failed=errors.num_rows, tokens=None if tokens is None else int(tokens.shape[1]),
-                      global_dim=dim, node_id=self.node_id, pid=os.getpid(), model_info=self.model_info,
-                      seconds=round(time.perf_counter() - t0, 3), finished_at=time.time())
-        storage.write_json(self.layout.progress(shard), marker)
-        return {k: marker[k] for k in ("shard", "images", "extracted", "failed", "node_id", "pid", "seconds")}
-
-    def _tokens(self, t: int):
-        """The store's ``local_tokens`` array, created by whichever actor gets there first (every
-        actor would write the same array metadata, so a race is harmless)."""
-        if self.tokens_array is None:
-            for attempt in range(5):
-                try:
-                    if not storage.exists(self.layout.local_tokens + "/zarr.json"):
-                        try:
-                            storage.create_local_tokens(self.store, self.num_rows, t, self.chunk_rows)
-                        except Exception:  # another actor created it meanwhile
-                            pass
-                    arr = storage.open_local_tokens(self.store, mode="r+")
-                    break
-                except Exception:
-                    if attempt == 4:
-                        raise
-                    time.sleep(0.2 * (attempt + 1))
-            if tuple(arr.shape) != (self.num_rows, t, storage.TOKEN_DIM):
-                raise ExtractError(f"{self.layout.local_tokens} has shape {tuple(arr.shape)}, expected "
-                                   f"{(self.num_rows, t, storage.TOKEN_DIM)}; it belongs to another extraction")
-            self.tokens_array = arr
-        return self.tokens_array
 
 
 # ---------------------------------------------------------------- driver
@@ -333,7 +148,7 @@ def _shard_rows(table: pa.Table, shards: Iterable[int], shard_size: int) -> pa.T
     rows = []
     for s in shards:
         part = table.slice(s * shard_size, shard_size)
-        rows.append(dict(shard=s, row_start=s * shard_size, rows=_ipc(part)))
+        rows.append(dict(shard=s, row_start=s * shard_size, rows=to_ipc(part)))
     return pa.Table.from_pylist(rows, schema=pa.schema([("shard", pa.int32()), ("row_start", pa.int64()),
                                                           ("rows", pa.large_binary())]))
 
@@ -379,114 +194,169 @@ def extract_dataset(table: pa.Table, store: str, config: ExtractConfig | None = 
                     source: str | None = None) -> ExtractResult:
     """Extract the images of a dataset table (``pipeline.datasets`` schema) into ``store``.
     ``config`` gives the model and sizes (its ``dataset``/``store`` fields are not used here)."""
-    import ray
-
-    from .cluster import ensure_ray
-
     config = config or ExtractConfig()
     config = ExtractConfig(**{**asdict(config), "store": store})
     _check(config)
     t_start = time.perf_counter()
-    if "tag" not in table.column_names:  # dataset tables built before tags: no condition named
+    table = _dataset_rows(table)
+    max_failed = parse_max_failures(config.max_failures, table.num_rows)
+    job = _start_or_resume(table, config, source or config.dataset or "<table>")
+    markers = dict(job.done)
+    flow = _FlowStats()
+    if job.pending:
+        markers.update(_extract_pending(table, config, job, flow))
+    result = _write_manifest(config, job, markers, flow, max_failed, seconds=time.perf_counter() - t_start)
+    log.info("%s", result.summary())
+    if result.too_many_failures:
+        log.error("%d images failed, more than --max-failures %s allows; see %s", result.num_failed,
+                  config.max_failures, job.layout.errors_dir)
+    return result
+
+
+@dataclass
+class _Job:
+    """One extraction into a store: its plan (checked against a store's earlier start), the shards
+    already finished and those left, and what every file of the store records."""
+    layout: storage.StoreLayout
+    source: str
+    plan: dict[str, Any]
+    num_images: int
+    num_shards: int
+    done: dict[int, dict[str, Any]]    # progress markers of finished shards
+    pending: list[int]
+    model_info: dict[str, Any]
+    preprocessing: dict[str, Any]
+
+    @property
+    def file_metadata(self) -> dict[str, Any]:
+        return dict(layout_version=storage.LAYOUT_VERSION, model=self.model_info,
+                    checkpoint_hash=self.model_info["checkpoint_hash"], preprocessing=self.preprocessing)
+
+
+@dataclass
+class _FlowStats:
+    images: int = 0                    # images handled by this run's dataflow
+    seconds: float = 0.0
+    nodes: set[str] = field(default_factory=set)
+
+
+def _dataset_rows(table: pa.Table) -> pa.Table:
+    """The dataset table in the schema and key order that shards are cut from."""
+    if "tag" not in table.column_names:  # a dataset without conditions: every tag is null
         table = table.append_column(pa.field("tag", pa.string()), pa.nulls(table.num_rows, pa.string()))
     missing = [c for c in DATASET_SCHEMA.names if c not in table.column_names]
     if missing:
         raise ValueError(f"dataset table lacks columns {missing}")
-    table = table.select(DATASET_SCHEMA.names).cast(DATASET_SCHEMA).sort_by("key")
-    n = table.num_rows
-    max_failed = parse_max_failures(config.max_failures, n)
-    layout = storage.StoreLayout(store)
+    return table.select(DATASET_SCHEMA.names).cast(DATASET_SCHEMA).sort_by("key")
+
+
+def _start_or_resume(table: pa.Table, config: ExtractConfig, source: str) -> _Job:
+    """Write the store's plan (or check it against the one an earlier run wrote) and find the
+    shards whose progress markers say they are finished."""
+    layout = storage.StoreLayout(config.store)
     ckpt_hash = weights.checkpoint_hash(config.backbone, config.checkpoint)
-    source = source or config.dataset or "<table>"
     plan = _plan(table, config, source, ckpt_hash)
     _check_or_write_plan(layout, plan)
-
-    num_shards = math.ceil(n / config.shard_size)
+    num_shards = math.ceil(table.num_rows / config.shard_size)
     done = _read_markers(layout, list(range(num_shards)))
-    pending = [s for s in range(num_shards) if s not in done]
-    skipped = sorted(done)
-    if skipped:
-        log.info("resuming %s: skipping %d finished shard(s) %s", store, len(skipped), _ranges(skipped))
+    if done:
+        log.info("resuming %s: skipping %d finished shard(s) %s", config.store, len(done), _ranges(sorted(done)))
+    return _Job(layout=layout, source=source, plan=plan, num_images=table.num_rows, num_shards=num_shards,
+                done=done, pending=[s for s in range(num_shards) if s not in done],
+                model_info=dict(backbone=config.backbone, checkpoint=config.checkpoint, checkpoint_hash=ckpt_hash),
+                preprocessing=dict(PREPROCESSING, image_size=list(config.image_size)))
 
-    model_info = dict(backbone=config.backbone, checkpoint=config.checkpoint, checkpoint_hash=ckpt_hash)
-    preprocessing = dict(PREPROCESSING, image_size=list(config.image_size))
-    file_metadata = dict(layout_version=storage.LAYOUT_VERSION, model=model_info, checkpoint_hash=ckpt_hash,
-                         preprocessing=preprocessing)
 
-    markers = dict(done)
-    handled, flow_seconds, nodes = 0, 0.0, set()
-    if pending:
-        ensure_ray(config.ray_address)
-        num_actors, gpus, threads = _actor_plan(config)
-        log.info("extracting %d images in %d shard(s) with %d %s actor(s)", n - sum(d["images"] for d in done.values()),
-                 len(pending), num_actors, "GPU" if gpus else f"CPU ({threads} threads)")
-        shard_bytes = min(config.shard_size, n) * config.image_size[0] * config.image_size[1] * 3
-        ctx = ray.data.DataContext.get_current()
-        saved = ctx.enable_progress_bars, ctx.wait_for_min_actors_s  # restored after the run
-        ctx.enable_progress_bars = False  # our own bar counts images; Ray's would count shards
-        # Start every model actor before the first shard is handed out: otherwise the actor that
-        # builds its model first takes the early shards while the others are still loading, and an
-        # unschedulable pool (more GPUs asked than the cluster has) fails with a clear timeout.
-        ctx.wait_for_min_actors_s = int(os.environ.get("R2F_ACTOR_START_TIMEOUT_S", "900"))
-        # One block per shard, so decode tasks run side by side and each feeds one actor call.
-        ds = ray.data.from_arrow([_shard_rows(table, [s], config.shard_size) for s in pending])
-        ds = ds.map_batches(decode_shard, batch_size=1, batch_format="pyarrow", zero_copy_batch=True,
-                            fn_kwargs=dict(image_size=tuple(config.image_size)), num_cpus=1,
-                            # Reserve a worker plus a decoded shard per task; distinct remote args also keep
-                            # Ray Data from fusing decoding into the model actors.
-                            memory=256 * 2**20 + 2 * shard_bytes)
-        ds = ds.map_batches(
-            ShardExtractor, batch_size=1, batch_format="pyarrow", zero_copy_batch=True,
-            fn_constructor_kwargs=dict(backbone=config.backbone, checkpoint=config.checkpoint, store=store,
-                                       image_size=tuple(config.image_size), batch_size=config.batch_size,
-                                       chunk_rows=config.chunk_rows, num_rows=n, threads=threads,
-                                       device=config.device, file_metadata=file_metadata,
-                                       checkpoint_sha256=ckpt_hash if config.checkpoint else None),
-            compute=ray.data.ActorPoolStrategy(size=num_actors, max_tasks_in_flight_per_actor=2),
-            # Ray Data restarts a dead actor and retries its shard (the rewrite is idempotent).
-            num_cpus=1, num_gpus=gpus, **({"resources": dict(config.actor_resources)} if config.actor_resources else {}))
-        bar = _progress_bar(config.progress, total=n - sum(d["images"] for d in done.values()))
-        t_flow = time.perf_counter()
-        try:
-            for marker in ds.iter_rows():
-                markers[marker["shard"]] = marker
-                nodes.add(marker["node_id"])
-                handled += marker["images"]
-                if bar is not None:
-                    bar.update(marker["images"])
-        finally:
+def _extract_pending(table: pa.Table, config: ExtractConfig, job: _Job, flow: _FlowStats) -> dict[int, dict]:
+    """Run the actor-pool dataflow over the pending shards; their progress markers (as written
+    to the store where it has them: what a later resume will trust)."""
+    import ray
+
+    from .cluster import ensure_ray
+
+    ensure_ray(config.ray_address)
+    num_actors, gpus, threads = _actor_plan(config)
+    to_do = job.num_images - sum(d["images"] for d in job.done.values())
+    log.info("extracting %d images in %d shard(s) with %d %s actor(s)", to_do, len(job.pending), num_actors,
+             "GPU" if gpus else f"CPU ({threads} threads)")
+    ctx = ray.data.DataContext.get_current()
+    saved = ctx.enable_progress_bars, ctx.wait_for_min_actors_s  # restored after the run
+    ctx.enable_progress_bars = False  # our own bar counts images; Ray's would count shards
+    # Start every model actor before the first shard is handed out: otherwise the actor that
+    # builds its model first takes the early shards while the others are still loading, and an
+    # unschedulable pool (more GPUs asked than the cluster has) fails with a clear timeout.
+    ctx.wait_for_min_actors_s = int(os.environ.get("R2F_ACTOR_START_TIMEOUT_S", "900"))
+    ds = _dataflow(table, config, job, num_actors, gpus, threads)
+    bar = _progress_bar(config.progress, total=to_do)
+    t_flow = time.perf_counter()
+    markers = {}
+    try:
+        for marker in ds.iter_rows():
+            markers[marker["shard"]] = marker
+            flow.nodes.add(marker["node_id"])
+            flow.images += marker["images"]
             if bar is not None:
-                bar.close()
-            ctx.enable_progress_bars, ctx.wait_for_min_actors_s = saved
-        flow_seconds = time.perf_counter() - t_flow
-        # Markers from the files, not the stream: they are what a later resume will trust.
-        markers.update(_read_markers(layout, pending))
-        missing_shards = [s for s in range(num_shards) if s not in markers]
-        if missing_shards:
-            raise ExtractError(f"shards {_ranges(missing_shards)} of {store} have no progress marker after the run")
+                bar.update(marker["images"])
+    finally:
+        if bar is not None:
+            bar.close()
+        ctx.enable_progress_bars, ctx.wait_for_min_actors_s = saved
+    flow.seconds = time.perf_counter() - t_flow
+    markers.update(_read_markers(job.layout, job.pending))
+    missing_shards = [s for s in job.pending if s not in markers]
+    if missing_shards:
+        raise ExtractError(f"shards {_ranges(missing_shards)} of {config.store} have no progress marker after the run")
+    return markers
 
+
+def _dataflow(table: pa.Table, config: ExtractConfig, job: _Job, num_actors: int, gpus: int,
+              threads: int | None):
+    """The Ray Data dataset of the module docstring: pending shards -> decode -> model actors."""
+    import ray
+
+    n = job.num_images
+    shard_bytes = min(config.shard_size, n) * config.image_size[0] * config.image_size[1] * 3
+    # One block per shard, so decode tasks run side by side and each feeds one actor call.
+    ds = ray.data.from_arrow([_shard_rows(table, [s], config.shard_size) for s in job.pending])
+    ds = ds.map_batches(decode_shard, batch_size=1, batch_format="pyarrow", zero_copy_batch=True,
+                        fn_kwargs=dict(image_size=tuple(config.image_size)), num_cpus=1,
+                        # Reserve a worker plus a decoded shard per task; distinct remote args also keep
+                        # Ray Data from fusing decoding into the model actors.
+                        memory=256 * 2**20 + 2 * shard_bytes)
+    ckpt_hash = job.model_info["checkpoint_hash"]
+    return ds.map_batches(
+        ShardExtractor, batch_size=1, batch_format="pyarrow", zero_copy_batch=True,
+        fn_constructor_kwargs=dict(backbone=config.backbone, checkpoint=config.checkpoint, store=config.store,
+                                   image_size=tuple(config.image_size), batch_size=config.batch_size,
+                                   chunk_rows=config.chunk_rows, num_rows=n, threads=threads,
+                                   device=config.device, file_metadata=job.file_metadata,
+                                   checkpoint_sha256=ckpt_hash if config.checkpoint else None),
+        compute=ray.data.ActorPoolStrategy(size=num_actors, max_tasks_in_flight_per_actor=2),
+        # Ray Data restarts a dead actor and retries its shard (the rewrite is idempotent).
+        num_cpus=1, num_gpus=gpus, **({"resources": dict(config.actor_resources)} if config.actor_resources else {}))
+
+
+def _write_manifest(config: ExtractConfig, job: _Job, markers: dict[int, dict[str, Any]], flow: _FlowStats,
+                    max_failed: float, seconds: float) -> ExtractResult:
+    """Every shard's progress marker -> ``manifest.json`` (the store is then finished) and the result."""
+    n = job.num_images
     extracted = sum(m["extracted"] for m in markers.values())
     failed = sum(m["failed"] for m in markers.values())
     tokens = next((m["tokens"] for m in markers.values() if m.get("tokens")), None)
-    model_info = {**model_info, **next((m.get("model_info") or {} for m in markers.values()), {})}
+    model_info = {**job.model_info, **next((m.get("model_info") or {} for m in markers.values()), {})}
     dim = next((m["global_dim"] for m in markers.values() if m.get("tokens")), storage.GLOBAL_DIM)
-    seconds = time.perf_counter() - t_start
     manifest = dict(
-        layout_version=storage.LAYOUT_VERSION, dataset=source, model=model_info, preprocessing=preprocessing,
+        layout_version=storage.LAYOUT_VERSION, dataset=job.source, model=model_info, preprocessing=job.preprocessing,
         image_size=list(config.image_size), shard_size=config.shard_size, chunk_rows=config.chunk_rows,
-        tokens=tokens, token_dim=storage.TOKEN_DIM, global_dim=dim, rows=n, shards=list(range(num_shards)),
-        counts=dict(images=n, extracted=extracted, failed=failed), keys_digest=plan["keys_digest"],
+        tokens=tokens, token_dim=storage.TOKEN_DIM, global_dim=dim, rows=n, shards=list(range(job.num_shards)),
+        counts=dict(images=n, extracted=extracted, failed=failed), keys_digest=job.plan["keys_digest"],
         finished_at=utc_now(),
     )
-    storage.write_json(layout.manifest, manifest)
-    result = ExtractResult(store=store, num_images=n, num_extracted=extracted, num_failed=failed,
-                           skipped_shards=skipped, images_per_second=handled / flow_seconds if flow_seconds else 0.0,
-                           seconds=seconds, too_many_failures=failed > max_failed, node_ids=sorted(nodes))
-    log.info("%s", result.summary())
-    if result.too_many_failures:
-        log.error("%d images failed, more than --max-failures %s allows; see %s", failed, config.max_failures,
-                  layout.errors_dir)
-    return result
+    storage.write_json(job.layout.manifest, manifest)
+    return ExtractResult(store=config.store, num_images=n, num_extracted=extracted, num_failed=failed,
+                         skipped_shards=sorted(job.done),
+                         images_per_second=flow.images / flow.seconds if flow.seconds else 0.0,
+                         seconds=seconds, too_many_failures=failed > max_failed, node_ids=sorted(flow.nodes))
 
 
 def run(config: ExtractConfig) -> ExtractResult:
