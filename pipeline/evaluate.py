@@ -14,6 +14,17 @@ Every reranker of a run is scored from its own columns of the same candidates::
 
 Results written before per-reranker columns have one reranker, in ``rank`` / ``rerank_score``.
 
+Pairs scored: a query's pairs for reranker ``n`` are its rows with a non-null ``rerank_score_<n>``
+(an adaptive run leaves the candidates it did not score null; ``none`` scores nothing).
+``rerankers.<n>`` carries ``pairs_scored`` (total) and ``pairs_per_query`` (mean, p50, p99) beside
+the recalls, for fixed-K runs too.
+
+``--sweep-adaptive`` fits the adaptive stop rule (``pipeline.rerank.adaptive``) on results that
+scored the full top-K: for a grid of rules it replays the cascade on the recorded scores (no
+rescoring) and prints R@1/5/10 against mean pairs per query, marking the Pareto front;
+``--write-rule RULE.yaml`` writes, per reranker, the rule with the fewest mean pairs whose R@1 is
+within 1 point of the full top-K's. It holds (queries x K) scores per reranker in memory.
+
 The metric itself (Recall@N, fractions inside, percent only when printed) is
 ``pipeline.metrics``; positions come from ``pipeline.spatial.positions_of`` (NaN where unknown).
 
@@ -157,6 +168,37 @@ def correct_matrix(query_xy: np.ndarray, candidate_xy: np.ndarray, radius: float
     return np.nan_to_num(d, nan=np.inf) <= radius * (1 + 1e-9)
 
 
+class PairCounter:
+    """Pairs scored per query, accumulated part by part: a histogram of the counts (exact
+    quantiles; O(K) state)."""
+
+    def __init__(self):
+        self.hist = np.zeros(0, np.int64)
+
+    def add(self, per_query: np.ndarray) -> None:
+        c = np.bincount(np.asarray(per_query, np.int64))
+        if len(c) > len(self.hist):
+            self.hist = np.r_[self.hist, np.zeros(len(c) - len(self.hist), np.int64)]
+        self.hist[:len(c)] += c
+
+    def summary(self) -> dict:
+        n = int(self.hist.sum())
+        total = int((self.hist * np.arange(len(self.hist))).sum())
+        cum = np.cumsum(self.hist)
+        q = lambda f: int(np.searchsorted(cum, f * n, side="left")) if n else None  # noqa: E731
+        return {"pairs_scored": total, "pairs_per_query": {"mean": total / n if n else None, "p50": q(0.5),
+                                                           "p99": q(0.99)}}
+
+
+def pairs_per_query(lists: "QueryLists", score: str | None) -> np.ndarray:
+    """(Q,) pairs each query of a part had scored: its rows with a non-null ``score`` (0 for none)."""
+    if score is None or score not in lists.df:
+        return np.zeros(len(lists.query_ids), np.int64)
+    df = lists.df
+    return (df[score].notna().groupby(df["query_id"]).sum().reindex(lists.query_ids).fillna(0)
+            .to_numpy().astype(np.int64))
+
+
 class _Counters:
     """Global and per-reranker recall counters of one group of queries (all, or one tag)."""
 
@@ -203,6 +245,7 @@ def evaluate_parts(parts: Iterable[pa.Table], db_positions: np.ndarray, radius: 
     total: _Counters | None = None
     by_tag: dict[str, _Counters] = {}
     sweeps: dict[str, list[RecallCounter]] = {}
+    pair_counts: dict[str, PairCounter] = {}
     have = 0
     without: list[int] = []
     for part in parts:
@@ -221,6 +264,8 @@ def evaluate_parts(parts: Iterable[pa.Table], db_positions: np.ndarray, radius: 
         correct_global = correct_matrix(qxy, lists.ordered_by("global_rank"), radius)
         correct_by = {n: correct_matrix(qxy, lists.ordered_by(rank), radius) for n, (rank, _) in columns.items()}
         total.add(correct_global, correct_by, pos)
+        for n, (_, score) in columns.items():
+            pair_counts.setdefault(n, PairCounter()).add(pairs_per_query(lists, None if n == "none" else score))
         for tag in sorted({t for t in lists.tags if t is not None}):
             group = by_tag.setdefault(tag, _Counters(names, ns))
             group.add(correct_global, correct_by, pos, keep=lists.tags == tag)
@@ -235,7 +280,10 @@ def evaluate_parts(parts: Iterable[pa.Table], db_positions: np.ndarray, radius: 
         log.info("%d of %d queries have no database image within %g; excluded from the recalls",
                  len(without), num_queries, radius)
     per_reranker = {n: c.recalls() for n, c in total.rerankers.items()}
-    metrics: dict = {"global": total.glob.recalls(), "reranked": per_reranker[names[0]], "rerankers": per_reranker}
+    reranked = dict(per_reranker[names[0]])
+    for n in per_reranker:
+        per_reranker[n].update((pair_counts.get(n) or PairCounter()).summary())
+    metrics: dict = {"global": total.glob.recalls(), "reranked": reranked, "rerankers": per_reranker}
     if by_tag:
         metrics["by_tag"] = {tag: {"global": g.glob.recalls(), "rerankers": {n: c.recalls() for n, c in g.rerankers.items()},
                                    "num_queries": g.num_queries, "num_queries_without_positive": g.without}
@@ -265,6 +313,201 @@ def candidate_sweep(results: pa.Table, db_positions: np.ndarray, radius: float, 
     return evaluate_parts([results], db_positions, radius, RECALL_NS, candidates, ns, rerankers)[1]
 
 
+# ---------------------------------------------------------------- adaptive rules, fitted on recorded scores
+FIXED_KS = (1, 5, 10, 20, 50, 100)  # the fixed candidate counts the paper's Table 2 and the report compare
+SWEEP_NS = (1, 5, 10)
+FIRST_ROUNDS = (1, 2, 3, 5, 10)
+SECOND_ROUNDS = (5, 10, 20, 50)
+SCORE_QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
+MARGIN_QUANTILES = (0.25, 0.5, 0.75)
+R1_TOLERANCE = 0.01  # --write-rule: R@1 within 1 point of the full top-K's
+STUDY_MAX_PAIRS = 5_000_000  # r2f run computes the pairs study for the report up to this many pairs
+
+
+@dataclass
+class ScoredLists:
+    """What a rule replay needs, in global order, (Q, K) each: every reranker's scores (NaN: no
+    candidate there, or not scored), the global scores (NaN: no candidate), whether each candidate
+    is right; and which queries have a positive. Memory: O(queries x K) per reranker."""
+
+    scores: dict[str, np.ndarray]
+    global_scores: np.ndarray
+    correct: np.ndarray
+    has_positive: np.ndarray
+    query_ids: np.ndarray
+
+    @property
+    def k(self) -> int:
+        return int(self.global_scores.shape[1])
+
+
+def scored_lists(parts: Iterable[pa.Table], db_positions: np.ndarray, radius: float, rerankers: Sequence[str],
+                 query_ids: Sequence[int] | None = None) -> ScoredLists:
+    """Read a result set (part by part) into ``ScoredLists``; ``query_ids`` keeps only those queries
+    (a validation split of the results)."""
+    index = PositiveIndex(db_positions)
+    keep = None if query_ids is None else set(int(q) for q in query_ids)
+    names = [n for n in rerankers if n != "none"]
+    blocks: list[tuple] = []
+    for part in parts:
+        if part.num_rows == 0:
+            continue
+        if keep is not None:
+            part = part.filter(pa.array(np.isin(part.column("query_id").to_numpy(), list(keep))))
+            if part.num_rows == 0:
+                continue
+        columns = reranker_columns(names, part.column_names)
+        lists = QueryLists(part, [sc for _, sc in columns.values()] + ["global_score"])
+        df = lists.df
+        qi = lists._qindex.get_indexer(df["query_id"].to_numpy())
+        gi = df["global_rank"].to_numpy().astype(np.int64) - 1
+        k = int(gi.max()) + 1
+        mats = {}
+        for n, (_, sc) in columns.items():
+            m = np.full((len(lists.query_ids), k), np.nan)
+            m[qi, gi] = df[sc].to_numpy(dtype=float)
+            mats[n] = m
+        g = np.full((len(lists.query_ids), k), np.nan)
+        g[qi, gi] = df["global_score"].to_numpy(dtype=float)
+        correct = correct_matrix(lists.query_xy, lists.ordered_by("global_rank"), radius)
+        blocks.append((mats, g, correct, index.has_positive(lists.query_xy, radius), lists.query_ids))
+    k = max([b[1].shape[1] for b in blocks] or [0])
+
+    def pad(m, fill):
+        return np.pad(m, ((0, 0), (0, k - m.shape[1])), constant_values=fill)
+    return ScoredLists(scores={n: np.concatenate([pad(b[0][n], np.nan) for b in blocks]) if blocks else np.zeros((0, 0))
+                               for n in names},
+                       global_scores=np.concatenate([pad(b[1], np.nan) for b in blocks]) if blocks else np.zeros((0, 0)),
+                       correct=np.concatenate([pad(b[2], False) for b in blocks]) if blocks else np.zeros((0, 0), bool),
+                       has_positive=np.concatenate([b[3] for b in blocks]) if blocks else np.zeros(0, bool),
+                       query_ids=np.concatenate([b[4] for b in blocks]) if blocks else np.zeros(0, np.int64))
+
+
+def replay(lists: ScoredLists, name: str, lengths: np.ndarray, ns: Sequence[int] = SWEEP_NS) -> tuple[dict, np.ndarray]:
+    """Recalls and pairs per query when each query scores its first ``lengths`` candidates: the
+    scored ones by score (ties in global order), then the rest in global order, as the job ranks."""
+    from .metrics import recall_at
+    s = lists.scores[name]
+    scored = (np.arange(lists.k)[None, :] < np.asarray(lengths)[:, None]) & ~np.isnan(s)
+    order = np.argsort(np.where(scored, -np.nan_to_num(s), np.inf), axis=1, kind="stable")
+    correct = np.take_along_axis(lists.correct, order, axis=1)
+    return recall_at(correct, lists.has_positive, ns), scored.sum(axis=1)
+
+
+def _round4(v: float) -> float:
+    return float(f"{v:.4g}")
+
+
+def rule_grid(lists: ScoredLists, name: str) -> list:
+    """Rules to try for reranker ``name``: first rounds FIRST_ROUNDS (then K, or a middle round of
+    SECOND_ROUNDS, then K), stop thresholds at quantiles of these results' own best scores and
+    margins after the first round."""
+    from .rerank.adaptive import AdaptiveRule, best_two
+    k, s = lists.k, lists.scores[name]
+    rules = []
+    for k1 in (r for r in FIRST_ROUNDS if r < k):
+        best, second = best_two(s[:, :k1])
+        fin = np.isfinite(best)
+        lead = (best - second)[fin & np.isfinite(second)]
+        scores = sorted({_round4(v) for v in np.quantile(best[fin], SCORE_QUANTILES)}) if fin.any() else []
+        margins = sorted({_round4(v) for v in np.quantile(lead, MARGIN_QUANTILES)}) if len(lead) else []
+        stops = ([(v, None) for v in scores] + [(None, m) for m in margins]
+                 + [(v, m) for v in scores[1::2] for m in margins])
+        for rounds in [(k1,)] + [(k1, m) for m in SECOND_ROUNDS if k1 < m < k]:
+            rules += [AdaptiveRule(rounds=rounds, score=v, margin=m) for v, m in stops]
+    return rules
+
+
+def _pareto(rows: list[dict]) -> None:
+    """Mark ``pareto`` on the rows no other row beats on both mean pairs (fewer) and R@1 (higher)."""
+    for r in rows:
+        r["pareto"] = not any(o["pairs_per_query"] <= r["pairs_per_query"] and o["recall@1"] >= r["recall@1"]
+                              and (o["pairs_per_query"] < r["pairs_per_query"] or o["recall@1"] > r["recall@1"])
+                              for o in rows)
+
+
+def sweep_adaptive(lists: ScoredLists, rerankers: Sequence[str]) -> tuple[list[dict], dict[str, dict]]:
+    """Per reranker: the fixed counts (FIXED_KS below K, and K: the full top-K) and the grid of
+    rules, each with R@1/5/10 and mean pairs per query, the Pareto front marked; and the chosen
+    rule per reranker (fewest mean pairs with R@1 within R1_TOLERANCE of the full top-K's)."""
+    from .rerank.adaptive import prefix_lengths
+    rows: list[dict] = []
+    chosen: dict[str, dict] = {}
+    k = lists.k
+    q = len(lists.query_ids)
+    for name in [n for n in rerankers if n != "none"]:
+        if np.isnan(lists.scores[name][~np.isnan(lists.global_scores)]).any():
+            raise ValueError(f"reranker {name} did not score every candidate of these results (an adaptive run?); "
+                             f"the sweep replays rules on the full top-K's scores")
+        group = []
+        for kk in sorted({x for x in FIXED_KS if x < k} | {k}):
+            rec, pairs = replay(lists, name, np.full(q, kk))
+            group.append({"reranker": name, "kind": "fixed", "candidates": kk, "rule": None, **rec,
+                          "pairs_per_query": float(pairs.mean()) if q else 0.0})
+        for rule in rule_grid(lists, name):
+            rec, pairs = replay(lists, name, prefix_lengths(rule, lists.scores[name], lists.global_scores, k))
+            group.append({"reranker": name, "kind": "rule", "candidates": k, "rule": rule.to_json(),
+                          "describe": rule.describe(), **rec, "pairs_per_query": float(pairs.mean()) if q else 0.0})
+        _pareto(group)
+        full = next(r for r in group if r["kind"] == "fixed" and r["candidates"] == k)
+        ok = [r for r in group if r["kind"] == "rule" and r["recall@1"] is not None and full["recall@1"] is not None
+              and r["recall@1"] >= full["recall@1"] - R1_TOLERANCE - 1e-12]
+        if ok:
+            best = min(ok, key=lambda r: (r["pairs_per_query"], -r["recall@1"]))
+            best["chosen"] = True
+            chosen[name] = best["rule"]
+        rows += group
+    return rows, chosen
+
+
+def format_adaptive_sweep(rows: list[dict]) -> str:
+    """The rule sweep as text: one block per reranker, rows by mean pairs per query; ``*`` on the
+    Pareto front, ``<`` the rule --write-rule chooses."""
+    lines: list[str] = []
+    blocks: dict[str, list[dict]] = {}
+    for r in rows:
+        blocks.setdefault(r["reranker"], []).append(r)
+    for name, group in blocks.items():
+        lines.append(f"reranker {name}")
+        lines.append(f"{'':>2} {'rule':<44} {'R@1':>6} {'R@5':>6} {'R@10':>6} {'pairs/query':>12}")
+        for r in sorted(group, key=lambda r: (r["pairs_per_query"], -(r["recall@1"] or 0))):
+            label = f"fixed K = {r['candidates']}" if r["kind"] == "fixed" else r["describe"]
+            mark = ("*" if r.get("pareto") else " ") + ("<" if r.get("chosen") else " ")
+            lines.append(f"{mark} {label:<44} {percent(r['recall@1']):>6} {percent(r['recall@5']):>6} "
+                         f"{percent(r['recall@10']):>6} {r['pairs_per_query']:>12.2f}")
+    lines.append(f"*: on the Pareto front of R@1 against mean pairs per query; <: the fewest mean pairs with R@1 "
+                 f"within {100 * R1_TOLERANCE:g} point of the full top-K (--write-rule)")
+    return "\n".join(lines)
+
+
+def write_rule(url: str, rules: Mapping[str, dict]) -> None:
+    """RULE.yaml: exactly the ``adaptive`` block of a rerank config (one rule per reranker)."""
+    import yaml
+    storage.write_bytes(url, yaml.safe_dump({n: dict(r) for n, r in rules.items()}, sort_keys=False).encode())
+
+
+def pairs_study(lists: ScoredLists, rerankers: Sequence[str]) -> dict:
+    """For the report: per reranker, the fixed counts and the rules on the Pareto front (R@1, 5,
+    10 and mean pairs per query each), and the chosen rule."""
+    rows, chosen = sweep_adaptive(lists, rerankers)
+    out: dict = {}
+    for r in rows:
+        d = out.setdefault(r["reranker"], {"fixed": [], "rules": [], "chosen": chosen.get(r["reranker"])})
+        entry = {k: r[k] for k in ("recall@1", "recall@5", "recall@10", "pairs_per_query")}
+        if r["kind"] == "fixed":
+            d["fixed"].append({"candidates": r["candidates"], **entry})
+        elif r["pareto"] or r.get("chosen"):
+            d["rules"].append({"rule": r["rule"], "describe": r["describe"], "chosen": bool(r.get("chosen")), **entry})
+    return out
+
+
+def adaptive_of(results_url: str) -> dict | None:
+    """The adaptive rules the results were made with (None: every query scored its K candidates)."""
+    from .rerank.results import results_metadata
+    meta = results_metadata(results_url)
+    return meta.get("adaptive") or (meta.get("plan") or {}).get("adaptive")
+
+
 # ---------------------------------------------------------------- stage API
 @dataclass
 class EvaluateConfig:
@@ -274,6 +517,9 @@ class EvaluateConfig:
     positive_radius: float | None = None  # None: frames 2 for a sequence database, 25 metres otherwise
     recall_ns: list[int] = field(default_factory=lambda: list(RECALL_NS))
     sweep_candidates: list[int] = field(default_factory=list)
+    sweep_adaptive: bool = False             # fit stop rules on these (full top-K) results
+    write_rule: str | None = None            # with sweep_adaptive: write the chosen rules here (RULE.yaml)
+    pairs_study: bool = False                # metrics["pairs_study"] for the report (fixed K and Pareto rules)
 
 
 @dataclass
@@ -282,6 +528,8 @@ class EvaluateResult:
     sweep: list[dict] | None = None
     # {reranker: ms per query spent scoring pairs, measured at the run's K}; None when not recorded
     rerank_ms: dict[str, float] | None = None
+    adaptive_sweep: list[dict] | None = None
+    rules: dict[str, dict] | None = None     # the chosen rule per reranker (sweep_adaptive)
 
 
 def run_results(out: str) -> str:
@@ -371,6 +619,14 @@ def run(config: EvaluateConfig) -> EvaluateResult:
     if radius is None:
         radius = default_radius_of(db_store)
     db_xy = database_positions(db_store, state)
+    adaptive = adaptive_of(results_url)
+    if adaptive and (config.sweep_candidates or config.sweep_adaptive):
+        what = "--sweep-candidates" if config.sweep_candidates else "--sweep-adaptive"
+        raise ValueError(f"{what} needs every candidate's score, but {results_url} is of an adaptive run "
+                         f"({', '.join(sorted(adaptive))}): the candidates it stopped before have no score. Rerank "
+                         f"with a fixed --candidates K (no --adaptive) to study K or fit a rule")
+    if config.write_rule and not config.sweep_adaptive:
+        raise ValueError("--write-rule writes the rule --sweep-adaptive chooses: give both")
     available = _part_columns(results_url)
     names = results_rerankers(results_url) or rerankers_in(available)
     cols = ["query_id", "global_rank", *RESULT_POSITION_COLUMNS]
@@ -382,7 +638,30 @@ def run(config: EvaluateConfig) -> EvaluateResult:
     ms = rerank_ms_per_query(results_url, metrics["num_queries"], names, config.out) if sweep else None
     metrics["positive_radius"] = radius
     metrics["positive_radius_unit"] = radius_unit_of(db_store)
-    return EvaluateResult(metrics, sweep, ms)
+    res = EvaluateResult(metrics, sweep, ms)
+    scorers = [n for n in names if n not in ("none", "reranked")]
+    want_study = config.pairs_study and not adaptive and scorers and \
+        metrics["num_queries"] * max(1, _run_k(results_url)) <= STUDY_MAX_PAIRS
+    if config.sweep_adaptive or want_study:
+        cols = ["query_id", "global_rank", "global_score", *RESULT_POSITION_COLUMNS]
+        cols += [c for pair in reranker_columns(scorers, available).values() for c in pair]
+        lists = scored_lists(iter_parts(results_url, list(dict.fromkeys(cols))), db_xy, radius, scorers)
+        if config.sweep_adaptive:
+            res.adaptive_sweep, res.rules = sweep_adaptive(lists, scorers)
+            if config.write_rule:
+                missing = [n for n in scorers if n not in res.rules]
+                if missing:
+                    raise ValueError(f"no rule of the grid keeps R@1 within {100 * R1_TOLERANCE:g} point of the full "
+                                     f"top-K for {missing}; nothing written")
+                write_rule(config.write_rule, res.rules)
+        if want_study:
+            metrics["pairs_study"] = pairs_study(lists, scorers)
+    return res
+
+
+def _run_k(results_url: str) -> int:
+    from .rerank.results import results_metadata
+    return int(results_metadata(results_url).get("candidates") or 0)
 
 
 def default_radius_of(db_store: str) -> float:
@@ -451,6 +730,12 @@ def register_cli(subparsers) -> None:
     p.add_argument("--positive-radius", type=float, default=None,
                    help="frames for a sequence: database (default 2), metres otherwise (default 25)")
     p.add_argument("--sweep-candidates", type=_int_list, default=[], metavar="K1,K2,...")
+    p.add_argument("--sweep-adaptive", action="store_true",
+                   help="replay a grid of adaptive stop rules on these full top-K results: R@1/5/10 against "
+                        "mean pairs per query, the Pareto front marked")
+    p.add_argument("--write-rule", metavar="RULE.yaml",
+                   help="with --sweep-adaptive: write the rule with the fewest mean pairs whose R@1 is within "
+                        "1 point of the full top-K's (for r2f run/rerank --adaptive)")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.set_defaults(func=_cli)
     from .benchmarks import register_cli as register_benchmarks
@@ -458,7 +743,8 @@ def register_cli(subparsers) -> None:
 
 
 def _recall_line(label: str, recalls: dict) -> str:
-    return f"{label:>9}: " + "  ".join(f"{k.replace('recall', 'R')}={percent(v)}" for k, v in recalls.items())
+    return f"{label:>9}: " + "  ".join(f"{k.replace('recall', 'R')}={percent(v)}" for k, v in recalls.items()
+                                       if k.startswith("recall@"))
 
 
 def _cli(args) -> int:
@@ -468,11 +754,14 @@ def _cli(args) -> int:
                          f"`r2f run --database D --queries Q --out OUT --candidates {k}`, then "
                          f"`r2f evaluate --out OUT` (e.g. with --sweep-candidates)")
     cfg = EvaluateConfig(out=args.out, results=args.results, database_store=args.database_store,
-                         positive_radius=args.positive_radius, sweep_candidates=args.sweep_candidates)
+                         positive_radius=args.positive_radius, sweep_candidates=args.sweep_candidates,
+                         sweep_adaptive=args.sweep_adaptive, write_rule=args.write_rule)
     res = run(cfg)
     if args.json:
-        print(json.dumps({"metrics": res.metrics, "sweep": res.sweep, "rerank_ms_per_query": res.rerank_ms},
-                         indent=2))
+        out = {"metrics": res.metrics, "sweep": res.sweep, "rerank_ms_per_query": res.rerank_ms}
+        if args.sweep_adaptive:
+            out.update({"adaptive_sweep": res.adaptive_sweep, "rules": res.rules})
+        print(json.dumps(out, indent=2))
         return 0
     m = res.metrics
     print(f"queries: {m['num_queries']} ({m['num_queries_without_positive']} without a positive, excluded)")
@@ -484,7 +773,17 @@ def _cli(args) -> int:
         print(_recall_line("global", group["global"]))
         for name, recalls in group["rerankers"].items():
             print(_recall_line(name, recalls))
+    for name, r in m["rerankers"].items():
+        if "pairs_scored" in r and name != "none":
+            ppq = r["pairs_per_query"]
+            mean = "-" if ppq["mean"] is None else f"{ppq['mean']:.2f}"
+            print(f"{name:>9}: {r['pairs_scored']} pairs scored, per query mean {mean} p50 {ppq['p50']} "
+                  f"p99 {ppq['p99']}")
     if res.sweep:
         print(format_sweep(res.sweep, res.rerank_ms))
+    if res.adaptive_sweep:
+        print(format_adaptive_sweep(res.adaptive_sweep))
+        if args.write_rule:
+            print(f"rule written to {args.write_rule}: " + "; ".join(f"{n}: {r}" for n, r in res.rules.items()))
     sys.stdout.flush()
     return 0

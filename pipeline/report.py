@@ -99,7 +99,8 @@ def _thumbnail(src: str, dst_url: str, height: int = THUMB_HEIGHT) -> bool:
 
 
 def _recall_keys(d: dict) -> list[str]:
-    return sorted(d, key=lambda k: int(k.split("@")[1]))
+    """The recall@N keys of a metrics block (a reranker's also holds its pairs scored), by N."""
+    return sorted((k for k in d if k.startswith("recall@")), key=lambda k: int(k.split("@")[1]))
 
 
 def recall_columns(metrics: dict, names: list[str]) -> list[tuple[str, str, dict]]:

@@ -252,6 +252,7 @@ def _cli(args: argparse.Namespace) -> int:
     m = res.metrics
     print(f"{m['num_queries']} queries ({m['num_queries_without_positive']} without a positive)")
     for kind, recalls in (("global", m["global"]), *m["rerankers"].items()):
-        print(f"{kind:>9}: " + "  ".join(f"{k.replace('recall', 'R')}={_pct(v)}" for k, v in recalls.items()))
+        print(f"{kind:>9}: " + "  ".join(f"{k.replace('recall', 'R')}={_pct(v)}" for k, v in recalls.items()
+                                         if k.startswith("recall@")))
     print(f"report: {res.report}")
     return 0

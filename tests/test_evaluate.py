@@ -59,7 +59,10 @@ def test_evaluate_results_global_vs_reranked_and_sweep():
     assert m["num_queries"] == 3 and m["num_queries_without_positive"] == 1
     assert m["global"] == {"recall@1": 0.0, "recall@2": 0.5, "recall@3": 1.0}
     assert m["reranked"] == {"recall@1": 1.0, "recall@2": 1.0, "recall@3": 1.0}
-    assert m["rerankers"] == {"reranked": m["reranked"]} and "by_tag" not in m  # one unnamed reranker
+    # one unnamed reranker, with its pairs (3 queries x 3 candidates)
+    assert m["rerankers"] == {"reranked": {**m["reranked"], "pairs_scored": 9,
+                                           "pairs_per_query": {"mean": 3.0, "p50": 3, "p99": 3}}}
+    assert "by_tag" not in m
     sweep = candidate_sweep(res, db, 2, [1, 2, 3, 5], ns=(1,))
     # K=1: only the global top-1 reranked -> the global R@1; K=2: query 1 fixed; K=3: both.
     assert [r["recall@1"] for r in sweep] == [0.0, 0.5, 1.0, 1.0]
@@ -164,9 +167,10 @@ def test_each_reranker_and_each_tag_scored_from_its_own_columns():
     assert m["num_queries"] == 4 and m["queries_without_positive"] == [3]
     assert list(m["rerankers"]) == ["ransac", "r2former"]  # column order: the run's order
     assert m["global"] == {"recall@1": 1 / 3, "recall@2": 2 / 3, "recall@3": 1.0}
-    assert m["rerankers"]["ransac"] == {"recall@1": 2 / 3, "recall@2": 2 / 3, "recall@3": 1.0}
-    assert m["rerankers"]["r2former"] == {"recall@1": 1 / 3, "recall@2": 1.0, "recall@3": 1.0}
-    assert m["reranked"] == m["rerankers"]["ransac"]  # the first listed
+    pairs = {"pairs_scored": 12, "pairs_per_query": {"mean": 3.0, "p50": 3, "p99": 3}}  # 4 queries x 3
+    assert m["rerankers"]["ransac"] == {"recall@1": 2 / 3, "recall@2": 2 / 3, "recall@3": 1.0, **pairs}
+    assert m["rerankers"]["r2former"] == {"recall@1": 1 / 3, "recall@2": 1.0, "recall@3": 1.0, **pairs}
+    assert m["reranked"] == {"recall@1": 2 / 3, "recall@2": 2 / 3, "recall@3": 1.0}  # the first listed
     assert list(m["by_tag"]) == ["day", "night"]  # the untagged query is in no group
     night, day = m["by_tag"]["night"], m["by_tag"]["day"]
     assert (night["num_queries"], night["num_queries_without_positive"]) == (2, 1)
@@ -195,7 +199,8 @@ def test_old_results_have_one_reranker_and_no_tags():
     assert m["reranked"] == {"recall@1": 2 / 3, "recall@2": 2 / 3, "recall@3": 1.0}  # = ransac above
     assert [r["reranker"] for r in rows] == ["reranked"]
     named, _ = evaluate_parts([old], DB, 2, ns=(1,), rerankers=["ransac"])
-    assert named["rerankers"] == {"ransac": {"recall@1": 2 / 3}}
+    assert named["rerankers"] == {"ransac": {"recall@1": 2 / 3, "pairs_scored": 12,
+                                             "pairs_per_query": {"mean": 3.0, "p50": 3, "p99": 3}}}
 
 
 def test_sweep_table_has_one_block_per_reranker_with_ms_per_query():

@@ -158,6 +158,38 @@ def test_another_rule_is_refused_naming_both(city, adaptive):
     with pytest.raises(PlanMismatch) as err:
         run(_cfg(city, res.results, adaptive=other))
     text = str(err.value)
-    assert "adaptive" in text and "rounds 2/5" in text and "rounds 3 margin>=0.01" in text
+    assert "adaptive: {token-similarity: rounds 2 score>=" in text and "rounds 3 margin>=0.01" in text
     with pytest.raises(PlanMismatch, match="none \\(every candidate\\)"):
         run(_cfg(city, res.results))
+
+
+def test_sweep_fits_a_rule_on_full_results_and_refuses_adaptive_ones(city, full, adaptive, tmp_path, capsys):
+    import yaml
+
+    from pipeline import evaluate
+    from pipeline.evaluate import EvaluateConfig
+    res, _ = full
+    rule_url = str(tmp_path / "rule.yaml")
+    got = evaluate.run(EvaluateConfig(results=res.results, positive_radius=25, sweep_adaptive=True,
+                                      write_rule=rule_url))
+    rows = [r for r in got.adaptive_sweep if r["reranker"] == SCORER]
+    fixed = {r["candidates"]: r for r in rows if r["kind"] == "fixed"}
+    assert sorted(fixed) == [1, 5, K] and fixed[K]["pairs_per_query"] == K
+    assert fixed[K]["recall@1"] == got.metrics["rerankers"][SCORER]["recall@1"]  # the replay is the job's order
+    chosen = [r for r in rows if r.get("chosen")]
+    assert len(chosen) == 1 and chosen[0]["recall@1"] >= fixed[K]["recall@1"] - 0.01
+    assert chosen[0]["pairs_per_query"] == min(r["pairs_per_query"] for r in rows if r["kind"] == "rule"
+                                               and r["recall@1"] >= fixed[K]["recall@1"] - 0.01)
+    written = yaml.safe_load(open(rule_url))
+    assert written == {SCORER: chosen[0]["rule"]}
+    assert AdaptiveRule.from_json(written[SCORER], SCORER)
+    # an adaptive run's results: pairs per query in the metrics; the sweeps refuse, saying why
+    ares, arows, _ = adaptive
+    m = evaluate.run(EvaluateConfig(results=ares.results, positive_radius=25)).metrics[
+        "rerankers"][SCORER]
+    per_query = arows[f"rerank_score_{SCORER}"].notna().groupby(arows["query_id"]).sum()
+    assert m["pairs_scored"] == ares.pairs_scored[SCORER] == int(per_query.sum())
+    assert m["pairs_per_query"]["mean"] == pytest.approx(per_query.mean()) and m["pairs_per_query"]["p99"] == K
+    for kw in (dict(sweep_candidates=[5]), dict(sweep_adaptive=True)):
+        with pytest.raises(ValueError, match="adaptive run .* no score"):
+            evaluate.run(EvaluateConfig(results=ares.results, positive_radius=25, **kw))

@@ -129,7 +129,7 @@ def job_bounds(rules: Mapping[str, AdaptiveRule] | None, k: int) -> list[int]:
     return sorted(cuts)
 
 
-def _top2(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def best_two(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Best and second best of each row, ignoring NaN (unscored); -inf where there is none."""
     s = np.where(np.isnan(scores), -np.inf, scores)
     if s.shape[1] == 0:
@@ -143,7 +143,7 @@ def _top2(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def stops(rule: AdaptiveRule, scores: np.ndarray) -> np.ndarray:
     """(Q,) bool: the rule is met by each query's scores so far (Q, L) (NaN: not scored)."""
-    best, second = _top2(np.asarray(scores, np.float64))
+    best, second = best_two(np.asarray(scores, np.float64))
     ok = np.isfinite(best)
     if rule.score is not None:
         ok &= best >= rule.score
@@ -159,7 +159,7 @@ def first_rounds(rule: AdaptiveRule, global_scores: np.ndarray, k: int) -> np.nd
     rounds = rule.rounds_for(k)
     start = np.full(len(global_scores), rounds[0], np.int64)
     if rule.gate_margin is not None and len(rounds) > 1:
-        best, second = _top2(np.asarray(global_scores, np.float64)[:, :min(2, k)])
+        best, second = best_two(np.asarray(global_scores, np.float64)[:, :min(2, k)])
         with np.errstate(invalid="ignore"):
             start[~((best - second) >= rule.gate_margin)] = rounds[1]
     return start
