@@ -118,17 +118,33 @@ def load(url: str, photos: list[bytes], clients: int, requests: int) -> dict:
             "req_per_s": len(lat) / wall if wall > 0 else float("nan")}
 
 
-def service_rss_bytes() -> int:
-    """Summed RSS of the Serve controller, proxy and replica processes (Linux /proc)."""
-    from ray.util.state import list_actors
+def _descendants(root: int) -> set[int]:
+    parent = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    parent[int(d)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (FileNotFoundError, IndexError, ValueError):
+                pass
+    out, frontier = set(), {root}
+    while frontier:
+        frontier = {p for p, pp in parent.items() if pp in frontier} - out
+        out |= frontier
+    return out
 
+
+def service_rss_bytes() -> int:
+    """Summed RSS of the Serve controller, proxy and replica processes of this run's Ray (Linux
+    /proc: Ray titles its workers ``ray::ServeReplica:...``, ``ray::ServeController``, ``ray::ProxyActor``)."""
     total = 0
-    for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000):
-        name = a.class_name or ""
-        if not (name.startswith("ServeReplica") or name in ("ServeController", "ProxyActor")) or not a.pid:
-            continue
+    for pid in _descendants(os.getpid()):
         try:
-            with open(f"/proc/{a.pid}/status") as f:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                title = f.read().split(b"\0")[0].decode(errors="replace")
+            if not title.startswith(("ray::ServeReplica", "ray::ServeController", "ray::ProxyActor")):
+                continue
+            with open(f"/proc/{pid}/status") as f:
                 total += next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
         except (FileNotFoundError, StopIteration):
             pass

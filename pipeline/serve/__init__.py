@@ -130,9 +130,15 @@ def start(cfg: ServeConfig, token: str | None = None) -> ServeRunning:
 def serve_forever(cfg: ServeConfig) -> int:
     """Start, print the URL, stop cleanly on SIGINT/SIGTERM."""
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+
+    def on_signal(*_):
+        stop.set()
+
     running = start(cfg, os.environ.get(TOKEN_ENV) or None)
+    # After Ray started: ray.init installs a fatal-signal handler for SIGTERM that would abort the
+    # process instead of letting it delete the application and shut Ray down.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
     print(f"serving {cfg.database_store} ({cfg.index_dir}) at {running.url}", flush=True)
     try:
         while not stop.wait(1.0):

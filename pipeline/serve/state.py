@@ -39,10 +39,8 @@ from ..index.published import PublishedState, resolve
 from ..index.search import ShardedSearcher
 from ..log import get_logger
 from ..ransac import RansacConfig
+from ..rerank import RERANKERS, PairScorer, RerankConfig, reranked_order, resolve_reranker
 from ..rerank.catalog import build_catalog
-from ..rerank.rerankers import RERANKERS, reranked_order, resolve_reranker
-from ..rerank.score import PairScorer
-from ..rerank.stage import RerankConfig
 from ..rerank.tokens import ChunkCache
 
 log = get_logger(__name__)
