@@ -1,7 +1,7 @@
 """City-scale reranking: memory, throughput and token reads of the streaming rerank job.
 
     .venv/bin/python bench/bench_city.py [--images 1000000] [--queries 10000,100000] [--tokens 64] \
-        [--candidates 100] [--reranker token-similarity] [--out /tmp/r2f_bench_city]
+        [--candidates 100] [--reranker token-similarity] [--adaptive RULE.yaml] [--out /tmp/r2f_bench_city]
 
 Writes a synthetic city with ``bench/city.py`` (street grid, 4 views per place, rows in
 extraction order, default ``chunk_rows`` 16, local tokens at T for every image: 1M x 64 tokens
@@ -16,6 +16,11 @@ candidate) with the query-token bytes copied for them, with the load average bes
 ``--reranker token-similarity`` (default) is a cheap stand-in that reads the real tokens through
 the same chunk cache (mean best cosine similarity of token features); ``ransac`` and ``r2former``
 run the real scorers. The stores are reused when they exist with the same parameters.
+
+``--adaptive RULE.yaml`` (``configs/adaptive_city.yaml`` for the stand-in scorer) runs each query
+set twice, fixed K then with the rule (pipeline/rerank/adaptive.py), and prints them side by side:
+pairs scored, wall time and the peaks, so the fixed run's memory bounds can be checked against
+the adaptive one's.
 """
 from __future__ import annotations
 
@@ -130,7 +135,8 @@ def drive(config: dict) -> None:
         "fetched_token_bytes": res.fetched_token_bytes, "distinct_candidate_bytes": res.distinct_candidate_bytes,
         "fetched_query_token_bytes": res.fetched_query_token_bytes, "search_s": res.stage_seconds.get("search"),
         "stray_pairs": res.stray_pairs, "stray_query_token_bytes": res.stray_query_token_bytes,
-        "failed_partitions": res.failed_partitions, "load": os.getloadavg()[0]}), flush=True)
+        "failed_partitions": res.failed_partitions, "load": os.getloadavg()[0],
+        "pairs_scored": sum(res.pairs_scored.values()), "partitions": res.partitions}), flush=True)
 
 
 def _write_once(store: Path, params: dict, write) -> None:
@@ -156,6 +162,7 @@ def main() -> int:
     p.add_argument("--partition-queries", type=int, default=4096)
     p.add_argument("--num-actors", type=int, default=None)
     p.add_argument("--cpus", type=int, default=None, help="CPUs of the embedded Ray (default: all)")
+    p.add_argument("--adaptive", metavar="RULE.yaml", help="also run each query set with this adaptive rule")
     p.add_argument("--out", default="/tmp/r2f_bench_city")
     p.add_argument("--drive", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -183,8 +190,12 @@ def main() -> int:
         import ray
         ray.shutdown()
 
-    print(f"{'queries':>8} {'pairs':>10} {'wall s':>8} {'search s':>9} {'pairs/s':>9} {'driver MB':>10} "
-          f"{'store MB':>9} {'fetched GB':>11} {'distinct GB':>12} {'ratio':>6} {'query GB':>9} {'strays':>9} "
+    rule = None
+    if args.adaptive:
+        from pipeline.rerank.stage import read_rule
+        rule = read_rule(args.adaptive)
+    print(f"{'queries':>8} {'mode':>8} {'pairs':>10} {'scored':>10} {'wall s':>8} {'search s':>9} {'pairs/s':>9} "
+          f"{'driver MB':>10} {'store MB':>9} {'fetched GB':>11} {'distinct GB':>12} {'ratio':>6} {'query GB':>9} {'strays':>9} "
           f"{'stray GB':>9} {'load':>5}  "
           f"actor peak RSS MB")
     rows = []
@@ -192,27 +203,51 @@ def main() -> int:
         q = out / f"queries_{n}"
         _write_once(q, {"queries": n, "of": args.images, "tokens": args.tokens},
                     lambda: write_city(str(q), n, tokens=args.tokens, queries_of=args.images, strip_positions=True))
-        results = out / f"results_{n}"
-        shutil.rmtree(results, ignore_errors=True)
-        cfg = dict(query_store=str(q), database_store=str(db), index_dir=str(index_dir), results=str(results),
-                   backbone="efficientnet-lite0", reranker=args.reranker, candidates=args.candidates,
-                   partition_queries=args.partition_queries, num_actors=args.num_actors, _cpus=args.cpus)
-        env = dict(os.environ, PYTHONPATH=str(ROOT))
-        env.pop("RAY_ADDRESS", None)
-        done = subprocess.run([sys.executable, __file__, "--drive", json.dumps(cfg)], env=env, cwd=ROOT,
-                              capture_output=True, text=True)
-        if done.returncode != 0:
-            print(done.stderr[-4000:], file=sys.stderr)
-            return 1
-        r = json.loads(done.stdout.split("RESULT ", 1)[1].splitlines()[0])
-        rows.append((n, r))
-        ratio = r["fetched_token_bytes"] / r["distinct_candidate_bytes"] if r["distinct_candidate_bytes"] else 0
-        actors = ", ".join(f"{k} {v / 2**20:.0f}" for k, v in sorted(r["actor_peak_rss"].items()))
-        print(f"{n:>8} {r['pairs']:>10} {r['wall_s']:>8.1f} {r['search_s'] or 0:>9.1f} {r['pairs_per_s']:>9.0f} "
-              f"{r['driver_peak_rss'] / 2**20:>10.0f} {r['object_store_peak'] / 2**20:>9.0f} "
-              f"{r['fetched_token_bytes'] / 1e9:>11.2f} {r['distinct_candidate_bytes'] / 1e9:>12.2f} "
-              f"{ratio:>6.2f} {r['fetched_query_token_bytes'] / 1e9:>9.2f} {r['stray_pairs']:>9} "
-              f"{r['stray_query_token_bytes'] / 1e9:>9.2f} {r['load']:>5.1f}  {actors}", flush=True)
+        pair = []
+        for mode, adaptive in [("fixed", None)] + ([("adaptive", rule)] if rule else []):
+            results = out / (f"results_{n}" if adaptive is None else f"results_{n}_adaptive")
+            shutil.rmtree(results, ignore_errors=True)
+            cfg = dict(query_store=str(q), database_store=str(db), index_dir=str(index_dir), results=str(results),
+                       backbone="efficientnet-lite0", reranker=args.reranker, candidates=args.candidates,
+                       partition_queries=args.partition_queries, num_actors=args.num_actors, _cpus=args.cpus,
+                       adaptive=adaptive)
+            env = dict(os.environ, PYTHONPATH=str(ROOT))
+            env.pop("RAY_ADDRESS", None)
+            done = subprocess.run([sys.executable, __file__, "--drive", json.dumps(cfg)], env=env, cwd=ROOT,
+                                  capture_output=True, text=True)
+            if done.returncode != 0:
+                print(done.stderr[-4000:], file=sys.stderr)
+                return 1
+            r = json.loads(done.stdout.split("RESULT ", 1)[1].splitlines()[0])
+            _print_row(n, mode, r)
+            pair.append(r)
+        rows.append((n, pair[0]))  # the fixed run: the peaks' growth across query-set sizes
+        if len(pair) == 2:
+            f, a = pair
+            kinds = sorted(set(f["actor_peak_rss"]) & set(a["actor_peak_rss"]))
+            print(f"{n:>8} adaptive / fixed: pairs scored {a['pairs_scored']} / {f['pairs_scored']} "
+                  f"({100 * a['pairs_scored'] / max(1, f['pairs_scored']):.1f} %), wall {a['wall_s']:.1f} / "
+                  f"{f['wall_s']:.1f} s; peaks within the fixed run's: driver "
+                  f"x{a['driver_peak_rss'] / max(1, f['driver_peak_rss']):.2f}, "
+                  + ", ".join(f"{k} x{a['actor_peak_rss'][k] / max(1, f['actor_peak_rss'][k]):.2f}" for k in kinds),
+                  flush=True)
+    _growth(rows)
+    print(f"(machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f})")
+    return 0
+
+
+def _print_row(n: int, mode: str, r: dict) -> None:
+    ratio = r["fetched_token_bytes"] / r["distinct_candidate_bytes"] if r["distinct_candidate_bytes"] else 0
+    actors = ", ".join(f"{k} {v / 2**20:.0f}" for k, v in sorted(r["actor_peak_rss"].items()))
+    print(f"{n:>8} {mode:>8} {r['pairs']:>10} {r['pairs_scored']:>10} {r['wall_s']:>8.1f} {r['search_s'] or 0:>9.1f} "
+          f"{r['pairs_per_s']:>9.0f} {r['driver_peak_rss'] / 2**20:>10.0f} {r['object_store_peak'] / 2**20:>9.0f} "
+          f"{r['fetched_token_bytes'] / 1e9:>11.2f} {r['distinct_candidate_bytes'] / 1e9:>12.2f} "
+          f"{ratio:>6.2f} {r['fetched_query_token_bytes'] / 1e9:>9.2f} {r['stray_pairs']:>9} "
+          f"{r['stray_query_token_bytes'] / 1e9:>9.2f} {r['load']:>5.1f}  {actors}", flush=True)
+
+
+def _growth(rows: list) -> None:
+    """The fixed runs' peaks from the smallest query set to the largest."""
     if len(rows) >= 2:
         (n0, a), (n1, b) = rows[0], rows[-1]
         kinds = sorted(set(a["actor_peak_rss"]) & set(b["actor_peak_rss"]))
@@ -222,8 +257,6 @@ def main() -> int:
               f"x{b['object_store_peak'] / max(1, a['object_store_peak']):.2f}, actor peaks "
               + ", ".join(f"{k} x{v:.2f}" for k, v in growth.items())
               + f"; wall per pair x{(b['wall_s'] / b['pairs']) / (a['wall_s'] / a['pairs']):.2f}")
-    print(f"(machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f})")
-    return 0
 
 
 if __name__ == "__main__":

@@ -1,14 +1,20 @@
-"""Reranking throughput: pairs/s of the Ray actor pool and queries/s end to end.
+"""Reranking throughput: the rerank job's pairs/s against the same scorer called directly.
 
-    .venv/bin/python bench/bench_rerank.py [--candidates 20] [--image-size 272 480] [--out /tmp/r2f_bench_rerank]
+    .venv/bin/python bench/bench_rerank.py [--queries 200] [--candidates 20] [--image-size 272 480]
+        [--rerankers ransac,r2former] [--out /tmp/r2f_bench_rerank]
 
 On the real Gardens Point images (day_right database, night_right queries, EfficientNet-Lite0):
-extracts and indexes the database once, then for each reranker (ransac, r2former) runs the
-reranking stage (query extraction + top-K search + pair scoring on Ray) and prints
+extracts and indexes the database once, then for each reranker runs the rerank job (query
+extraction, top-K search, pair scoring on Ray's scorer pool, commit) and prints
 
-- pairs/s of the scoring step on the Ray actor pool,
-- pairs/s of the same scorer called directly in this process on one batch (no Ray),
-- queries/s end to end (query extraction + search + scoring + writing results).
+- job pairs/s: ``RerankResult.pairs_per_second``, pairs over the scorers' wall time (first pair
+  scored to last, per round);
+- direct pairs/s: the same scorer (``PairScorer``, one thread) in this process on the job's first
+  ``--direct-pairs`` pairs;
+- ratio = job / (scorer slots x direct): 1.0 is every slot scoring at the direct rate; the job's
+  partitions follow its slots (``stage.score_partition_size``);
+- threads per scorer, scorer slots, score partitions, the load average (the machine may be
+  shared: the figures are only comparable at the same load), queries/s end to end.
 
 The r2former reranker runs the transformer over EfficientNet tokens (untrained weights: the
 timing is real, the ranking is not meaningful).
@@ -28,11 +34,12 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
 def real_pairs(results: str, q_store: str, db_store: str, n: int):
-    """Zarr rows of the first ``n`` (query, candidate) pairs the run scored, in its order."""
+    """Zarr rows of the first ``n`` (query, candidate) pairs the job scored (its results folder)."""
     import pandas as pd
 
     from pipeline import storage
-    r = storage.read_parquet(results, ["query_id", "image_id"]).slice(0, n).to_pandas()
+    from pipeline.rerank import read_results
+    r = read_results(results, max_rows=n).select(["query_id", "image_id"]).slice(0, n).to_pandas()
     q = storage.read_global_table(q_store, ["image_id", "row"]).to_pandas().set_index("image_id")["row"]
     d = storage.read_global_table(db_store, ["image_id", "row"]).to_pandas().set_index("image_id")["row"]
     return (pd.Series(r["query_id"]).map(q).to_numpy("int64"), pd.Series(r["image_id"]).map(d).to_numpy("int64"))
@@ -41,7 +48,9 @@ def real_pairs(results: str, q_store: str, db_store: str, n: int):
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=str(Path(os.environ.get("R2F_SHARED", ROOT.parent / "shared")) / "data" / "gardens_point"))
+    p.add_argument("--queries", type=int, default=200, help="night_right frames 0..N-1 (at most 200)")
     p.add_argument("--candidates", type=int, default=20)
+    p.add_argument("--direct-pairs", type=int, default=800)
     p.add_argument("--image-size", nargs=2, type=int, default=[272, 480])
     p.add_argument("--batch-pairs", type=int, default=400)
     p.add_argument("--rerankers", default="ransac,r2former")
@@ -66,29 +75,41 @@ def main() -> int:
                  {"progress": False})
     index.build(index.IndexConfig(store=db_store, index_dir=index_dir))
     print(f"database: 200 images extracted and indexed in {time.perf_counter() - t:.1f} s")
-    print(f"{'reranker':>9} {'K':>4} {'pairs':>6} {'ray pairs/s':>12} {'direct pairs/s':>15} "
-          f"{'extract s':>10} {'search s':>9} {'rerank s':>9} {'queries/s e2e':>14}")
+    queries = str(out / "queries.csv")
+    with open(queries, "w") as f:  # the first --queries night_right frames, the frame as position
+        f.write("path,utm_east,utm_north\n")
+        for i in range(min(200, args.queries)):
+            f.write(f"{args.data}/night_right/Image{i:03d}.jpg,{i},0\n")
+    print(f"{'reranker':>9} {'K':>4} {'pairs':>6} {'job pairs/s':>12} {'direct pairs/s':>15} {'slots':>6} "
+          f"{'ratio':>6} {'threads':>8} {'partitions':>11} {'load avg':>9} {'extract s':>10} {'rerank s':>9} "
+          f"{'queries/s e2e':>14}")
     for reranker in args.rerankers.split(","):
         q_store = str(out / f"query_store_{reranker}")
         t = time.perf_counter()
-        res = run(RerankConfig(queries=f"sequence:{args.data}/night_right", query_store=q_store,
-                               database_store=db_store, index_dir=index_dir, results=str(out / f"{reranker}.parquet"),
-                               backbone="efficientnet-lite0", image_size=list(args.image_size), reranker=reranker,
-                               candidates=args.candidates, batch_pairs=args.batch_pairs,
-                               extract={"progress": False}, allow_untrained_reranker=True))
+        res = run(RerankConfig(queries=queries, query_store=q_store, database_store=db_store, index_dir=index_dir,
+                               results=str(out / f"results_{reranker}"), backbone="efficientnet-lite0",
+                               image_size=list(args.image_size), reranker=reranker, candidates=args.candidates,
+                               batch_pairs=args.batch_pairs, extract={"progress": False},
+                               allow_untrained_reranker=True))
         e2e = time.perf_counter() - t
-        # The same scorer, in this process, on one batch: the cost without Ray's scheduling.
+        load = os.getloadavg()[0]
+        # The same scorer, in this process, on the job's first pairs: the rate without Ray.
         scorer = PairScorer(reranker, "efficientnet-lite0", None, q_store, db_store,
                             RansacConfig(image_scale=float(max(args.image_size))), threads=1)
-        qrows, crows = real_pairs(res.results, q_store, db_store, args.batch_pairs)
+        qrows, crows = real_pairs(res.results, q_store, db_store, args.direct_pairs)
         n = len(qrows)
         t = time.perf_counter()
-        scorer({"pair": np.arange(n), "query_row": qrows, "candidate_row": crows})
+        for a in range(0, n, args.batch_pairs):
+            scorer({"pair": np.arange(len(qrows[a:a + args.batch_pairs])), "query_row": qrows[a:a + args.batch_pairs],
+                    "candidate_row": crows[a:a + args.batch_pairs]})
         direct = n / (time.perf_counter() - t)
+        ratio = res.pairs_per_second / (res.scorer_slots * direct) if direct and res.scorer_slots else float("nan")
         s = res.stage_seconds
         print(f"{reranker:>9} {res.candidates:>4} {res.num_pairs:>6} {res.pairs_per_second:>12.1f} {direct:>15.1f} "
-              f"{s['extract_queries']:>10.1f} {s['search']:>9.2f} {s['rerank']:>9.1f} {res.num_queries / e2e:>14.2f}")
-    print(f"(machine: {os.cpu_count()} CPUs; Ray actors: 1 CPU and 1 torch/OpenCV thread each)")
+              f"{res.scorer_slots:>6} {ratio:>6.2f} {1:>8} {res.partitions:>11} {load:>9.1f} "
+              f"{s['extract_queries']:>10.1f} {s['rerank']:>9.1f} {res.num_queries / e2e:>14.2f}")
+    print(f"(machine: {os.cpu_count()} CPUs; scorers: 1 CPU and 1 torch/OpenCV thread each; load average: "
+          f"1-minute, read after each job)")
     return 0
 
 

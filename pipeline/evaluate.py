@@ -190,7 +190,7 @@ class PairCounter:
                                                            "p99": q(0.99)}}
 
 
-def pairs_per_query(lists: "QueryLists", score: str | None) -> np.ndarray:
+def pairs_per_query(lists: QueryLists, score: str | None) -> np.ndarray:
     """(Q,) pairs each query of a part had scored: its rows with a non-null ``score`` (0 for none)."""
     if score is None or score not in lists.df:
         return np.zeros(len(lists.query_ids), np.int64)
@@ -317,11 +317,11 @@ def candidate_sweep(results: pa.Table, db_positions: np.ndarray, radius: float, 
 FIXED_KS = (1, 5, 10, 20, 50, 100)  # the fixed candidate counts the paper's Table 2 and the report compare
 SWEEP_NS = (1, 5, 10)
 FIRST_ROUNDS = (1, 2, 3, 5, 10)
-SECOND_ROUNDS = (5, 10, 20, 50)
-SCORE_QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
+LATER_ROUNDS = (5, 10, 20, 50)       # optional middle rounds (one or two) before K
+SCORE_QUANTILES = tuple(np.round(np.arange(0.05, 1.0, 0.05), 2))
 MARGIN_QUANTILES = (0.25, 0.5, 0.75)
 R1_TOLERANCE = 0.01  # --write-rule: R@1 within 1 point of the full top-K's
-STUDY_MAX_PAIRS = 5_000_000  # r2f run computes the pairs study for the report up to this many pairs
+STUDY_MAX_PAIRS = 1_000_000  # r2f run computes the pairs study for the report up to this many pairs
 
 
 @dataclass
@@ -399,9 +399,9 @@ def _round4(v: float) -> float:
 
 
 def rule_grid(lists: ScoredLists, name: str) -> list:
-    """Rules to try for reranker ``name``: first rounds FIRST_ROUNDS (then K, or a middle round of
-    SECOND_ROUNDS, then K), stop thresholds at quantiles of these results' own best scores and
-    margins after the first round."""
+    """Rules to try for reranker ``name``: first rounds FIRST_ROUNDS, then K, or one or two middle
+    rounds of LATER_ROUNDS, then K; stop thresholds at quantiles of these results' own best scores
+    and margins after the first round, alone and together."""
     from .rerank.adaptive import AdaptiveRule, best_two
     k, s = lists.k, lists.scores[name]
     rules = []
@@ -412,8 +412,9 @@ def rule_grid(lists: ScoredLists, name: str) -> list:
         scores = sorted({_round4(v) for v in np.quantile(best[fin], SCORE_QUANTILES)}) if fin.any() else []
         margins = sorted({_round4(v) for v in np.quantile(lead, MARGIN_QUANTILES)}) if len(lead) else []
         stops = ([(v, None) for v in scores] + [(None, m) for m in margins]
-                 + [(v, m) for v in scores[1::2] for m in margins])
-        for rounds in [(k1,)] + [(k1, m) for m in SECOND_ROUNDS if k1 < m < k]:
+                 + [(v, m) for v in scores for m in margins])
+        later = [m for m in LATER_ROUNDS if k1 < m < k]
+        for rounds in [(k1,)] + [(k1, m) for m in later] + [(k1, a, b) for a in later for b in later if a < b]:
             rules += [AdaptiveRule(rounds=rounds, score=v, margin=m) for v, m in stops]
     return rules
 
@@ -460,17 +461,20 @@ def sweep_adaptive(lists: ScoredLists, rerankers: Sequence[str]) -> tuple[list[d
     return rows, chosen
 
 
-def format_adaptive_sweep(rows: list[dict]) -> str:
+def format_adaptive_sweep(rows: list[dict], every_rule: bool = False) -> str:
     """The rule sweep as text: one block per reranker, rows by mean pairs per query; ``*`` on the
-    Pareto front, ``<`` the rule --write-rule chooses."""
+    Pareto front, ``<`` the rule --write-rule chooses. Without ``every_rule``, the fixed counts,
+    the front and the chosen rule (a line counts the rest; ``--json`` lists every rule)."""
     lines: list[str] = []
     blocks: dict[str, list[dict]] = {}
     for r in rows:
         blocks.setdefault(r["reranker"], []).append(r)
     for name, group in blocks.items():
-        lines.append(f"reranker {name}")
+        shown = [r for r in group if every_rule or r["kind"] == "fixed" or r.get("pareto") or r.get("chosen")]
+        lines.append(f"reranker {name}: {sum(r['kind'] == 'rule' for r in group)} rules"
+                     + ("" if every_rule else f", {len(group) - len(shown)} off the Pareto front not shown"))
         lines.append(f"{'':>2} {'rule':<44} {'R@1':>6} {'R@5':>6} {'R@10':>6} {'pairs/query':>12}")
-        for r in sorted(group, key=lambda r: (r["pairs_per_query"], -(r["recall@1"] or 0))):
+        for r in sorted(shown, key=lambda r: (r["pairs_per_query"], -(r["recall@1"] or 0))):
             label = f"fixed K = {r['candidates']}" if r["kind"] == "fixed" else r["describe"]
             mark = ("*" if r.get("pareto") else " ") + ("<" if r.get("chosen") else " ")
             lines.append(f"{mark} {label:<44} {percent(r['recall@1']):>6} {percent(r['recall@5']):>6} "

@@ -6,6 +6,10 @@
                      ("No reranking" = global order, then every reranker the run listed)
     tokens (+model) > matched local pairs of a sampled pair: RANSAC's homography inliers beside
                      the learned reranker's most relied-on token pairs (``model.explain``)
+    metrics.json ──> recall@1 against mean pairs scored per query, per reranker (one plot): fixed
+                     K = 1, 5, 10, 20, 50, 100 and the adaptive rules on the Pareto front
+                     (``pairs_study``, fitted on the run's own full top-K scores), or the run's own
+                     adaptive point; the paper's Table 2 (R@1/5/10 per K) with an adaptive row
 
 - Every table cell carries ``data-key`` (its path in metrics.json, joined by ".") and
   ``data-value`` (the exact value); method rows, columns and curves carry ``data-method``
@@ -137,6 +141,100 @@ def recall_plot(metrics: dict, names: list[str] | None = None) -> bytes:
     fig.savefig(buf, format="png")
     plt.close(fig)
     return buf.getvalue()
+
+
+def pairs_points(metrics: dict, study: dict | None = None) -> dict[str, dict]:
+    """Per reranker: ``fixed`` [(K, block)] and ``rules`` [block] of the pairs study
+    (``evaluate.pairs_study``: ``pairs_study.json`` of a run; cells say ``pairs_study.<path>``), and
+    ``adaptive``: the block of the adaptive row (the run itself when it ran a rule, else the rule
+    the study chose), each block with recall@1/5/10 and pairs_per_query (mean)."""
+    study = study or {}
+    adaptive_run = bool((metrics.get("settings") or {}).get("adaptive"))
+    out: dict[str, dict] = {}
+    for name, block in (metrics.get("rerankers") or {}).items():
+        if name == NO_RERANKING or "pairs_per_query" not in block:
+            continue
+        st = study.get(name) or {}
+        own = {**{k: block.get(k) for k in ("recall@1", "recall@5", "recall@10")},
+               "pairs_per_query": (block["pairs_per_query"] or {}).get("mean"), "path": f"rerankers.{name}"}
+        chosen = next((dict(r, path=f"pairs_study.{name}.rules.{i}") for i, r in enumerate(st.get("rules") or [])
+                       if r.get("chosen")), None)
+        out[name] = {"fixed": [(r["candidates"], dict(r, path=f"pairs_study.{name}.fixed.{i}"))
+                               for i, r in enumerate(st.get("fixed") or [])],
+                     "rules": list(st.get("rules") or []),
+                     "adaptive": own if adaptive_run else chosen,
+                     "adaptive_label": "this run's rule" if adaptive_run else "fitted rule (replayed)",
+                     "run": None if adaptive_run else own}
+    return out
+
+
+def pairs_plot(metrics: dict, study: dict | None = None) -> bytes | None:
+    """PNG: recall@1 against mean pairs scored per query, one colour per reranker: fixed K as a
+    line, the Pareto rules as dots, the adaptive row as a star. None without pairs data."""
+    points = pairs_points(metrics, study)
+    if not any(p["fixed"] or p["adaptive"] for p in points.values()):
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=100)
+    for i, (name, p) in enumerate(points.items()):
+        colour = f"C{i}"
+        if p["fixed"]:
+            xs = [b["pairs_per_query"] for _, b in p["fixed"]]
+            ys = [100 * (b["recall@1"] or 0) for _, b in p["fixed"]]
+            ax.plot(xs, ys, "o-", color=colour, label=f"{method_label(name)}, fixed K")
+            for (k, _), x, y in zip(p["fixed"], xs, ys):
+                ax.annotate(str(k), (x, y), textcoords="offset points", xytext=(3, -10), fontsize=7)
+        if p["rules"]:
+            ax.plot([r["pairs_per_query"] for r in p["rules"]], [100 * (r["recall@1"] or 0) for r in p["rules"]],
+                    ".", color=colour, alpha=0.6, label=f"{method_label(name)}, adaptive rules (Pareto)")
+        a = p["adaptive"]
+        if a and a.get("pairs_per_query") is not None:
+            ax.plot([a["pairs_per_query"]], [100 * (a["recall@1"] or 0)], "*", color=colour, markersize=12,
+                    label=f"{method_label(name)}, {p['adaptive_label']}")
+    ax.set_xscale("log")
+    ax.set_xlabel("pairs scored per query (mean)")
+    ax.set_ylabel("Recall@1 (%)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _table2(metrics: dict, study: dict | None = None) -> str:
+    """The paper's Table 2: R@1/5/10 and mean pairs per query for each fixed K, per reranker, and an
+    adaptive row; cells keyed by their metrics.json path."""
+    points = pairs_points(metrics, study)
+    names = [n for n, p in points.items() if p["fixed"] or p["adaptive"]]
+    if not names:
+        return ""
+    keys = ("recall@1", "recall@5", "recall@10", "pairs_per_query")
+    head = "".join(f'<th colspan="4" data-method="{html.escape(n)}">{html.escape(method_label(n))}</th>' for n in names)
+    sub = "".join("<th>R@1</th><th>R@5</th><th>R@10</th><th>pairs/query</th>" for _ in names)
+    ks = sorted({k for n in names for k, _ in points[n]["fixed"]})
+
+    def cells(block: dict | None) -> str:
+        if not block:
+            return "<td>–</td>" * 4
+        out = []
+        for key in keys:
+            v = block.get(key)
+            text = "–" if v is None else (f"{v:.2f}" if key == "pairs_per_query" else f"{100 * v:.1f}")
+            path = block["path"] + (".pairs_per_query.mean" if key == "pairs_per_query" and
+                                    block["path"].startswith("rerankers.") else f".{key}")
+            out.append(f'<td data-key="{html.escape(path)}" data-value="{json.dumps(v)}">{text}</td>')
+        return "".join(out)
+    rows = [f"<tr><th>K = {k}</th>{''.join(cells(dict(points[n]['fixed']).get(k)) for n in names)}</tr>" for k in ks]
+    rows.append(f"<tr><th>adaptive</th>{''.join(cells(points[n]['adaptive']) for n in names)}</tr>")
+    rules = "; ".join(f"{method_label(n)}: {html.escape(points[n]['adaptive'].get('describe') or 'this run')}"
+                      for n in names if points[n]["adaptive"])
+    return (f'<table class="table2" id="table2"><tr><th rowspan="2">candidates</th>{head}</tr><tr>{sub}</tr>'
+            f'{"".join(rows)}</table><p>Adaptive row: {rules or "none"}.</p>')
 
 
 def _recall_table(cols: list[tuple[str, str, dict]], prefix: str = "", attrs: str = "") -> str:
@@ -271,7 +369,8 @@ def _unit(metrics: dict) -> str:
 
 def write_report(out: str, metrics: dict, results: "pa.Table | str", radius: float, image_size: tuple[int, int],
                  query_store: str | None = None, database_store: str | None = None, samples: int = 6,
-                 match_pairs: int = 2, title: str = "R²Former run", model=None, explain_top: int = 20) -> str:
+                 match_pairs: int = 2, title: str = "R²Former run", model=None, explain_top: int = 20,
+                 pairs_study: dict | None = None) -> str:
     """Write ``<out>/report.html`` and its assets; returns the HTML's URL. ``results`` is a table,
     or a results folder / legacy file (then only its first parts are read, up to MAX_REPORT_ROWS,
     and the database rows come from the state the run recorded, ``published.from_metadata``).
@@ -279,7 +378,11 @@ def write_report(out: str, metrics: dict, results: "pa.Table | str", radius: flo
     ``model``: the model whose learned reranker ran (anything with ``explain`` and
     ``has_trained_reranker``, e.g. ``R2Former``); given, and ``r2former`` among the results'
     rerankers, each matched-pairs panel adds the ``explain_top`` token pairs it relies on most.
-    Without it only RANSAC's inliers are drawn."""
+    Without it only RANSAC's inliers are drawn.
+
+    ``pairs_study`` (``evaluate.pairs_study`` of the run's full top-K scores): the fixed-K and
+    adaptive points of the recall-against-pairs plot and Table 2; without it they show the run's
+    own point (an adaptive run), or nothing."""
     state, recorded = None, None
     if isinstance(results, str):
         from .evaluate import results_state
@@ -294,6 +397,12 @@ def write_report(out: str, metrics: dict, results: "pa.Table | str", radius: flo
     if fs.exists(apath):
         fs.rm(apath, recursive=True)  # a rerun replaces the pictures, never mixes two runs
     _write_bytes(storage.join(assets, "recall.png"), recall_plot(metrics, names))
+    pairs_png = pairs_plot(metrics, pairs_study)
+    pairs_html = ""
+    if pairs_png is not None:
+        _write_bytes(storage.join(assets, "pairs.png"), pairs_png)
+        pairs_html = (f'<h2>Recall@1 against pairs scored</h2><img id="pairs-plot" src="{ASSETS}/pairs.png" '
+                      f'alt="recall@1 against pairs scored per query">{_table2(metrics, pairs_study)}')
     cols = recall_columns(metrics, names)
     curves = ",".join(m for m, _, _ in cols)
     tables = [_recall_table(cols, attrs=' id="recalls"')]
@@ -424,6 +533,7 @@ image within the positive radius ({radius:g}{html.escape(_unit(metrics))}), excl
 <h2>Recall@N</h2>
 <img id="recall-plot" src="{ASSETS}/recall.png" alt="recall@N plot" data-methods="{html.escape(curves)}">
 {''.join(tables)}
+{pairs_html}
 <h2>Queries: top-5 per method</h2>
 <p>One row per method: {html.escape(', '.join(method_label(m) for m in methods))}. Green frame: within the
 positive radius; red: not.</p>

@@ -56,6 +56,7 @@ class RunConfig:
     report_samples: int = 6
     extract: dict[str, Any] = field(default_factory=dict)  # extra ExtractConfig fields
     index: dict[str, Any] = field(default_factory=dict)    # extra IndexConfig fields
+    adaptive: dict[str, Any] | None = None  # adaptive candidate counts: RULE.yaml's rules (pipeline.rerank.adaptive)
 
 
 @dataclass
@@ -151,14 +152,17 @@ def run(cfg: RunConfig) -> RunOutput:
                                  results=_fresh_results(cfg.out), queries=cfg.queries,
                                  backbone=cfg.backbone, checkpoint=cfg.checkpoint, image_size=list(cfg.image_size),
                                  reranker=",".join(rerankers), candidates=cfg.candidates,
-                                 batch_pairs=cfg.batch_pairs,
+                                 batch_pairs=cfg.batch_pairs, adaptive=cfg.adaptive,
                                  extract=dict(cfg.extract)))
     seconds.update(rr.stage_seconds)
 
     t = time.perf_counter()
     ev = evaluate.run(evaluate.EvaluateConfig(results=rr.results, database_store=db_store,
-                                              positive_radius=cfg.positive_radius))
+                                              positive_radius=cfg.positive_radius, pairs_study=True))
     m = ev.metrics
+    study = m.pop("pairs_study", None)  # the report's recall-against-pairs points, beside metrics.json
+    if study:
+        storage.write_json(storage.join(cfg.out, "pairs_study.json"), study)
     seconds["evaluate"] = time.perf_counter() - t
 
     errors = collect_errors(db_store, q_store)
@@ -176,6 +180,7 @@ def run(cfg: RunConfig) -> RunOutput:
         "positive_radius_unit": radius_unit(cfg.database),
         "image_size": list(cfg.image_size), "num_database_images": _num_images(db_store), "num_pairs": rr.num_pairs,
         "num_errors": int(errors.num_rows), "pairs_per_second": round(rr.pairs_per_second, 2),
+        "adaptive": cfg.adaptive,
     }
     metrics = {"global": m["global"], "reranked": m["reranked"], "rerankers": m["rerankers"],
                **({"by_tag": m["by_tag"]} if m.get("by_tag") else {}),
@@ -189,7 +194,7 @@ def run(cfg: RunConfig) -> RunOutput:
                                      storage.extraction_size(storage.read_manifest(db_store)),
                                      query_store=q_store, database_store=db_store, samples=cfg.report_samples,
                                      title=f"R²Former run: {cfg.queries} against {cfg.database}",
-                                     model=explain_model)
+                                     model=explain_model, pairs_study=study)
     seconds["report"] = time.perf_counter() - t
     seconds["total"] = time.perf_counter() - t_all
     metrics["stage_seconds"] = {k: round(v, 3) for k, v in seconds.items()}
@@ -239,6 +244,8 @@ def register_cli(subparsers) -> None:
     p.add_argument("--candidates", type=int, help="top-K global candidates reranked per query (default 100)")
     p.add_argument("--positive-radius", type=float, help="in the units of the positions: frames for a sequence: dataset "
                         "(default 2), metres otherwise (default 25)")
+    p.add_argument("--adaptive", metavar="RULE.yaml", help="adaptive candidate counts: one stop rule per reranker, "
+                   "as `r2f evaluate --sweep-adaptive --write-rule` writes it; without it every query reranks K")
     add_image_size_argument(p)
     p.set_defaults(func=_cli)
 
@@ -248,6 +255,9 @@ def _cli(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(RunConfig, args, ("database", "queries", "out", "backbone", "checkpoint", "reranker",
                                              "candidates", "positive_radius", "image_size"))
+    if args.adaptive:
+        from .rerank.stage import read_rule
+        cfg.adaptive = read_rule(args.adaptive)
     res = run(cfg)
     m = res.metrics
     print(f"{m['num_queries']} queries ({m['num_queries_without_positive']} without a positive)")

@@ -307,3 +307,31 @@ def test_explain_returns_sorted_pairs_and_leaves_the_fast_path_alone():
     i, j = int(pairs.query_index[0]), int(pairs.candidate_index[0])
     cos = torch.nn.functional.cosine_similarity(q[1, i, 3:], c[1, j, 3:], dim=0)
     assert pairs.similarity[0] == pytest.approx(float(cos), abs=1e-5)
+
+
+def test_recall_against_pairs_plot_and_table_2_with_an_adaptive_row():
+    """The pairs study (fixed K and Pareto rules, as ``evaluate.pairs_study`` gives it) becomes one
+    plot and the paper's Table 2 with an adaptive row, every cell keyed by its path; an adaptive
+    run's own point is its adaptive row."""
+    from pipeline.report import _table2, pairs_plot
+
+    block = {"recall@1": 0.8, "recall@5": 0.9, "recall@10": 0.95}
+    metrics = {"global": dict(block), "rerankers": {"ransac": {**block, "pairs_scored": 400,
+                                                                "pairs_per_query": {"mean": 20.0, "p50": 20, "p99": 20}}}}
+    study = {"ransac": {"fixed": [{"candidates": k, **block, "recall@1": 0.5 + 0.015 * k, "pairs_per_query": float(k)}
+                                  for k in (1, 5, 10, 20)],
+                        "rules": [{"rule": {"rounds": [5], "stop": {"score": 40.0}}, "describe": "rounds 5 score>=40",
+                                   "chosen": True, **block, "recall@1": 0.79, "pairs_per_query": 7.5}],
+                        "chosen": {"rounds": [5], "stop": {"score": 40.0}}}}
+    png = pairs_plot(metrics, study)
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and Image.open(__import__("io").BytesIO(png)).size[0] > 100
+    table = _table2(metrics, study)
+    assert [f"K = {k}" in table for k in (1, 5, 10, 20)] == [True] * 4
+    assert 'data-key="pairs_study.ransac.fixed.3.recall@1" data-value="0.8"' in table
+    assert 'data-key="pairs_study.ransac.rules.0.pairs_per_query" data-value="7.5"' in table
+    assert "rounds 5 score&gt;=40" in table
+    # an adaptive run: no study (its scores stop early), its own block is the adaptive row
+    adaptive = dict(metrics, settings={"adaptive": {"ransac": {"rounds": [5], "stop": {"score": 40.0}}}})
+    table = _table2(adaptive)
+    assert 'data-key="rerankers.ransac.pairs_per_query.mean" data-value="20.0"' in table and "K = " not in table
+    assert pairs_plot(adaptive) is not None and pairs_plot({"global": block, "rerankers": {}}) is None

@@ -3,6 +3,7 @@
 One file per step: ``stage`` (``run``, config, result, CLI), ``partitions`` (the plan and the
 job the workers get), ``phases`` (the driver, one function per phase), ``workers`` (the Ray
 workers of the phases), ``score`` (``PairScorer``), ``rerankers`` (names and the order rule),
+``adaptive`` (stop rules and the cascade of rounds),
 ``catalog``, ``route``, ``strays``, ``tokens`` and ``results`` (the committed layout).
 
 ``run(RerankConfig)`` (``r2f rerank``, ``python -m jobs.rerank``)::
@@ -30,6 +31,9 @@ workers of the phases), ``score`` (``PairScorer``), ``rerankers`` (names and the
     phase 4, score partitions minus the committed ones (Ray Data tasks; CommitWorker):
         route rows + their scores from the owning partitions' score files ─► ranks
         ─► results/part-NNNNN.parquet, then progress/part-NNNNN.json (results.py)
+    adaptive runs (``RerankConfig.adaptive``, adaptive.py): phase 3 scores round 0 (each query's
+    first candidates), then per later round i: prefixes (Ray tasks; each query's prefix length per
+    reranker from the scores so far and its stop rule) ─► phase 3 over the round's pairs only
     a partition that fails ``max_attempts`` times in any phase ─► its failures/ record, job goes on
     driver: small summaries only ─► manifest.json, written last
 

@@ -55,6 +55,14 @@ RESULTS_SCHEMA = pa.schema([
 ])
 
 
+SCORES_ROW_GROUP = 4096  # rows per row group of a score file (read by origin partition)
+
+
+def scores_schema(scorers: list[str]) -> pa.Schema:
+    return pa.schema([("origin", pa.int32()), ("query_id", pa.int64()), ("gi", pa.int32())]
+                     + [(f"score_{n}", pa.float32()) for n in scorers])
+
+
 def results_schema(rerankers: list[str]) -> pa.Schema:
     """RESULTS_SCHEMA, the query's tag, and one rank / score column pair per reranker."""
     fields = list(RESULTS_SCHEMA) + [pa.field("query_tag", pa.string())]

@@ -47,7 +47,8 @@ from ..log import get_logger, redact
 from ..spatial import positions_of
 from .partitions import RerankJob
 from .rerankers import reranked_ranks
-from .results import ResultsLayout, results_schema, write_part
+from .results import SCORES_ROW_GROUP, ResultsLayout, results_schema, scores_schema, write_part
+from .rounds import check_prefixes, gather_scores, own_prefixes, round_pairs, score_matrix, stray_prefixes
 from .score import PairScorer
 
 log = get_logger(__name__)
@@ -254,14 +255,6 @@ def split_batch(batch: dict[str, np.ndarray], job: RerankJob, catalog: list) -> 
 
 
 # ---------------------------------------------------------------- phase 3: score one partition's rows
-SCORES_ROW_GROUP = 4096
-
-
-def scores_schema(scorers: list[str]) -> pa.Schema:
-    return pa.schema([("origin", pa.int32()), ("query_id", pa.int64()), ("gi", pa.int32())]
-                     + [(f"score_{n}", pa.float32()) for n in scorers])
-
-
 class ScoreWorker(PartitionWorker):
     """``{"partition": [q]}`` -> one summary row; the scores go to storage.
 
@@ -306,10 +299,12 @@ class ScoreWorker(PartitionWorker):
         stray, stray_at = stray_query_tokens(st, shape, dtype)
         # This round's pairs: positions in its window, below the query's prefix for some reranker.
         qids = rt.column("query_id").to_numpy()
-        own_prefix = self._prefixes(q, qids)
-        own_active = self._active(pairs["gi"][local], None if own_prefix is None else
-                                  {n: v[pairs["qi"][local]] for n, v in own_prefix.items()})
-        st_active = self._active(st.column("gi").to_numpy(), self._stray_prefixes(st))
+        names = list(self.scorers)
+        own_prefix = own_prefixes(self.layout, self.job, q, qids, names)
+        own_active = round_pairs(self.job, names, pairs["gi"][local], None if own_prefix is None else
+                                 {n: v[pairs["qi"][local]] for n, v in own_prefix.items()})
+        st_active = round_pairs(self.job, names, st.column("gi").to_numpy(),
+                                stray_prefixes(self.layout, self.job, st, names))
         keep_own = np.any(list(own_active.values()), axis=0) if own_active else np.zeros(len(local), bool)
         keep_st = np.flatnonzero(np.any(list(st_active.values()), axis=0) if st_active else np.zeros(st.num_rows, bool))
         local = local[keep_own]
@@ -371,103 +366,6 @@ class ScoreWorker(PartitionWorker):
         return {"pairs": n, "fetched_bytes": fetched, "candidate_rows": distinct, "started": started,
                 "finished": finished}
 
-    def _active(self, gi: np.ndarray, prefix: dict[str, np.ndarray] | None) -> dict[str, np.ndarray]:
-        """Per reranker: which of these pairs (positions ``gi`` in their K lists) this round scores:
-        in the round's window and, after round 0, below the query's prefix length."""
-        lo, hi = self.job.window(self.job.round)
-        inside = (gi >= lo) & (gi < hi)
-        if prefix is None:
-            return {n: inside for n in self.scorers}
-        return {n: inside & (gi < prefix[n]) for n in self.scorers}
-
-    def _prefixes(self, p: int, qids: np.ndarray) -> dict[str, np.ndarray] | None:
-        """Prefix length per reranker of queries ``qids`` of partition ``p`` (None in round 0,
-        where every query scores the whole window)."""
-        if self.job.round == 0 or not self.job.rules:
-            return None
-        return prefixes_of(self.layout, self.job.round, p, qids, list(self.scorers))
-
-    def _stray_prefixes(self, st: pa.Table) -> dict[str, np.ndarray] | None:
-        """The same for the strays this partition owns, from their origin partitions' prefix files
-        (one partition's file at a time)."""
-        if self.job.round == 0 or not self.job.rules:
-            return None
-        origin, qids = st.column("origin").to_numpy(), st.column("query_id").to_numpy()
-        out = {n: np.zeros(len(qids), np.int64) for n in self.scorers}
-        lo, hi = self.job.window(self.job.round)
-        gi = st.column("gi").to_numpy()
-        for o in np.unique(origin[(gi >= lo) & (gi < hi)]):
-            at = np.flatnonzero(origin == o)
-            for n, v in prefixes_of(self.layout, self.job.round, int(o), qids[at], list(self.scorers)).items():
-                out[n][at] = v
-        return out
-
-
-PREFIX_SCHEMA_BASE = [("query_id", pa.int64())]
-
-
-def prefixes_of(layout: ResultsLayout, i: int, p: int, qids: np.ndarray, names: list[str]) -> dict[str, np.ndarray]:
-    """Round ``i``'s prefix length per reranker of queries ``qids`` of score partition ``p``."""
-    files = layout.prefixes(i)
-    if not storage.exists(files.progress(p)):
-        raise RuntimeError(f"partition {p} has no prefix lengths for round {i} (see {files.failure(p)})")
-    t = storage.read_parquet(files.file(p))
-    have = t.column("query_id").to_numpy()
-    at = np.minimum(np.searchsorted(have, qids), max(0, len(have) - 1))
-    if len(qids) and (not len(have) or (have[at] != qids).any()):
-        raise RuntimeError(f"round {i} prefix file of partition {p} lacks queries of its score rows")
-    return {n: t.column(f"prefix_{n}").to_numpy()[at].astype(np.int64) for n in names}
-
-
-# ---------------------------------------------------------------- the scores of one partition's pairs
-def gather_scores(layout: ResultsLayout, bounds: dict[str, Any], results: str, p: int, rt: pa.Table,
-                  pairs: dict[str, np.ndarray], scorers: list[str], rounds) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Each pair's score per reranker (NaN: not scored) from the score files of ``rounds`` of the
-    partitions owning its candidates (sorted by origin: only p's row groups are read), and which
-    pairs have a score row. A pair with two score rows, or a row that is no pair of p, is an error."""
-    from .route import owner_of, read_range
-    n = len(pairs["qi"])
-    out = {name: np.full(n, np.nan, np.float32) for name in scorers}
-    seen = np.zeros(n, bool)
-    if n == 0:
-        return out, seen
-    owners = np.unique(owner_of(pairs["row"], bounds)).tolist()
-    ids = rt.column("query_id").to_numpy()
-    sorter = np.argsort(ids, kind="stable")
-    k = len(rt.column("candidate_id")[0])
-    slot = np.full(rt.num_rows * k, -1, np.int64)
-    slot[pairs["qi"] * k + pairs["gi"]] = np.arange(n)
-    schema = scores_schema(scorers)
-    for j in rounds:
-        files = layout.round_scores(j)
-        missing = [o for o in owners if not storage.exists(files.progress(o))]
-        if missing:
-            raise RuntimeError(f"score partition(s) {missing} scored no pairs in round {j} (see "
-                               f"{files.failure(missing[0]).rsplit('/', 1)[0]}/); this partition's candidates in "
-                               f"their rows have no score")
-        tables = [read_range(files.file(o), "origin", p, p + 1, schema) for o in owners]
-        sc = pa.concat_tables([t for t in tables if t.num_rows] or [schema.empty_table()])
-        got_ids = sc.column("query_id").to_numpy()
-        at = sorter[np.minimum(np.searchsorted(ids[sorter], got_ids), len(ids) - 1)]
-        if len(got_ids) and not (ids[at] == got_ids).all():
-            raise RuntimeError(f"partition {p}: round {j} score rows of queries outside it in partitions {owners}")
-        take = slot[at * k + sc.column("gi").to_numpy()]
-        if (take < 0).any() or seen[take].any() or len(np.unique(take)) != len(take):
-            raise RuntimeError(f"partition {p}: round {j} score rows in partitions {owners} that are no pair of it, "
-                               f"or a pair scored twice")
-        seen[take] = True
-        for name in scorers:
-            out[name][take] = sc.column(f"score_{name}").to_numpy(zero_copy_only=False)
-    return out, seen
-
-
-def score_matrix(rt: pa.Table, pairs: dict[str, np.ndarray], values: np.ndarray) -> np.ndarray:
-    """(queries, K) of per-pair ``values`` at their positions in the K lists; NaN where no pair is."""
-    k = len(rt.column("candidate_id")[0]) if rt.num_rows else 0
-    m = np.full((rt.num_rows, k), np.nan, np.float64)
-    m[pairs["qi"], pairs["gi"]] = values
-    return m
-
 
 class PrefixWorker(PartitionWorker):
     """Before round i of an adaptive run, score partition p: each query's prefix length per
@@ -526,21 +424,9 @@ class CommitWorker(PartitionWorker):
         score files of the partitions owning its candidates. A fixed run scores every pair once; an
         adaptive one exactly the pairs below the query's final prefix (``adaptive.prefix_lengths``
         over all its scores), no more, no fewer."""
-        from .adaptive import prefix_lengths
         scores, seen = gather_scores(self.layout, self.bounds, self.job.results, p, rt, pairs, scorers,
                                      range(len(self.job.rounds)))
-        if not self.job.rules:
-            if not seen.all():
-                raise RuntimeError(f"partition {p}: {int((~seen).sum())} pairs have no score in the score files")
-            return scores
-        g = score_matrix(rt, pairs, pairs["global_score"])
-        for name in scorers:
-            length = prefix_lengths(self.job.rules[name], score_matrix(rt, pairs, scores[name]), g,
-                                    self.job.candidates)
-            want = pairs["gi"] < length[pairs["qi"]]
-            if (want != ~np.isnan(scores[name])).any():
-                raise RuntimeError(f"partition {p}: reranker {name} scored {int((~np.isnan(scores[name])).sum())} "
-                                   f"pairs where its rule asks for {int(want.sum())}")
+        check_prefixes(self.job, p, rt, pairs, scores, seen)
         return scores
 
     def work(self, p: int) -> dict[str, int]:
