@@ -19,6 +19,11 @@ One run (``r2f reindex``, ``jobs/reindex.py``, ``run(ReindexConfig)``), under th
               informational <store>/manifest.json
     collect   garbage no kept state or live lease references (``gc.py``; ``gc: true``)
 
+Each step is a function of the module it is named after (``scan.scan_source``, ``plan.plan_against``,
+``staging.extract_to_staging``, ``adopt.adopt`` and ``adopt.write_generation``, ``publish.build_version``,
+``publish.check_version`` and ``publish.publish_pointer``, ``gc.collect_garbage``); ``_reindex``
+calls them in this order and reports each to the ``on_stage`` hook.
+
 Invariants that make this safe:
 
 - Readers resolve only the pointer (``pipeline.index.published``): until it is rewritten every reader,
@@ -54,20 +59,43 @@ import argparse
 import dataclasses
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from .. import storage
 from ..log import get_logger
-from .adopt import RUNTIME_EXTRACT_KEYS, _update_store, _write_failures, _write_snapshot
+from .adopt import adopt, first_generation, reserve_shard_numbers, write_generation
 from .gc import GarbageReport, collect_garbage
 from .lock import ReindexBusy, ReindexError, ReindexLock
-from .plan import FAILURES_SCHEMA, POSITION_COLUMNS, ReindexPlan, plan_changes, read_catalog, read_failures
-from .publish import (pending_generation, publish_pointer, read_snapshot, store_generation, version_generation,
-                      write_version_record)
-from .scan import file_stamp, read_scan_cache, scan_hashes, write_scan_cache
+from .plan import (
+    FAILURES_SCHEMA,
+    POSITION_COLUMNS,
+    ReindexPlan,
+    plan_against,
+    plan_changes,
+    read_catalog,
+    read_failures,
+)
+from .publish import (
+    build_version,
+    check_version,
+    covers_generation,
+    current_or_none,
+    pending_generation,
+    publish_pointer,
+    published_base,
+    read_snapshot,
+    store_generation,
+    version_generation,
+    version_image_ids,
+    write_version_record,
+)
+from .scan import SourceScan, file_stamp, read_scan_cache, remember_scan, scan_hashes, scan_source, write_scan_cache
+from .staging import RUNTIME_EXTRACT_KEYS, discard_staging, extract_all, extract_to_staging
+
+if TYPE_CHECKING:
+    from ..index import IndexBuildResult
 
 log = get_logger(__name__)
 
@@ -166,60 +194,13 @@ class ReindexLayout:
 
 
 # ---------------------------------------------------------------- index versions
-def version_image_ids(index_dir: str, version: str | None = None) -> np.ndarray:
-    """Sorted image ids held by an index version (read from its shard files)."""
-    import faiss
-
-    from ..index import layout as L
-
-    infos = L.read_infos(index_dir, version)
-    lay = L.IndexLayout(index_dir)
-    out = []
-    for entry in infos["shards"]:
-        index = L.read_index_file(lay.file(infos["version"], entry["file"]), entry)
-        out.append(_ids_of(index, faiss))
-    return np.sort(np.concatenate(out)) if out else np.zeros(0, np.int64)
-
-
-def _ids_of(index, faiss) -> np.ndarray:
-    ivf = faiss.try_extract_index_ivf(index)
-    if ivf is not None:
-        inv = ivf.invlists
-        parts = [faiss.rev_swig_ptr(inv.get_ids(c), inv.list_size(c)).copy()
-                 for c in range(inv.nlist) if inv.list_size(c)]
-        return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
-    for cls in ("IndexIDMap2", "IndexIDMap"):
-        downcast = getattr(faiss, cls, None)
-        if downcast is not None and isinstance(index, downcast):
-            return faiss.vector_to_array(index.id_map).astype(np.int64)
-    if hasattr(index, "id_map"):
-        return faiss.vector_to_array(index.id_map).astype(np.int64)
-    raise ReindexError(f"cannot read the ids of a {type(index).__name__} index")
-
-
-def _current_or_none(index_dir: str) -> str | None:
-    from ..index import layout as L
-
-    try:
-        return L.current_version(index_dir)
-    except L.IndexFileError:
-        return None
-
-
-def _covered_shards(index_dir: str, version: str) -> set[int]:
-    from ..index import layout as L
-
-    infos = L.read_infos(index_dir, version)
-    return {int(s) for e in infos["shards"] for s in e["extraction_shards"]}
-
-
 def list_history(cfg: ReindexConfig) -> list[dict[str, Any]]:
     """Finished index versions, oldest first, with their store generation and counts."""
     from ..index import layout as L
 
     index_dir = cfg.resolved_index_dir
     layout = ReindexLayout(cfg.store, index_dir)
-    current = _current_or_none(index_dir)
+    current = current_or_none(index_dir)
     out = []
     for v in L.list_versions(index_dir):
         infos = L.read_infos(index_dir, v)
@@ -254,8 +235,8 @@ def run(config: ReindexConfig, on_stage: Hook | None = None) -> ReindexResult:
         if config.gc_only:
             report = collect_garbage(config, layout, dry_run=config.gc_dry_run)
             hook("collected", {"report": report})
-            return ReindexResult(status="collected", message=report.summary(), version=_current_or_none(index_dir),
-                                 previous_version=_current_or_none(index_dir), store_generation=-1, gc=report.as_dict())
+            return ReindexResult(status="collected", message=report.summary(), version=current_or_none(index_dir),
+                                 previous_version=current_or_none(index_dir), store_generation=-1, gc=report.as_dict())
         if not config.source:
             raise ReindexError("source is empty: give the dataset description of the images as they are now")
         result = _reindex(config, layout, hook, lock)
@@ -287,7 +268,7 @@ def _rollback(cfg: ReindexConfig, layout: ReindexLayout, version: str, lock: Rei
     if version not in L.list_versions(index_dir):
         kept = ", ".join(L.list_versions(index_dir)) or "none"
         raise ReindexError(f"cannot roll back {index_dir} to {version}: not a finished version (kept: {kept})")
-    previous = _current_or_none(index_dir)
+    previous = current_or_none(index_dir)
     generation = version_generation(index_dir, version)
     if generation is None:
         raise ReindexError(f"cannot roll back {index_dir} to {version}: it has no reindex record naming its store "
@@ -303,168 +284,166 @@ def _rollback(cfg: ReindexConfig, layout: ReindexLayout, version: str, lock: Rei
                          stage_seconds={"rollback": round(time.perf_counter() - t0, 3)})
 
 
-def _published_base(cfg: ReindexConfig, layout: ReindexLayout) -> tuple[dict[str, Any], str | None]:
-    """(manifest of the published store generation, published version). A store made by
-    ``r2f extract`` (no generation yet) becomes generation 0."""
-    from ..index import published
+# ---------------------------------------------------------------- one run, step by step
+@dataclass
+class _Generation:
+    """The store generation a run indexes and how it came about (what its version record and the
+    run's result report)."""
+    manifest: dict[str, Any]
+    changes: dict[str, int]               # added, changed, moved, deleted, unchanged, failed, unreadable
+    new_shards: list[int]
+    retired_shards: list[int]
+    resumed: bool = False                 # finishing a generation an interrupted run wrote
 
-    state = published.resolve(cfg.store, layout.index_dir)
-    manifest = dict(state.manifest)
-    if state.store_generation is None:
-        manifest.setdefault("generation", 0)
-        url = layout.manifest_snapshot(store_generation(manifest))
-        if not storage.exists(url):
-            storage.write_json(url, manifest)
-    return manifest, state.index_version
+
+class _Laps:
+    """Seconds of each step, for the result and the log."""
+
+    def __init__(self) -> None:
+        self.timings: dict[str, float] = {}
+        self._t = time.perf_counter()
+
+    def __call__(self, name: str) -> None:
+        self.timings[name] = round(time.perf_counter() - self._t, 3)
+        self._t = time.perf_counter()
 
 
 def _reindex(cfg: ReindexConfig, layout: ReindexLayout, on_stage: Hook, lock: ReindexLock) -> ReindexResult:
-    from ..cluster import ensure_ray
-    from ..config import from_dict
-    from ..datasets import load_dataset
-    from ..extract import ExtractConfig, extract_dataset
-    from ..index import build, IndexConfig
-    from ..index import layout as L
-
-    timings: dict[str, float] = {}
-    t = time.perf_counter()
-
-    def lap(name: str) -> None:
-        nonlocal t
-        timings[name] = round(time.perf_counter() - t, 3)
-        t = time.perf_counter()
-
-    index_dir = layout.index_dir
-    store_lay = storage.StoreLayout(cfg.store)
-    first_run = not storage.exists(store_lay.manifest)
-    resumed = False
-
-    source = load_dataset(cfg.source)
-    ensure_ray(cfg.ray_address)
-    paths = source.column("path").to_pylist()
-    scanned = scan_hashes(paths, cfg.hash_chunk, read_scan_cache(layout) if cfg.trust_file_stamps else None)
-    hashes = [(h, why) for h, why, _ in scanned]
-    lap("scan")
-
-    if first_run:
-        # No catalog yet: the whole source is new. A plain extraction, then generation 0.
-        previous_version = None
-        log.info("reindex: %s holds no extraction yet; extracting all %d images of %s", cfg.store,
-                 source.num_rows, cfg.source)
-        ecfg = from_dict(ExtractConfig, {"dataset": cfg.source, "ray_address": cfg.ray_address, **cfg.extract})
-        ext = extract_dataset(source, cfg.store, ecfg, source=cfg.source)
-        if ext.too_many_failures:
-            raise ReindexError(f"{ext.num_failed} of {ext.num_images} images of {cfg.source} failed to extract, "
-                               f"more than extract.max_failures={ecfg.max_failures} allows; nothing was published")
-        lap("extract")
-        manifest = dict(storage.read_manifest(cfg.store), generation=0)
-        _write_snapshot(layout, manifest)
-        _write_failures(layout, storage.read_errors(cfg.store), dict(zip(source.column("path").to_pylist(),
-                                                                         [h for h, _ in hashes])))
-        plan_counts = dict(added=ext.num_extracted, changed=0, moved=0, deleted=0, unchanged=0,
-                           failed=ext.num_failed, unreadable=sum(h is None for h, _ in hashes))
-        new_shards, retired = list(manifest["shards"]), []
-        lap("store")
-        on_stage("snapshot", {"generation": 0})
+    """scan -> plan -> extract to staging -> adopt -> build the index -> publish (module docstring)."""
+    laps = _Laps()
+    scan = scan_source(cfg, layout)
+    laps("scan")
+    if not storage.exists(storage.StoreLayout(cfg.store).manifest):
+        previous_version, gen = None, _first_generation(cfg, layout, scan, laps, on_stage)
     else:
-        base, previous_version = _published_base(cfg, layout)
-        pending = pending_generation(cfg.store, index_dir, store_generation(base))
+        base, previous_version = published_base(cfg.store, layout.index_dir)
+        pending = pending_generation(cfg.store, layout.index_dir, store_generation(base))
         manifest = pending or base  # an interrupted run's generation is built on, not adopted again
-        catalog = read_catalog(cfg.store, manifest)
-        failures = read_failures(layout)
-        plan = plan_changes(source, catalog, hashes, failures)
-        lap("plan")
+        plan, catalog_rows = plan_against(cfg.store, layout, scan.source, scan.hashes, manifest)
+        laps("plan")
         on_stage("planned", {"plan": plan})
-        plan_counts = dict(added=len(plan.added_ids), changed=len(plan.changed_ids), moved=len(plan.moved),
-                           deleted=len(plan.deleted_ids), unchanged=plan.unchanged, failed=0,
-                           unreadable=len(plan.unreadable))
-        if plan.unreadable:
-            log.warning("reindex: %d source image(s) could not be read and are left as they are, e.g. %s",
-                        len(plan.unreadable), plan.unreadable[0])
-        new_shards, retired = [], []
-
-        if plan.empty:
-            current_ok = pending is None and previous_version is not None and \
-                _covered_shards(index_dir, previous_version) == {int(s) for s in manifest["shards"]}
-            if current_ok:
-                msg = (f"nothing to do: {cfg.source} matches {cfg.store} ({plan.unchanged} images unchanged"
-                       + (f", {plan.skipped_failures} known-bad skipped" if plan.skipped_failures else "")
-                       + f") and {previous_version} indexes all of it")
-                log.info("reindex: %s", msg)
-                if cfg.trust_file_stamps:
-                    write_scan_cache(layout, paths, scanned)
-                return ReindexResult(status="noop", message=msg, version=previous_version,
-                                     previous_version=previous_version, store_generation=store_generation(manifest),
-                                     unchanged=plan.unchanged, unreadable=len(plan.unreadable),
-                                     num_images=int(catalog.num_rows), stage_seconds=timings)
-            if previous_version is None:
-                log.info("reindex: %s has no index yet; building it", layout.index_dir)
-            else:
-                log.info("reindex: store generation %d was written but never published (an earlier run stopped "
-                         "before publishing); building its index", store_generation(manifest))
-                resumed = True
-            # the changes are those of the run that made this generation
-            made = manifest.get("reindex") or {}
-            for k in ("added", "changed", "moved", "deleted"):
-                plan_counts[k] = int(made.get(k, 0))
-            new_shards, retired = list(made.get("new_shards", [])), list(made.get("retired_shards", []))
+        if not plan.empty:
+            gen = _next_generation(cfg, layout, manifest, plan, laps, on_stage, resumed=pending is not None)
+        elif pending is None and covers_generation(layout.index_dir, previous_version, manifest):
+            return _nothing_to_do(cfg, layout, scan, plan, manifest, previous_version, catalog_rows, laps.timings)
         else:
-            resumed = pending is not None
-            manifest, new_shards, retired, failed = _update_store(cfg, layout, manifest, plan, timings, lap,
-                                                                  on_stage, extract_dataset)
-            plan_counts["failed"] = failed
+            gen = _unindexed_generation(layout, manifest, plan, previous_version)
+    built, num_images = _index(cfg, layout, gen, previous_version, laps, on_stage)
+    _publish(cfg, layout, gen, built.version, previous_version, scan, lock, laps, on_stage)
+    return _published_result(gen, built, previous_version, num_images, laps.timings)
 
-    # ---- index: copy unchanged index shards, refill the affected ones, never touch CURRENT
-    store_gen = store_generation(manifest)
-    use_previous = previous_version
-    if use_previous is not None:
-        prev_infos = L.read_infos(index_dir, use_previous)
-        if prev_infos.get("num_shards", 0) >= cfg.max_index_shards:
-            log.info("reindex: %s has %d index shards (max %d): rebuilding every shard", use_previous,
-                     prev_infos["num_shards"], cfg.max_index_shards)
-            use_previous = None
-    icfg_keys = {**cfg.index, "store": cfg.store, "index_dir": index_dir, "make_current": False,
-                 "ray_address": cfg.ray_address}
-    built = build(from_dict(IndexConfig, icfg_keys), previous_version=use_previous, manifest=manifest)
-    version = built.version
-    lap("index")
-    on_stage("index_built", {"version": version, "previous_version": previous_version})
 
-    # ---- check, then the one pointer write
-    expected = storage.read_global_table(cfg.store, ["image_id"], manifest=manifest).column("image_id").to_numpy()
-    got = version_image_ids(index_dir, version)
-    if len(got) != len(expected) or not np.array_equal(got, np.sort(expected)):
-        raise ReindexError(f"index {index_dir}/{version} holds {len(got)} ids but store generation {store_gen} "
-                           f"has {len(expected)}; not publishing it")
-    write_version_record(index_dir, version, manifest, store_manifest=layout.manifest_snapshot(store_gen),
-                         previous_version=previous_version, changes=plan_counts, new_shards=new_shards,
-                         retired_shards=retired)
+def _changes(plan: ReindexPlan) -> dict[str, int]:
+    return dict(added=len(plan.added_ids), changed=len(plan.changed_ids), moved=len(plan.moved),
+                deleted=len(plan.deleted_ids), unchanged=plan.unchanged, failed=0, unreadable=len(plan.unreadable))
+
+
+def _first_generation(cfg: ReindexConfig, layout: ReindexLayout, scan: SourceScan, laps: _Laps,
+                      on_stage: Hook) -> _Generation:
+    """No catalog yet: the whole source is new. A plain extraction, then generation 0."""
+    ext = extract_all(cfg, scan.source)
+    laps("extract")
+    manifest = first_generation(cfg, layout, scan.source, [h for h, _ in scan.hashes])
+    changes = dict(added=ext.num_extracted, changed=0, moved=0, deleted=0, unchanged=0, failed=ext.num_failed,
+                   unreadable=sum(h is None for h, _ in scan.hashes))
+    laps("store")
+    on_stage("snapshot", {"generation": 0})
+    return _Generation(manifest, changes, new_shards=list(manifest["shards"]), retired_shards=[])
+
+
+def _next_generation(cfg: ReindexConfig, layout: ReindexLayout, manifest: dict[str, Any], plan: ReindexPlan,
+                     laps: _Laps, on_stage: Hook, resumed: bool) -> _Generation:
+    """Extract the plan's images into staging, adopt them as new shards, replace affected shards,
+    and write the next store generation's snapshot (not published: only the pointer publishes)."""
+    staged = extract_to_staging(cfg, layout, manifest, plan)
+    numbers = reserve_shard_numbers(cfg.store, manifest, staged, plan)
+    laps("extract")
+    on_stage("extracted", {"staging": staged.url, "failed": staged.failed_rows.num_rows})
+    adopted, rewritten = adopt(cfg.store, manifest, plan, staged, numbers)
+    laps("adopt")
+    on_stage("adopted", {"adopted": adopted, "rewritten": rewritten})
+    new_manifest = write_generation(cfg, layout, manifest, plan, staged, numbers.generation, adopted, rewritten)
+    laps("store")
+    on_stage("snapshot", {"generation": new_manifest["generation"]})
+    changes = dict(_changes(plan), failed=staged.failed_rows.num_rows)
+    return _Generation(new_manifest, changes, new_shards=adopted + rewritten,
+                       retired_shards=list(plan.affected_shards), resumed=resumed)
+
+
+def _unindexed_generation(layout: ReindexLayout, manifest: dict[str, Any], plan: ReindexPlan,
+                          previous_version: str | None) -> _Generation:
+    """Nothing new in the source, but the generation has no index yet (a first index, or one an
+    interrupted run never published): it is indexed with the changes of the run that made it."""
+    if previous_version is None:
+        log.info("reindex: %s has no index yet; building it", layout.index_dir)
+    else:
+        log.info("reindex: store generation %d was written but never published (an earlier run stopped "
+                 "before publishing); building its index", store_generation(manifest))
+    made = manifest.get("reindex") or {}
+    changes = dict(_changes(plan), **{k: int(made.get(k, 0)) for k in ("added", "changed", "moved", "deleted")})
+    return _Generation(manifest, changes, new_shards=list(made.get("new_shards", [])),
+                       retired_shards=list(made.get("retired_shards", [])), resumed=previous_version is not None)
+
+
+def _nothing_to_do(cfg: ReindexConfig, layout: ReindexLayout, scan: SourceScan, plan: ReindexPlan,
+                   manifest: dict[str, Any], previous_version: str, catalog_rows: int,
+                   timings: dict[str, float]) -> ReindexResult:
+    msg = (f"nothing to do: {cfg.source} matches {cfg.store} ({plan.unchanged} images unchanged"
+           + (f", {plan.skipped_failures} known-bad skipped" if plan.skipped_failures else "")
+           + f") and {previous_version} indexes all of it")
+    log.info("reindex: %s", msg)
+    remember_scan(cfg, layout, scan)
+    return ReindexResult(status="noop", message=msg, version=previous_version, previous_version=previous_version,
+                         store_generation=store_generation(manifest), unchanged=plan.unchanged,
+                         unreadable=len(plan.unreadable), num_images=catalog_rows, stage_seconds=timings)
+
+
+def _index(cfg: ReindexConfig, layout: ReindexLayout, gen: _Generation, previous_version: str | None,
+           laps: _Laps, on_stage: Hook) -> tuple[IndexBuildResult, int]:
+    """Build the generation's index version (CURRENT untouched) and check it holds exactly the
+    generation's ids; returns the build and that count."""
+    built = build_version(cfg, layout.index_dir, gen.manifest, previous_version)
+    laps("index")
+    on_stage("index_built", {"version": built.version, "previous_version": previous_version})
+    return built, check_version(cfg.store, layout.index_dir, built.version, gen.manifest)
+
+
+def _publish(cfg: ReindexConfig, layout: ReindexLayout, gen: _Generation, version: str,
+             previous_version: str | None, scan: SourceScan, lock: ReindexLock, laps: _Laps,
+             on_stage: Hook) -> None:
+    """The version's record, the lock proven ours, then the one pointer write that switches every
+    reader; afterwards the scan cache and the staging store are settled."""
+    store_gen = store_generation(gen.manifest)
+    write_version_record(layout.index_dir, version, gen.manifest,
+                         store_manifest=layout.manifest_snapshot(store_gen), previous_version=previous_version,
+                         changes=gen.changes, new_shards=gen.new_shards, retired_shards=gen.retired_shards)
     lock.check()
-    lap("check")
+    laps("check")
     on_stage("checked", {"version": version, "store_generation": store_gen})
-    publish_pointer(cfg.store, index_dir, version, manifest, lock=lock,  # the one write that switches every reader
-                    expected_version=previous_version)
-    lap("publish")
+    publish_pointer(cfg.store, layout.index_dir, version, gen.manifest, lock=lock, expected_version=previous_version)
+    laps("publish")
     on_stage("published", {"version": version, "store_generation": store_gen})
+    remember_scan(cfg, layout, scan)
+    discard_staging(layout)
 
-    if cfg.trust_file_stamps:
-        write_scan_cache(layout, paths, scanned)  # only once the hashes it holds are in a published state
-    fs, path = storage.filesystem(layout.staging_dir)
-    if fs.exists(path):
-        fs.rm(path, recursive=True)  # adopted: its rows now live in the store; no reader ever reads staging
 
-    shards_info = built.infos.get("shards", [])
-    msg = (f"published {version} (was {previous_version}"
-           + (", finishing an interrupted run" if resumed else "") + f"): +{plan_counts['added']} new, "
-           f"{plan_counts['changed']} changed, {plan_counts['moved']} moved, -{plan_counts['deleted']} deleted, "
-           f"{plan_counts['failed']} failed; {len(got)} images in store generation {store_gen}")
+def _published_result(gen: _Generation, built: IndexBuildResult, previous_version: str | None, num_images: int,
+                      timings: dict[str, float]) -> ReindexResult:
+    c = gen.changes
+    store_gen = store_generation(gen.manifest)
+    msg = (f"published {built.version} (was {previous_version}"
+           + (", finishing an interrupted run" if gen.resumed else "") + f"): +{c['added']} new, "
+           f"{c['changed']} changed, {c['moved']} moved, -{c['deleted']} deleted, "
+           f"{c['failed']} failed; {num_images} images in store generation {store_gen}")
     log.info("reindex: %s; timings %s", msg, json.dumps(timings))
+    shards_info = built.infos.get("shards", [])
     return ReindexResult(
-        status="published", message=msg, version=version, previous_version=previous_version,
-        store_generation=store_gen, num_images=int(len(got)), new_shards=new_shards, retired_shards=retired,
+        status="published", message=msg, version=built.version, previous_version=previous_version,
+        store_generation=store_gen, num_images=num_images, new_shards=gen.new_shards,
+        retired_shards=gen.retired_shards,
         rebuilt_index_shards=[e["shard"] for e in shards_info if e.get("rebuilt")],
         reused_index_shards=[e["shard"] for e in shards_info if not e.get("rebuilt")],
-        stage_seconds=timings, **plan_counts)
+        stage_seconds=timings, **c)
 
 
 # ---------------------------------------------------------------- CLI

@@ -7,31 +7,20 @@ the next store generation's snapshot is written (not published: only the pointer
 """
 from __future__ import annotations
 
-import hashlib
-import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 
 from .. import storage
-from ..log import get_logger
-from .lock import ReindexError
-from .plan import FAILURES_SCHEMA, POSITION_COLUMNS, ReindexPlan, read_failures
-from .publish import reserve_numbers, store_generation
 from ..timefmt import utc_now
+from .plan import POSITION_COLUMNS, ReindexPlan, read_failures, write_failures
+from .publish import reserve_numbers, store_generation, write_snapshot
+from .staging import Staged
 
 if TYPE_CHECKING:
     from . import ReindexConfig, ReindexLayout
-
-log = get_logger(__name__)
-
-# ExtractConfig keys a reindex may set: how to run, not what the descriptors are. What they are
-# (backbone, checkpoint, image size, shard size) comes from the store, so new rows match old ones.
-RUNTIME_EXTRACT_KEYS = ("batch_size", "num_actors", "threads_per_actor", "max_failures", "progress", "device",
-                        "ray_address")
-
-
 
 def _used_shard_numbers(store: str) -> set[int]:
     """Every shard number that has ever had a file in the store (listed or not): new shards get
@@ -50,11 +39,6 @@ def _used_shard_numbers(store: str) -> set[int]:
                 except ValueError:
                     continue
     return used
-
-
-def _write_snapshot(layout: ReindexLayout, manifest: dict[str, Any]) -> None:
-    """Step 1 of publishing: the new generation's snapshot. No reader sees it until a pointer names it."""
-    storage.write_json(layout.manifest_snapshot(store_generation(manifest)), manifest)
 
 
 def _count_rows(store: str, shards: list[int]) -> int:
@@ -123,113 +107,58 @@ def _adopt_shard(staging: str, store: str, k: int, new: int, shard_size: int, st
     return t.num_rows
 
 
-def _delta_digest(table: pa.Table, hashes: dict[str, str]) -> str:
-    d = hashlib.blake2b(digest_size=8)
-    for key, path in zip(table.column("key").to_pylist(), table.column("path").to_pylist()):
-        d.update(f"{key}\0{hashes.get(path)}\0".encode())
-    return d.hexdigest()
+@dataclass
+class Numbering:
+    """Numbers of the new shards and of the next store generation, reserved before any file with
+    them is written."""
+    staged: list[tuple[int, int]]         # (staging shard, store shard it becomes)
+    first_rewritten: int                  # affected shard i is rewritten as first_rewritten + i
+    generation: int
 
 
-def _staging_config(cfg: ReindexConfig, manifest: dict[str, Any]):
-    """The ExtractConfig of new images: the model and sizes of the store, run settings from ``cfg``."""
-    from ..extract import ExtractConfig
-
-    model = manifest.get("model") or {}
-    fixed = dict(backbone=model.get("backbone"), checkpoint=model.get("checkpoint"),
-                 image_size=tuple(manifest["image_size"]), shard_size=int(manifest["shard_size"]),
-                 chunk_rows=int(manifest["chunk_rows"]))
-    for k, v in cfg.extract.items():
-        if k in fixed and v is not None and _norm(v) != _norm(fixed[k]):
-            raise ReindexError(f"extract.{k}={v!r} differs from the store {cfg.store} ({fixed[k]!r}); new rows must "
-                               "match the old ones, so a different model or size needs a new store")
-        if k not in fixed and k not in RUNTIME_EXTRACT_KEYS:
-            raise ReindexError(f"extract.{k} cannot be set for a reindex (allowed: {', '.join(RUNTIME_EXTRACT_KEYS)})")
-    from ..config import from_dict
-
-    run = {k: v for k, v in cfg.extract.items() if k in RUNTIME_EXTRACT_KEYS}
-    run.setdefault("ray_address", cfg.ray_address)
-    return from_dict(ExtractConfig, {"dataset": cfg.source, **fixed, **run})
-
-
-def _norm(v: Any) -> Any:
-    return list(v) if isinstance(v, (list, tuple)) else v
-
-
-def _update_store(cfg, layout, manifest, plan: ReindexPlan, timings, lap, on_stage, extract_dataset):
-    """Extract the plan's images into staging, adopt them as new shards, replace affected shards,
-    and write the next store generation's snapshot (not published: only the pointer publishes).
-    Returns (manifest, new shards, retired shards, failed)."""
-    import ray
-
-    shard_size = int(manifest["shard_size"])
-    used = _used_shard_numbers(cfg.store)
+def reserve_shard_numbers(store: str, manifest: dict[str, Any], staged: Staged, plan: ReindexPlan) -> Numbering:
+    """Numbers above every one ever used (recorded first), so no kept or collected state's file is reused."""
+    used = _used_shard_numbers(store)
     next_shard = max(used | {int(s) for s in manifest["shards"]} | {-1}) + 1
-    staging_shards: list[int] = []
+    next_shard, generation = reserve_numbers(store, next_shard, len(staged.shards) + len(plan.affected_shards))
+    pairs = [(k, next_shard + i) for i, k in enumerate(staged.shards)]
+    first_rewritten = max([next_shard - 1, *[new for _, new in pairs]]) + 1
+    return Numbering(staged=pairs, first_rewritten=first_rewritten, generation=generation)
 
-    # 1. extract new and changed images into a staging store named by what it holds, so a rerun
-    #    after a crash finds (and resumes) the same one
-    failed_rows = FAILURES_SCHEMA.empty_table()
-    staged: list[tuple[int, int]] = []
-    staging = None
-    staging_rows = 0
-    if plan.to_extract.num_rows:
-        staging = layout.staging(_delta_digest(plan.to_extract, plan.source_hashes))
-        ecfg = _staging_config(cfg, manifest)
-        log.info("reindex: extracting %d new/changed image(s) into %s", plan.to_extract.num_rows, staging)
-        ext = extract_dataset(plan.to_extract, staging, ecfg, source=cfg.source)
-        if ext.too_many_failures:
-            raise ReindexError(f"{ext.num_failed} of {ext.num_images} new/changed images of {cfg.source} failed to "
-                               f"extract, more than extract.max_failures={ecfg.max_failures} allows (errors in "
-                               f"{storage.StoreLayout(staging).errors_dir}); nothing was published")
-        smanifest = storage.read_manifest(staging)
-        for key in ("tokens", "global_dim", "image_size", "shard_size", "chunk_rows"):
-            if smanifest.get(key) is not None and manifest.get(key) is not None and smanifest[key] != manifest[key]:
-                raise ReindexError(f"new images came out with {key}={smanifest[key]!r}, the store {cfg.store} has "
-                                   f"{manifest[key]!r}; refusing to mix them")
-        old_hash = (manifest.get("model") or {}).get("checkpoint_hash")
-        new_hash = (smanifest.get("model") or {}).get("checkpoint_hash")
-        if old_hash and new_hash and old_hash != new_hash:
-            raise ReindexError(f"the checkpoint changed since {cfg.store} was extracted ({old_hash} -> {new_hash}); "
-                               "descriptors would not be comparable: extract into a new store")
-        staging_rows = int(smanifest["rows"])
-        staging_shards = [int(k) for k in smanifest["shards"]]
-        errs = storage.read_errors(staging)
-        failed_rows = pa.table({
-            "path": errs.column("path"),
-            "content_hash": pa.array([plan.source_hashes.get(p) for p in errs.column("path").to_pylist()], pa.string()),
-            "stage": errs.column("stage"), "reason": errs.column("reason")}, schema=FAILURES_SCHEMA)
-        if ext.num_failed:
-            log.warning("reindex: %d new/changed image(s) failed to extract; they are retried when their bytes "
-                        "change (see %s)", ext.num_failed, layout.failures)
-    # numbers above every one ever used (recorded first), so no kept or collected state's file is reused
-    next_shard, generation = reserve_numbers(cfg.store, next_shard, len(staging_shards) + len(plan.affected_shards))
-    staged = [(k, next_shard + i) for i, k in enumerate(staging_shards)]
-    lap("extract")
-    on_stage("extracted", {"staging": staging, "failed": failed_rows.num_rows})
 
-    # 2. adopt staging shards (tokens copied into fresh Zarr rows) and rewrite affected shards
+def adopt(store: str, manifest: dict[str, Any], plan: ReindexPlan, staged: Staged, numbers: Numbering
+          ) -> tuple[list[int], list[int]]:
+    """Staging shards become store shards (tokens copied into fresh Zarr rows, one Ray task per
+    shard) and every affected shard is rewritten without its lost rows. Returns the store shards
+    written: ``(adopted, rewritten)``, leaving out those that came out empty."""
     adopted: list[int] = []
-    if staged:
-        last = max(new for _, new in staged)
-        needed = last * shard_size + min(shard_size, staging_rows - staged[-1][0] * shard_size)
-        tokens = storage.open_local_tokens(cfg.store, mode="r+")
+    if numbers.staged:
+        import ray
+
+        shard_size = int(manifest["shard_size"])
+        last = max(new for _, new in numbers.staged)
+        needed = last * shard_size + min(shard_size, staged.rows - numbers.staged[-1][0] * shard_size)
+        tokens = storage.open_local_tokens(store, mode="r+")
         if tokens.shape[0] < needed:
             tokens.resize((needed, *tokens.shape[1:]))
         task = ray.remote(num_cpus=1, max_retries=2)(_adopt_shard)
-        counts = ray.get([task.remote(staging, cfg.store, k, new, shard_size, staging_rows) for k, new in staged])
-        adopted = [new for (_, new), c in zip(staged, counts) if c > 0]
-    next_after = max([next_shard - 1, *[new for _, new in staged]]) + 1
+        counts = ray.get([task.remote(staged.url, store, k, new, shard_size, staged.rows)
+                          for k, new in numbers.staged])
+        adopted = [new for (_, new), c in zip(numbers.staged, counts) if c > 0]
     drop = set(plan.deleted_ids.tolist()) | set(plan.changed_ids.tolist())
     moved = {int(r["image_id"]): r for r in plan.moved.to_pylist()}
     rewritten: list[int] = []
     for i, old in enumerate(plan.affected_shards):
-        new = next_after + i
-        if _rewrite_shard(cfg.store, old, new, drop, moved) > 0:
+        new = numbers.first_rewritten + i
+        if _rewrite_shard(store, old, new, drop, moved) > 0:
             rewritten.append(new)
-    lap("adopt")
-    on_stage("adopted", {"adopted": adopted, "rewritten": rewritten})
+    return adopted, rewritten
 
-    # 3. the next store generation
+
+def write_generation(cfg: ReindexConfig, layout: ReindexLayout, manifest: dict[str, Any], plan: ReindexPlan,
+                     staged: Staged, generation: int, adopted: list[int], rewritten: list[int]) -> dict[str, Any]:
+    """The next store generation's snapshot (not published: only the pointer publishes) and the
+    known-bad images; returns its manifest."""
     retired = list(plan.affected_shards)
     shards = sorted(({int(s) for s in manifest["shards"]} - set(retired)) | set(adopted) | set(rewritten))
     rows = storage.open_local_tokens(cfg.store).shape[0]
@@ -242,30 +171,18 @@ def _update_store(cfg, layout, manifest, plan: ReindexPlan, timings, lap, on_sta
                      deleted=len(plan.deleted_ids), new_shards=adopted + rewritten, retired_shards=retired))
     new_manifest.pop("keys_digest", None)  # described the first extraction's key list only
     n_rows = _count_rows(cfg.store, shards)
-    new_manifest["counts"] = dict(images=n_rows + failed_rows.num_rows, extracted=n_rows, failed=failed_rows.num_rows)
-    _write_snapshot(layout, new_manifest)
-    previous_failures = read_failures(layout)
-    _write_failures(layout, pa.concat_tables([previous_failures, failed_rows]), plan.source_hashes,
-                    keep_paths=set(plan.source_hashes))
-    lap("store")
-    on_stage("snapshot", {"generation": new_manifest["generation"]})
-    return new_manifest, adopted + rewritten, retired, failed_rows.num_rows
+    failed = staged.failed_rows.num_rows
+    new_manifest["counts"] = dict(images=n_rows + failed, extracted=n_rows, failed=failed)
+    write_snapshot(layout, new_manifest)
+    write_failures(layout, pa.concat_tables([read_failures(layout), staged.failed_rows]), plan.source_hashes,
+                   keep_paths=set(plan.source_hashes))
+    return new_manifest
 
 
-def _write_failures(layout: ReindexLayout, rows: pa.Table, hashes: dict[str, str | None],
-                    keep_paths: set[str] | None = None) -> None:
-    """Known-bad images: the newest entry per path, only for paths still in the source with the
-    same bytes (a fixed file is tried again)."""
-    latest: dict[str, dict[str, Any]] = {}
-    for r in rows.to_pylist():
-        h = r.get("content_hash") or hashes.get(r["path"])
-        if h is None or hashes.get(r["path"]) != h:
-            continue
-        if keep_paths is not None and r["path"] not in keep_paths:
-            continue
-        latest[r["path"]] = dict(r, content_hash=h)
-    table = pa.Table.from_pylist(list(latest.values()), schema=FAILURES_SCHEMA)
-    if table.num_rows or storage.exists(layout.failures):
-        storage.write_parquet(layout.failures, table)
-
-
+def first_generation(cfg: ReindexConfig, layout: ReindexLayout, source: pa.Table,
+                     hashes: list[str | None]) -> dict[str, Any]:
+    """A first run's store becomes generation 0 as extracted: its snapshot and known-bad images."""
+    manifest = dict(storage.read_manifest(cfg.store), generation=0)
+    write_snapshot(layout, manifest)
+    write_failures(layout, storage.read_errors(cfg.store), dict(zip(source.column("path").to_pylist(), hashes)))
+    return manifest

@@ -15,10 +15,13 @@ import numpy as np
 import pyarrow as pa
 
 from .. import storage
+from ..log import get_logger
 from ..storage import POSITION_COLUMNS
 
 if TYPE_CHECKING:
     from . import ReindexLayout
+
+log = get_logger(__name__)
 
 FAILURES_SCHEMA = pa.schema([("path", pa.string()), ("content_hash", pa.string()), ("stage", pa.string()),
                              ("reason", pa.string())])
@@ -43,6 +46,18 @@ class ReindexPlan:
         return not (len(self.to_extract) or len(self.deleted_ids) or len(self.moved))
 
 
+def plan_against(store: str, layout: ReindexLayout, source: pa.Table, hashes: list[tuple[str | None, str | None]],
+                 manifest: dict[str, Any]) -> tuple[ReindexPlan, int]:
+    """The plan step: the source against the catalog of the generation ``manifest`` describes (and
+    the known-bad images). Returns the plan and the catalog's row count."""
+    catalog = read_catalog(store, manifest)
+    plan = plan_changes(source, catalog, hashes, read_failures(layout))
+    if plan.unreadable:
+        log.warning("reindex: %d source image(s) could not be read and are left as they are, e.g. %s",
+                    len(plan.unreadable), plan.unreadable[0])
+    return plan, int(catalog.num_rows)
+
+
 def read_catalog(store: str, manifest: dict[str, Any] | None = None) -> pa.Table:
     """The rows of one store generation (default: ``manifest.json``'s) as the reindex compares them
     (no descriptors)."""
@@ -54,6 +69,23 @@ def read_failures(layout: ReindexLayout) -> pa.Table:
     if not storage.exists(layout.failures):
         return FAILURES_SCHEMA.empty_table()
     return storage.read_parquet(layout.failures).cast(FAILURES_SCHEMA)
+
+
+def write_failures(layout: ReindexLayout, rows: pa.Table, hashes: dict[str, str | None],
+                   keep_paths: set[str] | None = None) -> None:
+    """Known-bad images: the newest entry per path, only for paths still in the source with the
+    same bytes (a fixed file is tried again)."""
+    latest: dict[str, dict[str, Any]] = {}
+    for r in rows.to_pylist():
+        h = r.get("content_hash") or hashes.get(r["path"])
+        if h is None or hashes.get(r["path"]) != h:
+            continue
+        if keep_paths is not None and r["path"] not in keep_paths:
+            continue
+        latest[r["path"]] = dict(r, content_hash=h)
+    table = pa.Table.from_pylist(list(latest.values()), schema=FAILURES_SCHEMA)
+    if table.num_rows or storage.exists(layout.failures):
+        storage.write_parquet(layout.failures, table)
 
 
 def _same(a: list, b: list) -> np.ndarray:

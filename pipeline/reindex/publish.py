@@ -16,13 +16,18 @@ content.
 """
 from __future__ import annotations
 
-import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from .. import storage
 from ..log import get_logger
-from .lock import ReindexError
 from ..timefmt import utc_now
+from .lock import ReindexError
+
+if TYPE_CHECKING:
+    from ..index import IndexBuildResult
+    from . import ReindexConfig, ReindexLayout
 
 log = get_logger(__name__)
 
@@ -51,6 +56,11 @@ def snapshot_generations(store: str) -> list[int]:
             except ValueError:
                 continue
     return sorted(out)
+
+
+def write_snapshot(layout: ReindexLayout, manifest: dict[str, Any]) -> None:
+    """Step 1: the new generation's snapshot. No reader sees it until a pointer names it."""
+    storage.write_json(layout.manifest_snapshot(store_generation(manifest)), manifest)
 
 
 def read_snapshot(store: str, generation: int) -> dict[str, Any]:
@@ -155,3 +165,99 @@ def version_generation(index_dir: str, version: str) -> int | None:
         return None
     gen = storage.read_json(url).get("store_generation")
     return None if gen is None else int(gen)
+
+
+def published_base(store: str, index_dir: str) -> tuple[dict[str, Any], str | None]:
+    """(manifest of the published store generation, published version). A store made by
+    ``r2f extract`` (no generation yet) becomes generation 0."""
+    from ..index import published
+
+    state = published.resolve(store, index_dir)
+    manifest = dict(state.manifest)
+    if state.store_generation is None:
+        manifest.setdefault("generation", 0)
+        url = storage.StoreLayout(store).manifest_snapshot(store_generation(manifest))
+        if not storage.exists(url):
+            storage.write_json(url, manifest)
+    return manifest, state.index_version
+
+
+def current_or_none(index_dir: str) -> str | None:
+    from ..index import layout as L
+
+    try:
+        return L.current_version(index_dir)
+    except L.IndexFileError:
+        return None
+
+
+def covers_generation(index_dir: str, version: str | None, manifest: dict[str, Any]) -> bool:
+    """Whether ``version`` indexes exactly the extraction shards of ``manifest``'s generation."""
+    from ..index import layout as L
+
+    if version is None:
+        return False
+    infos = L.read_infos(index_dir, version)
+    return {int(s) for e in infos["shards"] for s in e["extraction_shards"]} == {int(s) for s in manifest["shards"]}
+
+
+def build_version(cfg: ReindexConfig, index_dir: str, manifest: dict[str, Any], previous_version: str | None
+                  ) -> IndexBuildResult:
+    """Step 2: the index version of exactly that snapshot, never touching CURRENT. Unchanged
+    index shards are copied from ``previous_version``; past ``cfg.max_index_shards`` every shard
+    is rebuilt (compaction)."""
+    from ..config import from_dict
+    from ..index import IndexConfig, build
+    from ..index import layout as L
+
+    use_previous = previous_version
+    if use_previous is not None:
+        prev_infos = L.read_infos(index_dir, use_previous)
+        if prev_infos.get("num_shards", 0) >= cfg.max_index_shards:
+            log.info("reindex: %s has %d index shards (max %d): rebuilding every shard", use_previous,
+                     prev_infos["num_shards"], cfg.max_index_shards)
+            use_previous = None
+    icfg_keys = {**cfg.index, "store": cfg.store, "index_dir": index_dir, "make_current": False,
+                 "ray_address": cfg.ray_address}
+    return build(from_dict(IndexConfig, icfg_keys), previous_version=use_previous, manifest=manifest)
+
+
+def check_version(store: str, index_dir: str, version: str, manifest: dict[str, Any]) -> int:
+    """Step 3: the version's ids equal the generation's, or nothing is published. Returns their count."""
+    expected = storage.read_global_table(store, ["image_id"], manifest=manifest).column("image_id").to_numpy()
+    got = version_image_ids(index_dir, version)
+    if len(got) != len(expected) or not np.array_equal(got, np.sort(expected)):
+        raise ReindexError(f"index {index_dir}/{version} holds {len(got)} ids but store generation "
+                           f"{store_generation(manifest)} has {len(expected)}; not publishing it")
+    return int(len(got))
+
+
+def version_image_ids(index_dir: str, version: str | None = None) -> np.ndarray:
+    """Sorted image ids held by an index version (read from its shard files)."""
+    import faiss
+
+    from ..index import layout as L
+
+    infos = L.read_infos(index_dir, version)
+    lay = L.IndexLayout(index_dir)
+    out = []
+    for entry in infos["shards"]:
+        index = L.read_index_file(lay.file(infos["version"], entry["file"]), entry)
+        out.append(_ids_of(index, faiss))
+    return np.sort(np.concatenate(out)) if out else np.zeros(0, np.int64)
+
+
+def _ids_of(index, faiss) -> np.ndarray:
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:
+        inv = ivf.invlists
+        parts = [faiss.rev_swig_ptr(inv.get_ids(c), inv.list_size(c)).copy()
+                 for c in range(inv.nlist) if inv.list_size(c)]
+        return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
+    for cls in ("IndexIDMap2", "IndexIDMap"):
+        downcast = getattr(faiss, cls, None)
+        if downcast is not None and isinstance(index, downcast):
+            return faiss.vector_to_array(index.id_map).astype(np.int64)
+    if hasattr(index, "id_map"):
+        return faiss.vector_to_array(index.id_map).astype(np.int64)
+    raise ReindexError(f"cannot read the ids of a {type(index).__name__} index")

@@ -7,6 +7,7 @@ Memory: O(source images) of short strings in the driver (the source table is hel
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import pyarrow as pa
@@ -14,7 +15,40 @@ import pyarrow as pa
 from .. import storage
 
 if TYPE_CHECKING:
-    from . import ReindexLayout
+    from . import ReindexConfig, ReindexLayout
+
+
+@dataclass
+class SourceScan:
+    """The source as it is now: its dataset rows and one scan result per row."""
+    source: pa.Table
+    paths: list[str]
+    scanned: list[tuple[str | None, str | None, str | None]]   # (content_hash, reason, stamp) per path
+
+    @property
+    def hashes(self) -> list[tuple[str | None, str | None]]:
+        """``(content_hash, reason)`` per row: what the plan compares."""
+        return [(h, why) for h, why, _ in self.scanned]
+
+
+def scan_source(cfg: ReindexConfig, layout: ReindexLayout) -> SourceScan:
+    """The scan step: load the source's dataset rows and hash every image (trusting unchanged
+    file stamps when ``cfg.trust_file_stamps``)."""
+    from ..cluster import ensure_ray
+    from ..datasets import load_dataset
+
+    source = load_dataset(cfg.source)
+    ensure_ray(cfg.ray_address)
+    paths = source.column("path").to_pylist()
+    scanned = scan_hashes(paths, cfg.hash_chunk, read_scan_cache(layout) if cfg.trust_file_stamps else None)
+    return SourceScan(source, paths, scanned)
+
+
+def remember_scan(cfg: ReindexConfig, layout: ReindexLayout, scan: SourceScan) -> None:
+    """Keep this scan's stamps for the next run; only once the hashes it holds are in a published
+    state (or match one), so a run that dies never makes the next one skip a file."""
+    if cfg.trust_file_stamps:
+        write_scan_cache(layout, scan.paths, scan.scanned)
 
 
 def file_stamp(fs, path: str) -> str | None:
