@@ -11,8 +11,9 @@ import argparse
 import dataclasses
 import types
 import typing
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping, TypeVar
+from typing import Any, TypeVar
 
 import yaml
 
@@ -33,6 +34,7 @@ def _strip_optional(tp: Any) -> tuple[Any, bool]:
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """``value`` as the declared type ``tp`` of config key ``key``, or a ``ConfigError`` naming it."""
     tp, optional = _strip_optional(tp)
     if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null", "")):
         if optional or tp is Any:
@@ -43,48 +45,60 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"config key {key!r} must be a mapping, got {value!r}")
-        return from_dict(tp, value, prefix=key + ".")
+        return from_dict(tp, _mapping(value, key), prefix=key + ".")
     origin = typing.get_origin(tp)
     if origin in (list, tuple):
-        if isinstance(value, str):
-            value = [v for v in value.replace(",", " ").split() if v]
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"config key {key!r} must be a list, got {value!r}")
-        args = typing.get_args(tp)
-        item_tp = args[0] if args else Any
-        items = [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
-        return tuple(items) if origin is tuple else items
+        return _sequence(value, tp, origin, key)
     if origin is dict:
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"config key {key!r} must be a mapping, got {value!r}")
-        return dict(value)
+        return dict(_mapping(value, key))
     if origin is typing.Literal:
         allowed = typing.get_args(tp)
         if value not in allowed:
             raise ConfigError(f"config key {key!r} must be one of {allowed}, got {value!r}")
         return value
     try:
-        if tp is bool:
-            if isinstance(value, str):
-                low = value.lower()
-                if low in ("1", "true", "yes", "on"):
-                    return True
-                if low in ("0", "false", "no", "off"):
-                    return False
-                raise ValueError(value)
-            return bool(value)
-        if tp is int:
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError(value)
-            return int(value)
-        if tp is float:
-            return float(value)
-        if tp is str:
-            return str(value)
+        return _scalar(value, tp)
     except (TypeError, ValueError):
         raise ConfigError(f"config key {key!r} expects {getattr(tp, '__name__', tp)}, got {value!r}") from None
+
+
+def _mapping(value: Any, key: str) -> Mapping:
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"config key {key!r} must be a mapping, got {value!r}")
+    return value
+
+
+def _sequence(value: Any, tp: Any, origin: Any, key: str) -> list | tuple:
+    """A list or tuple (also ``"a,b c"`` from the command line), each item coerced."""
+    if isinstance(value, str):
+        value = [v for v in value.replace(",", " ").split() if v]
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"config key {key!r} must be a list, got {value!r}")
+    args = typing.get_args(tp)
+    item_tp = args[0] if args else Any
+    items = [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    return tuple(items) if origin is tuple else items
+
+
+_TRUE_WORDS, _FALSE_WORDS = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def _scalar(value: Any, tp: Any) -> Any:
+    """bool, int, float or str from YAML or command-line text; ``ValueError`` when it is not one."""
+    if tp is bool:
+        if not isinstance(value, str):
+            return bool(value)
+        if value.lower() in _TRUE_WORDS:
+            return True
+        if value.lower() in _FALSE_WORDS:
+            return False
+        raise ValueError(value)
+    if tp is int:
+        if isinstance(value, float) and not value.is_integer():
+            raise ValueError(value)
+        return int(value)
+    if tp in (float, str):
+        return tp(value)
     return value
 
 

@@ -75,7 +75,7 @@ class DatasetSpec:
             raise DatasetError(f"dataset kind must be one of {_KINDS}, got {self.kind!r}")
 
     @classmethod
-    def parse(cls, spec: "DatasetSpec | str") -> "DatasetSpec":
+    def parse(cls, spec: DatasetSpec | str) -> DatasetSpec:
         if isinstance(spec, DatasetSpec):
             return spec
         text = str(spec)
@@ -91,17 +91,17 @@ class DatasetSpec:
         return "folder"  # a folder whose names all parse as VG names is read as VG (see load_dataset)
 
 
-def default_radius(spec: "DatasetSpec | str") -> float:
+def default_radius(spec: DatasetSpec | str) -> float:
     """Positive radius in the dataset's position units: frames for sequences, metres otherwise."""
     return SEQUENCE_RADIUS if DatasetSpec.parse(spec).resolved_kind() == "sequence" else DEFAULT_RADIUS_M
 
 
-def radius_unit(spec: "DatasetSpec | str") -> str:
+def radius_unit(spec: DatasetSpec | str) -> str:
     """The unit of a dataset's positions, so of its positive radius: ``frames`` or ``metres``."""
     return "frames" if DatasetSpec.parse(spec).resolved_kind() == "sequence" else "metres"
 
 
-def load_dataset(spec: "DatasetSpec | str") -> pa.Table:
+def load_dataset(spec: DatasetSpec | str) -> pa.Table:
     """The dataset table of ``spec`` (see the module docstring); errors name the source."""
     spec = DatasetSpec.parse(spec)
     kind = spec.resolved_kind()

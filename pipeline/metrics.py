@@ -10,7 +10,7 @@ part (memory O(len(ns))).
 """
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 

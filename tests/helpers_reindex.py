@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import fsspec
 import numpy as np

@@ -2,7 +2,7 @@
 descriptors without running the model (index, search, mining, reindex tests may share it)."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pyarrow as pa

@@ -48,7 +48,7 @@ class RayHead:
     def dashboard_url(self) -> str:
         return f"http://127.0.0.1:{self.dashboard_port}"
 
-    def start(self, timeout: float = 90) -> "RayHead":
+    def start(self, timeout: float = 90) -> RayHead:
         cmd = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
                "--port", str(self.gcs_port), "--num-cpus", str(self.num_cpus), "--num-gpus", "0",
                "--object-store-memory", str(200 * 1024 * 1024),

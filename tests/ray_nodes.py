@@ -91,7 +91,7 @@ class LocalCluster:
         self.procs.append(subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT))
         self.wait_nodes(len(self.procs))
 
-    def start_head(self, cpus: int = 2, resources: dict | None = None) -> "LocalCluster":
+    def start_head(self, cpus: int = 2, resources: dict | None = None) -> LocalCluster:
         self._start([RAY, "start", "--head", "--port", str(self.gcs), "--ray-client-server-port", str(self.client),
                      "--include-dashboard", "false", *self._node_args(cpus, resources)])
         return self

@@ -86,7 +86,7 @@ class FaultProxy:
         with self._lock:
             return {**{k: self.counts[k] for k in KINDS}, "requests": self.requests}
 
-    def __enter__(self) -> "FaultProxy":
+    def __enter__(self) -> FaultProxy:
         self.start()
         return self
 

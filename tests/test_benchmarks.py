@@ -6,8 +6,7 @@ import pyarrow.csv as pacsv
 import pytest
 from PIL import Image
 
-from pipeline.benchmarks import (BenchmarkLayoutError, parse_vg_name, read_msls, read_vg_benchmark,
-                                 write_manifests)
+from pipeline.benchmarks import BenchmarkLayoutError, parse_vg_name, read_msls, read_vg_benchmark, write_manifests
 
 
 def _jpg(path):

@@ -1,8 +1,7 @@
 import pytest
 
 from pipeline.cli import build_parser
-from pipeline.config import config_from_args
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, config_from_args
 
 
 def test_every_stage_registers_its_commands():

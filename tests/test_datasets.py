@@ -7,8 +7,15 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import storage
-from pipeline.datasets import (DATASET_SCHEMA, DatasetError, DatasetSpec, default_radius, latlon_to_utm,
-                               load_dataset, parse_vg_name)
+from pipeline.datasets import (
+    DATASET_SCHEMA,
+    DatasetError,
+    DatasetSpec,
+    default_radius,
+    latlon_to_utm,
+    load_dataset,
+    parse_vg_name,
+)
 
 # Pitts30k-style name: east, north, zone 17T, lat, lon, then empty fields.
 PITTS = "@0585035.09@4477225.33@17@T@040.44162@-079.99532@000000@00@@@@@@@.jpg"

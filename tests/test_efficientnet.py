@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from pipeline.model import EfficientNetLite0VPR, build_model, normalize_images
-from pipeline.model.checkpoint import CheckpointError, PROJECT_FORMAT
+from pipeline.model.checkpoint import PROJECT_FORMAT, CheckpointError
 from pipeline.model.efficientnet import gem, imagenet_filter_fn, package_weights_path
 
 H, W = 272, 480            # the README's reference size (480 x 272 as W x H)
@@ -140,7 +140,7 @@ def test_imagenet_key_mapping():
     assert list(mapped) == list(target)
     backbone_src = [v for k, v in src.items() if not k.startswith("_fc.")]
     assert len(backbone_src) == len(mapped) == 294
-    for v, (k, w) in zip(backbone_src, mapped.items()):
+    for v, (_k, w) in zip(backbone_src, mapped.items()):
         assert v is w
     # The pretrained model holds exactly those tensors.
     own = EfficientNetLite0VPR.pretrained().backbone.state_dict()

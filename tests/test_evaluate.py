@@ -81,6 +81,7 @@ def test_evaluate_reads_a_results_folder_part_by_part_or_a_legacy_file(tmp_path)
     """`r2f evaluate --results` accepts the streaming job's folder (parts + manifest) and a legacy
     single file, with the same metrics; the folder is read one part at a time."""
     from helpers_store import write_tiny_store
+
     from pipeline import evaluate, storage
     from pipeline.rerank import results as R
 
@@ -238,6 +239,7 @@ def test_evaluate_cli_prints_every_reranker_tags_and_table_2(tmp_path, capsys):
     """`r2f evaluate --results FOLDER --sweep-candidates ...` on a two-reranker result folder: the
     recalls of each reranker and tag, and the sweep's ms/query from the manifest's rerank_seconds."""
     from helpers_store import write_tiny_store
+
     from pipeline import evaluate, storage
     from pipeline.cli import build_parser
     from pipeline.rerank import results as R

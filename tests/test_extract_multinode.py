@@ -7,10 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from ray_nodes import LocalCluster
 
 from pipeline import storage
-
-from ray_nodes import LocalCluster
 
 ROOT = Path(__file__).resolve().parents[1]
 

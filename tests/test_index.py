@@ -5,11 +5,11 @@ import faiss
 import numpy as np
 import pytest
 import ray
+from helpers_store import clustered, write_tiny_store
 
 from pipeline import index as I
 from pipeline import storage
 from pipeline.config import ConfigError
-from helpers_store import clustered, write_tiny_store
 
 DIM = 32
 

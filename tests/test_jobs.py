@@ -8,11 +8,10 @@ import shutil
 import numpy as np
 import pytest
 import yaml
-
-from pipeline import storage
 from ray_head import ROOT, RayHead
 
 from jobs import common
+from pipeline import storage
 
 SIZE = [128, 224]
 JOBS = ("extract", "index", "mine", "train", "rerank", "evaluate", "reindex")

@@ -16,8 +16,15 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import storage
-from pipeline.mine import (MineConfig, PartialMiner, iter_hardest_negatives, merge_ranked, partial_topk,
-                          read_hardest_negatives, run)
+from pipeline.mine import (
+    MineConfig,
+    PartialMiner,
+    iter_hardest_negatives,
+    merge_ranked,
+    partial_topk,
+    read_hardest_negatives,
+    run,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 

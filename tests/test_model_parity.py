@@ -235,6 +235,7 @@ def test_inputs_follow_the_parameters_not_a_stale_plan(model, parity_dir):
     """A model placed for CUDA and then moved back with ``.to("cpu")`` must not send its inputs to
     CUDA (no GPU here: the old plan-based path raised); it runs float32 where its weights are."""
     import copy
+
     from pipeline.device import DevicePlan
     m = copy.deepcopy(model)
     m.plan = DevicePlan(torch.device("cuda"), torch.bfloat16)   # what place() on a GPU host records

@@ -14,7 +14,6 @@ from pipeline.index import published
 from pipeline.reindex.lock import ReindexLock
 from tests.helpers_reindex import s3_fs, write_hand_store, write_source
 
-
 STALE_S, BEAT_S = 3.0, 0.3  # seconds: a live holder rewrites the lock 10 times per staleness period
 
 

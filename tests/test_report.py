@@ -182,6 +182,7 @@ TAGS = ["night", "night", "day", "day", None]
 def _stores_with_tokens(root: Path, paths: list[str], seed: int, tokens: int = 24) -> tuple[str, np.ndarray]:
     """A one-shard store keyed by ``paths`` with random local tokens; returns (store, image ids)."""
     from helpers_store import write_tiny_store
+
     from pipeline import storage
     store = str(root)
     rng = np.random.default_rng(seed)
@@ -253,7 +254,7 @@ def test_report_one_row_per_method_grouped_by_tag(tmp_path):
     samples = re.findall(r'<div class="sample" data-query="(\d+)"(?: data-tag="([^"]*)")?>(.*?)(?=<div class="sample"|</section>)',
                          dom, re.S)
     assert len(samples) == len(TAGS)           # 6 samples over 3 groups (night, day, untagged): 2 + 2 + 1
-    for qid, tag, body in samples:
+    for qid, _tag, body in samples:
         assert re.findall(r'<div class="group" data-method="([^"]+)"', body) == methods, qid
         assert body.count("<figure") == 1 + 3 * 5
     # Examples grouped by tag, tags in order, the untagged query last.

@@ -3,8 +3,9 @@ permutations, whole-chunk token reads, resume, plan refusal, a recorded failing 
 and the model placement that keeps input and model on one device."""
 from __future__ import annotations
 
-
 import json
+import sys
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -15,8 +16,6 @@ import torch
 
 from pipeline import storage
 from pipeline.ransac import RansacConfig, match_tokens, mutual_nearest_neighbours, ransac_scores
-import sys
-from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.city import write_city  # noqa: E402
@@ -93,7 +92,7 @@ def _cfg(city, results, **kw):
 def _check_permutations(results):
     df = results.to_pandas()
     changed = 0
-    for qid, sub in df.groupby("query_id"):
+    for _qid, sub in df.groupby("query_id"):
         assert sorted(sub["rank"]) == list(range(1, len(sub) + 1))
         assert sorted(sub["global_rank"]) == list(range(1, len(sub) + 1))
         assert sub["image_id"].is_unique
@@ -244,8 +243,7 @@ def test_pair_scorer_places_the_model_where_it_sends_inputs(city, monkeypatch):
 
 
 def test_bfloat16_is_opt_in(city):
-    from pipeline.rerank import RerankConfig
-    from pipeline.rerank import PairScorer
+    from pipeline.rerank import PairScorer, RerankConfig
     assert RerankConfig().rerank_dtype == "float32"
     with pytest.raises(ValueError, match="rerank_dtype"):
         PairScorer("ransac", "efficientnet-lite0", None, str(city / "q"), str(city / "db"), RansacConfig(),

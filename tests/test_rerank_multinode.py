@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from ray_nodes import LocalCluster
 
 ROOT = Path(__file__).resolve().parents[1]

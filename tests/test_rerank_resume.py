@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 
 import pytest
+from ray_head import RayHead
 
 from pipeline import storage
-from ray_head import RayHead
 
 ROOT = Path(__file__).resolve().parents[1]
 from helpers_store import indexed_city

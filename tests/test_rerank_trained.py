@@ -48,6 +48,7 @@ def candidates(gardens_point):
     """Tokens (EfficientNet-Lite0, ImageNet weights) of the query and its 8 candidates in global
     order; the warped copy of the query is last."""
     import os
+
     from pipeline.model import build_model
     torch.manual_seed(int(os.environ.get("R2F_TEST_SEED", "0")))  # the reranker's initial weights
     model = build_model("efficientnet-lite0")
@@ -84,7 +85,7 @@ def test_trained_reranker_puts_the_warped_copy_first(candidates, gardens_point):
     opt = torch.optim.AdamW(reranker.parameters(), lr=1e-3, weight_decay=0.01)
     p = len(TRAIN)
     losses = []
-    for step in range(120):
+    for _step in range(120):
         a = torch.from_numpy(rng.integers(0, p, 8))
         pos = views[a + p * torch.from_numpy(rng.integers(0, 2, 8))]
         neg_place = (a + torch.from_numpy(rng.integers(1, p, 8))) % p

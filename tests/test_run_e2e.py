@@ -10,11 +10,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
+from test_report import check_report_in_chromium
 
 from pipeline import storage
 from pipeline.rerank import read_results
 from pipeline.run import RunConfig, run
-from test_report import check_report_in_chromium
 
 SIZE = [272, 480]
 RECALL_KEYS = ["recall@1", "recall@5", "recall@10", "recall@20", "recall@100"]

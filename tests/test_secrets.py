@@ -16,10 +16,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-import pytest
 import yaml
 
-from pipeline import cluster, log as plog
+from pipeline import cluster
+from pipeline import log as plog
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "demo" / "gardens_point_sample" / "day_right"

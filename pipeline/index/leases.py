@@ -28,7 +28,8 @@ import re
 import socket
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Iterator
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 from .. import storage
 from ..log import get_logger
@@ -54,7 +55,7 @@ def lease_url(index_dir: str, job: str) -> str:
 class Lease:
     """A held lease; ``heartbeat()`` is called by the daemon thread (and may be called by hand)."""
 
-    def __init__(self, index_dir: str, job: str, state: "PublishedState | dict[str, Any]", heartbeat_s: float):
+    def __init__(self, index_dir: str, job: str, state: PublishedState | dict[str, Any], heartbeat_s: float):
         self.url = lease_url(index_dir, job)
         self.heartbeat_s = float(heartbeat_s)
         meta = state.metadata() if hasattr(state, "metadata") else dict(state)
@@ -75,7 +76,7 @@ class Lease:
             except Exception as exc:  # a missed beat is not fatal; three in a row let GC ignore the lease
                 log.warning("lease %s: heartbeat failed (%s)", self.url, exc)
 
-    def start(self) -> "Lease":
+    def start(self) -> Lease:
         self.heartbeat()
         self._thread = threading.Thread(target=self._beat, name=f"lease-{self.record['job']}", daemon=True)
         self._thread.start()
@@ -95,7 +96,7 @@ class Lease:
 
 
 @contextlib.contextmanager
-def hold_lease(index_dir: str | None, job: str, state: "PublishedState | dict[str, Any]",
+def hold_lease(index_dir: str | None, job: str, state: PublishedState | dict[str, Any],
                heartbeat_s: float = 30.0) -> Iterator[Lease | None]:
     """Hold ``<index_dir>/leases/<job>.json`` naming ``state`` while the block runs (no-op, yielding
     ``None``, when ``index_dir`` is None: a store without an index has no GC to protect from)."""
@@ -109,7 +110,7 @@ def hold_lease(index_dir: str | None, job: str, state: "PublishedState | dict[st
         lease.release()
 
 
-def pin(index_dir: str | None, job: str, state: "PublishedState | dict[str, Any]") -> str | None:
+def pin(index_dir: str | None, job: str, state: PublishedState | dict[str, Any]) -> str | None:
     """Keep ``state`` from GC until ``unpin``: for unfinished outputs that will be resumed."""
     if not index_dir:
         return None

@@ -12,8 +12,9 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import faiss
 import numpy as np
@@ -246,7 +247,7 @@ class ShardedSearcher:
             shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp = None
 
-    def __enter__(self) -> "ShardedSearcher":
+    def __enter__(self) -> ShardedSearcher:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -8,9 +8,9 @@ Every model here offers the same API::
     logits = model.rerank_logits(q, c)        # (P, T, 131) twice -> (P, 2); score = softmax[:, 1]
     model.has_trained_reranker                # False when the reranker weights are untrained
 """
+from .efficientnet import EfficientNetLite0VPR
 from .features import IMAGENET_MEAN, IMAGENET_STD, Features, normalize_images
 from .r2former import R2Former
-from .efficientnet import EfficientNetLite0VPR
 from .registry import BACKBONES, build_model
 
 __all__ = ["R2Former", "EfficientNetLite0VPR", "Features", "normalize_images", "build_model", "BACKBONES",

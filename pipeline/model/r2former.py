@@ -56,7 +56,7 @@ class R2FormerConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "R2FormerConfig":
+    def from_dict(cls, d: dict) -> R2FormerConfig:
         known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
         unknown = sorted(set(d) - set(known))
         if unknown:
@@ -177,7 +177,7 @@ class R2Former(nn.Module):
                                      "gather": "corrected" if config.corrected_gather else "official"}
 
     # ------------------------------------------------------------------ device
-    def place(self, plan: DevicePlan) -> "R2Former":
+    def place(self, plan: DevicePlan) -> R2Former:
         """Move to ``plan.device``; ``extract`` then autocasts as the plan says (bf16 on CUDA)."""
         self.plan = plan
         return self.to(plan.device)
@@ -295,14 +295,14 @@ class R2Former(nn.Module):
                                      torch.as_tensor(candidate_tokens).to(self.device), top=top)
 
     # ------------------------------------------------------------------ loading
-    def _finish(self, path: Path | None, layout: str) -> "R2Former":
+    def _finish(self, path: Path | None, layout: str) -> R2Former:
         if path is not None:
             self.info.update(checkpoint=str(path), checkpoint_sha256=ckpt.file_sha256(path))
         self.info["layout"] = layout
         return self.float().eval()
 
     @classmethod
-    def from_official_checkpoint(cls, path: str | Path, **overrides: Any) -> "R2Former":
+    def from_official_checkpoint(cls, path: str | Path, **overrides: Any) -> R2Former:
         """A released training checkpoint (``model_state_dict`` with ``module.`` names) -> CPU
         float32 eval model. Stage-1 (global-only) files load the backbone and warn."""
         path = Path(path)
@@ -313,7 +313,7 @@ class R2Former(nn.Module):
         return cls._from_official_state_dict(obj["model_state_dict"], path, **overrides)
 
     @classmethod
-    def _from_official_state_dict(cls, official_sd, path: Path | None, **overrides: Any) -> "R2Former":
+    def _from_official_state_dict(cls, official_sd, path: Path | None, **overrides: Any) -> R2Former:
         sd, stage1 = ckpt.checkpoint_filter_fn(official_sd)
         source = str(path) if path else "state_dict"
         input_size = overrides.pop("img_size", None)
@@ -335,7 +335,7 @@ class R2Former(nn.Module):
         return model._finish(path, "official-stage1" if stage1 else "official")
 
     @classmethod
-    def load(cls, path: str | Path, **overrides: Any) -> "R2Former":
+    def load(cls, path: str | Path, **overrides: Any) -> R2Former:
         """An official release checkpoint or one in the project layout (``save_checkpoint``).
 
         ``img_size`` here is the size images will be extracted at; the positional-embedding grid
@@ -376,7 +376,7 @@ class R2Former(nn.Module):
         return path
 
     @classmethod
-    def from_timm_pretrained(cls, path: str | Path | None = None, **overrides: Any) -> "R2Former":
+    def from_timm_pretrained(cls, path: str | Path | None = None, **overrides: Any) -> R2Former:
         """Start for training: ImageNet DeiT-S distilled weights in timm layout (a ``.pth``/``.bin``
         state_dict, optionally under ``model``/``state_dict``, or ``.safetensors``). Heads,
         local head and reranker stay at their initialisation; ``pos_embed`` is resampled from the

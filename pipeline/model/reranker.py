@@ -34,8 +34,8 @@ from functools import partial
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 from timm.models.vision_transformer import Block
+from torch import nn
 
 TOKEN_DIM = 131          # x, y, attention, 128-d feature
 COORD_DIM = 3            # x, y, attention
@@ -291,7 +291,7 @@ class RerankTransformer(nn.Module):
         return F.cosine_similarity(global_q, global_c, dim=1) * c + logits.softmax(dim=1)[:, 1] * (1 - c)
 
     # ------------------------------------------------------------------ explanation (report only)
-    def explain(self, query_tokens: torch.Tensor, candidate_tokens: torch.Tensor, top: int = 20) -> "TokenPairs":
+    def explain(self, query_tokens: torch.Tensor, candidate_tokens: torch.Tensor, top: int = 20) -> TokenPairs:
         """The token pairs the match logit of ONE (query, candidate) pair relies on most.
 
         (N, 131) and (M, 131) tokens (or (1, N, 131) / (1, M, 131)) -> ``TokenPairs`` of at most

@@ -111,12 +111,12 @@ class ReindexLock:
         return max(self.heartbeat_s, 0.5)
 
     # ---- taking
-    def acquire(self) -> "ReindexLock":
+    def acquire(self) -> ReindexLock:
         self._since = self.wall_clock()
         for _ in range(20):  # each turn: the lock was released or replaced under us; racing that long is busy
             data = self._record()
             try:
-                self.etag = cas.retrying(f"taking the reindex lock {self.url}", lambda: cas.create(self.url, data),
+                self.etag = cas.retrying(f"taking the reindex lock {self.url}", lambda data=data: cas.create(self.url, data),
                                          self.stale_s / 2)
                 return self._started()
             except cas.PreconditionFailed:
@@ -139,7 +139,8 @@ class ReindexLock:
             data = self._record()
             try:
                 self.etag = cas.retrying(f"breaking the reindex lock {self.url}",
-                                         lambda: cas.replace(self.url, data, tag), self.stale_s / 2)
+                                         lambda data=data, tag=tag: cas.replace(self.url, data, tag),
+                                         self.stale_s / 2)
             except cas.PreconditionFailed:
                 try:
                     now, now_tag = self._read(self.stale_s / 2)
@@ -205,7 +206,7 @@ class ReindexLock:
             return False
         return False
 
-    def _started(self) -> "ReindexLock":
+    def _started(self) -> ReindexLock:
         self._landed = time.monotonic()
         self._thread = threading.Thread(target=self._beat, name="reindex-lock", daemon=True)
         self._thread.start()
@@ -306,7 +307,7 @@ class ReindexLock:
                 log.warning("reindex lock %s: not removed (%s); another run takes it over once it has seen it "
                             "unchanged for %.0f s", self.url, cas.describe(exc), self.stale_s)
 
-    def __enter__(self) -> "ReindexLock":
+    def __enter__(self) -> ReindexLock:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:
