@@ -1,5 +1,7 @@
 """What training changes on a model: which parts learn, which run in train mode, whether the rerank
-loss reaches the backbone. Training code calls these instead of reaching into a model's attributes.
+loss reaches the backbone; the token adapter of the stored-token path and how it folds into the
+local projection; the model as one module with a mode argument. Training code calls these instead of
+reaching into a model's attributes.
 
 A model is split into three parts by its top-level modules:
 
@@ -13,7 +15,7 @@ The official training script selects its trainable set by name in the same way
 """
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -100,3 +102,66 @@ def freeze_state(model: nn.Module) -> dict[str, object]:
     return {"trainable_tensors": count, "modes": {k: "/".join(sorted(v)) for k, v in modes.items()},
             "local_grad_to_backbone": bool(model.config.local_grad_to_backbone)}
 
+
+# ---------------------------------------------------------------- what training adds around a model
+def describe(model: nn.Module, images: torch.Tensor):
+    """Differentiable ``Features(global_descriptor, local_tokens)`` of normalised images."""
+    from .features import Features
+
+    out = model.forward_features(images)
+    if isinstance(out, dict):
+        return Features(out["global_descriptor"], out["local_tokens"])
+    return out
+
+
+def adapt_tokens(tokens: torch.Tensor, adapter: nn.Module | None) -> torch.Tensor:
+    """Stored tokens through the token adapter (a Linear on the 128-d features; x, y, att kept)."""
+    if adapter is None:
+        return tokens
+    return torch.cat([tokens[..., :3], adapter(tokens[..., 3:])], dim=-1)
+
+
+def token_adapter(model: nn.Module) -> nn.Linear:
+    """Identity-initialised Linear on the stored 128-d token features (the stored-token path's
+    stand-in for the local projection, see ``fold_token_adapter``)."""
+    dim = local_head(model).out_features
+    adapter = nn.Linear(dim, dim)
+    with torch.no_grad():
+        adapter.weight.copy_(torch.eye(dim))
+        adapter.bias.zero_()
+    return adapter
+
+
+def fold_token_adapter(model: nn.Module, adapter: nn.Linear | None) -> nn.Module:
+    """A copy of ``model`` whose local projection is ``adapter ∘ projection``: both are linear, so
+    the stored-token path trained exactly this projection (W' = A W, b' = A b + c)."""
+    import copy
+
+    if adapter is None:
+        return model
+    out = copy.deepcopy(model)
+    proj = local_head(out)
+    with torch.no_grad():
+        A, c = adapter.weight.detach().cpu(), adapter.bias.detach().cpu()
+        W, b = proj.weight.detach().cpu().clone(), proj.bias.detach().cpu().clone()
+        proj.weight.copy_(A @ W)
+        proj.bias.copy_(A @ b + c)
+    return out
+
+
+class StepModule(nn.Module):
+    """The model (and the token adapter) as one module with a mode argument, for validation and
+    benchmarks: ``"global"`` images -> global descriptors, ``"rerank_tokens"`` (query tokens,
+    candidate tokens) -> logits."""
+
+    def __init__(self, model: nn.Module, adapter: nn.Module | None = None):
+        super().__init__()
+        self.model = model
+        self.adapter = adapter
+
+    def forward(self, mode: str, a: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+        if mode == "global":
+            return describe(self.model, a).global_descriptor
+        if mode == "rerank_tokens":
+            return reranker(self.model)(adapt_tokens(a, self.adapter), adapt_tokens(b, self.adapter))
+        raise ValueError(f"unknown mode {mode!r}")

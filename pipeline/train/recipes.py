@@ -42,7 +42,7 @@ class Recipe:
     mining: str = "partial"                 # "global" (precomputed hardest negatives) | "partial"
     patience: int = 3
 
-    def with_options(self, **changes) -> "Recipe":
+    def with_options(self, **changes) -> Recipe:
         """This recipe with the given fields changed (None leaves a field as it is)."""
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
 

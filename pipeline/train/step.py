@@ -18,15 +18,16 @@ Positives are re-scored once per negative slot, as in the official loop.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
-from ..model import training as mt
 from .recipes import Recipe
+
+if TYPE_CHECKING:   # torch loads when a step runs, not when ``pipeline.train`` is imported
+    import torch
 
 
 @dataclass
@@ -63,6 +64,8 @@ def prepare_model(model, recipe: Recipe, rerank_source: str = "images", freeze_b
     """Trainable parts, train/eval modes and the local head's gradient path as ``recipe`` sets
     them; on stored tokens (``rerank_source='tokens'``) the local head is not in the graph, so it
     does not train. Returns the trainable parameter names."""
+    from ..model import training as mt
+
     parts = tuple(p for p in recipe.trains if not (rerank_source == "tokens" and p == "local_head"))
     names = mt.set_trainable(model, parts)
     mt.set_local_grad_to_backbone(model, recipe.local_grad_to_backbone)
@@ -70,33 +73,21 @@ def prepare_model(model, recipe: Recipe, rerank_source: str = "images", freeze_b
     return names
 
 
-def describe(model, images):
-    """Differentiable ``Features(global_descriptor, local_tokens)`` of normalised images."""
-    from ..model import Features
-
-    out = model.forward_features(images)
-    if isinstance(out, dict):
-        return Features(out["global_descriptor"], out["local_tokens"])
-    return out
-
-
-def adapt_tokens(tokens: torch.Tensor, adapter) -> torch.Tensor:
-    """Stored tokens through the token adapter (a Linear on the 128-d features; x, y, att kept)."""
-    if adapter is None:
-        return tokens
-    return torch.cat([tokens[..., :3], adapter(tokens[..., 3:])], dim=-1)
-
-
 def losses(model, batch: Batch, recipe: Recipe, *, adapter=None, rerank_weight: float = 1.0
            ) -> tuple[torch.Tensor, StepOutput]:
     """This worker's share of the recipe's loss (a tensor with its graph) and its parts."""
+    import torch
+    import torch.nn.functional as F
+
+    from ..model import training as mt
+
     if batch.images is not None:
-        f = describe(model, batch.images)
+        f = mt.describe(model, batch.images)
         g, local = f.global_descriptor, f.local_tokens
     elif batch.tokens is not None:
         if recipe.triplet_loss:
             raise ValueError(f"recipe {recipe.name} has a triplet loss: it needs images, not stored tokens")
-        g, local = None, adapt_tokens(batch.tokens, adapter)
+        g, local = None, mt.adapt_tokens(batch.tokens, adapter)
     else:
         raise ValueError("a batch needs images or tokens")
     B, negs = int(batch.global_batch), batch.negs
@@ -134,6 +125,7 @@ def allreduce_gradients(params) -> None:
     """Sum the gradients over the torch.distributed workers (one flat all-reduce). Parameters
     without a gradient stay without one (AdamW then neither moves nor decays them, as in the
     official step); the recipe decides which those are, the same on every worker."""
+    import torch
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
