@@ -10,7 +10,7 @@ The layers, from the code: 0 holds what every stage shares and which imports not
 pipeline's own above it (logging, configuration, storage layouts, positions, Recall@N, images,
 datasets); 1 the pure-PyTorch models; 2 what turns models and descriptors into runnable things
 (weights, the Ray cluster, the index); 3 the stages, which may use each other's readers; 4
-``r2f run``, which chains the stages; 5 the command line over all of them; 6 the ``jobs/``
+``r2f run``, which chains the stages, and ``r2f serve``, which answers one photo with them; 5 the command line over all of them; 6 the ``jobs/``
 entrypoints over the command line's stages. ``R2F_IMPORTS_ROOT`` points the test at another
 checkout (e.g. a ``git worktree`` of an older commit).
 """
@@ -35,7 +35,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("pipeline.extract", "pipeline.extract_actors", "pipeline.rerank", "pipeline.rerank.*", "pipeline.evaluate",
      "pipeline.report", "pipeline.mine", "pipeline.mine.*", "pipeline.reindex", "pipeline.reindex.*",
      "pipeline.train", "pipeline.train.*"),
-    ("pipeline.run",),
+    ("pipeline.run", "pipeline.serve", "pipeline.serve.*"),
     ("pipeline.cli",),
     ("jobs", "jobs.*"),
 ]
