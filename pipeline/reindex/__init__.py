@@ -67,6 +67,7 @@ from .. import storage
 from ..log import get_logger
 from .adopt import adopt, first_generation, reserve_shard_numbers, write_generation
 from .gc import GarbageReport, collect_garbage
+from .layout import ReindexLayout
 from .lock import ReindexBusy, ReindexError, ReindexLock
 from .plan import (
     FAILURES_SCHEMA,
@@ -82,6 +83,7 @@ from .publish import (
     check_version,
     covers_generation,
     current_or_none,
+    list_history,
     pending_generation,
     publish_pointer,
     published_base,
@@ -158,57 +160,6 @@ class ReindexResult:
     pruned_versions: list[str] = field(default_factory=list)
     stage_seconds: dict[str, float] = field(default_factory=dict)
     gc: dict[str, Any] | None = None      # GarbageReport.as_dict() of the collection after publishing
-
-
-# ---------------------------------------------------------------- layout
-@dataclass(frozen=True)
-class ReindexLayout:
-    """Where a reindex keeps its state: store-side paths are ``pipeline.storage.StoreLayout``'s."""
-    store: str
-    index_dir: str
-
-    def manifest_snapshot(self, generation: int) -> str:
-        return storage.StoreLayout(self.store).manifest_snapshot(generation)
-
-    @property
-    def staging_dir(self) -> str:
-        return storage.StoreLayout(self.store).reindex_staging_dir
-
-    def staging(self, digest: str) -> str:
-        return storage.join(self.staging_dir, digest)
-
-    @property
-    def failures(self) -> str:
-        return storage.StoreLayout(self.store).reindex_failures
-
-    @property
-    def scan_cache(self) -> str:
-        return storage.StoreLayout(self.store).reindex_scan_cache
-
-    def version_record(self, version: str) -> str:
-        return storage.join(self.index_dir, "reindex", f"{version}.json")
-
-    @property
-    def lock(self) -> str:
-        return storage.join(self.index_dir, "reindex.lock")
-
-
-# ---------------------------------------------------------------- index versions
-def list_history(cfg: ReindexConfig) -> list[dict[str, Any]]:
-    """Finished index versions, oldest first, with their store generation and counts."""
-    from ..index import layout as L
-
-    index_dir = cfg.resolved_index_dir
-    layout = ReindexLayout(cfg.store, index_dir)
-    current = current_or_none(index_dir)
-    out = []
-    for v in L.list_versions(index_dir):
-        infos = L.read_infos(index_dir, v)
-        rec = storage.read_json(layout.version_record(v)) if storage.exists(layout.version_record(v)) else {}
-        out.append(dict(version=v, current=v == current, num_vectors=infos.get("num_vectors"),
-                        num_shards=infos.get("num_shards"), created=infos.get("created"),
-                        store_generation=rec.get("store_generation"), changes=rec.get("changes")))
-    return out
 
 
 # ---------------------------------------------------------------- entry points

@@ -20,7 +20,8 @@ from .publish import reserve_numbers, store_generation, write_snapshot
 from .staging import Staged
 
 if TYPE_CHECKING:
-    from . import ReindexConfig, ReindexLayout
+    from . import ReindexConfig
+    from .layout import ReindexLayout
 
 def _used_shard_numbers(store: str) -> set[int]:
     """Every shard number that has ever had a file in the store (listed or not): new shards get

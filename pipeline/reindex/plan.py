@@ -19,7 +19,7 @@ from ..log import get_logger
 from ..storage import POSITION_COLUMNS
 
 if TYPE_CHECKING:
-    from . import ReindexLayout
+    from .layout import ReindexLayout
 
 log = get_logger(__name__)
 

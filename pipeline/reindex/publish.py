@@ -23,11 +23,12 @@ import numpy as np
 from .. import storage
 from ..log import get_logger
 from ..timefmt import utc_now
+from .layout import ReindexLayout
 from .lock import ReindexError
 
 if TYPE_CHECKING:
     from ..index import IndexBuildResult
-    from . import ReindexConfig, ReindexLayout
+    from . import ReindexConfig
 
 log = get_logger(__name__)
 
@@ -261,3 +262,20 @@ def _ids_of(index, faiss) -> np.ndarray:
     if hasattr(index, "id_map"):
         return faiss.vector_to_array(index.id_map).astype(np.int64)
     raise ReindexError(f"cannot read the ids of a {type(index).__name__} index")
+
+
+def list_history(cfg: ReindexConfig) -> list[dict[str, Any]]:
+    """Finished index versions, oldest first, with their store generation and counts."""
+    from ..index import layout as L
+
+    index_dir = cfg.resolved_index_dir
+    layout = ReindexLayout(cfg.store, index_dir)
+    current = current_or_none(index_dir)
+    out = []
+    for v in L.list_versions(index_dir):
+        infos = L.read_infos(index_dir, v)
+        rec = storage.read_json(layout.version_record(v)) if storage.exists(layout.version_record(v)) else {}
+        out.append(dict(version=v, current=v == current, num_vectors=infos.get("num_vectors"),
+                        num_shards=infos.get("num_shards"), created=infos.get("created"),
+                        store_generation=rec.get("store_generation"), changes=rec.get("changes")))
+    return out

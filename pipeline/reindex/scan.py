@@ -15,7 +15,8 @@ import pyarrow as pa
 from .. import storage
 
 if TYPE_CHECKING:
-    from . import ReindexConfig, ReindexLayout
+    from . import ReindexConfig
+    from .layout import ReindexLayout
 
 
 @dataclass

@@ -21,7 +21,8 @@ from .plan import FAILURES_SCHEMA, ReindexPlan
 
 if TYPE_CHECKING:
     from ..extract import ExtractConfig, ExtractResult
-    from . import ReindexConfig, ReindexLayout
+    from . import ReindexConfig
+    from .layout import ReindexLayout
 
 log = get_logger(__name__)
 
