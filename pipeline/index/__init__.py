@@ -112,8 +112,8 @@ def _cli_index(args: argparse.Namespace) -> int:
 
 def _cli_search(args: argparse.Namespace) -> int:
     from .. import storage
-    from .leases import hold_lease
     from .layout import read_pointer
+    from .leases import hold_lease
 
     storage.check_output(args.out, "--out")
     # the published state, resolved once: the version searched and the store generation it indexes

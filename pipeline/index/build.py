@@ -29,8 +29,9 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 import faiss
 import numpy as np
@@ -336,8 +337,9 @@ def _auto_num_shards(choice: IndexChoice, total: int, n_ext: int, ray_address: s
     fill runs in parallel; never more than there are extraction shards."""
     n = math.ceil(choice.estimated_bytes(total) / SHARD_TARGET_BYTES)
     if total >= PARALLEL_MIN_VECTORS:
-        from ..cluster import ensure_ray
         import ray
+
+        from ..cluster import ensure_ray
 
         ensure_ray(ray_address)
         n = max(n, int(ray.cluster_resources().get("CPU", 1)))

@@ -8,7 +8,7 @@ its garbage collection; ``r2f index --prune N`` runs it alone.
 from __future__ import annotations
 
 import time
-from typing import Iterable
+from collections.abc import Iterable
 
 from .. import storage
 from . import leases

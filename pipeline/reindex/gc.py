@@ -109,7 +109,7 @@ def _shard_of(name: str, prefix: str) -> int | None:
         return None
 
 
-def kept_states(cfg: "ReindexConfig", layout: "ReindexLayout", grace_s: float) -> tuple[set[str], set[int], list[str]]:
+def kept_states(cfg: ReindexConfig, layout: ReindexLayout, grace_s: float) -> tuple[set[str], set[int], list[str]]:
     """(kept versions, kept generations, jobs holding live leases)."""
     from ..index import layout as L
 
@@ -151,12 +151,13 @@ def kept_states(cfg: "ReindexConfig", layout: "ReindexLayout", grace_s: float) -
     return versions, generations, [str(lease.get("job")) for lease in held]
 
 
-def collect_garbage(cfg: "ReindexConfig", layout: "ReindexLayout", dry_run: bool = False) -> GarbageReport:
+def collect_garbage(cfg: ReindexConfig, layout: ReindexLayout, dry_run: bool = False) -> GarbageReport:
+    """Everything no kept state references and no live reader holds, oldest references first:
+    snapshots, index versions, shard files, Zarr chunks, staging folders."""
     from ..index import layout as L
 
     grace, now = float(cfg.gc_grace_s), time.time()
     store, index_dir = cfg.store, layout.index_dir
-    slay = storage.StoreLayout(store)
     report = GarbageReport(dry_run=dry_run)
     nbytes: Counter = Counter()
     versions, generations, jobs = kept_states(cfg, layout, grace)
@@ -166,10 +167,23 @@ def collect_garbage(cfg: "ReindexConfig", layout: "ReindexLayout", dry_run: bool
     if not existing:
         log.info("gc: %s has no store generations (never reindexed): nothing to collect", store)
         return report
+    # Snapshots first: from here on the readers of an unkept generation fail naming the snapshot.
+    _collect_snapshots(store, generations, dry_run, report, nbytes)
+    _collect_versions(cfg, index_dir, versions, grace, dry_run, report, nbytes)
+    kept_shards, chunk_rows = _kept_shards(store, generations, existing)
+    _collect_shard_files(store, kept_shards, grace, now, dry_run, report, nbytes)
+    if chunk_rows and storage.exists(storage.StoreLayout(store).local_tokens):
+        _collect_chunks(store, kept_shards, int(chunk_rows), grace, now, dry_run, cfg.gc_compact_below, report, nbytes)
+    _collect_staging(store, grace, now, dry_run, report, nbytes)
+    report.bytes = dict(nbytes)
+    log.info("reindex: %s", report.summary())
+    return report
 
-    # 1. snapshots of unkept generations, first: from here on their readers fail naming the snapshot
-    snaps = _files(storage.join(store, "manifests"))
-    for p, info in snaps.items():
+
+def _collect_snapshots(store: str, generations: set[int], dry_run: bool, report: GarbageReport,
+                       nbytes: Counter) -> None:
+    """Manifest snapshots of generations no kept state names."""
+    for p, info in _files(storage.join(store, "manifests")).items():
         g = _shard_of(p.rsplit("/", 1)[-1], "g")
         if g is not None and g not in generations:
             report.generations.append(g)
@@ -178,7 +192,12 @@ def collect_garbage(cfg: "ReindexConfig", layout: "ReindexLayout", dry_run: bool
                 _rm(p, store)
     report.generations.sort()
 
-    # 2. index versions (and their records): the old prune_versions, now lease- and grace-aware
+
+def _collect_versions(cfg: ReindexConfig, index_dir: str, versions: set[str], grace: float, dry_run: bool,
+                      report: GarbageReport, nbytes: Counter) -> None:
+    """Index versions (and their reindex records) beyond the kept ones, lease- and grace-aware."""
+    from ..index import layout as L
+
     doomed = retention.prune_versions(index_dir, keep=cfg.keep_versions, protect=versions, grace_s=grace, dry_run=True)
     for v in doomed:
         nbytes["index_versions"] += sum(int(i.get("size") or 0)
@@ -188,17 +207,26 @@ def collect_garbage(cfg: "ReindexConfig", layout: "ReindexLayout", dry_run: bool
         for v in doomed:
             rec = storage.join(index_dir, "reindex", f"{v}.json")
             if storage.exists(rec):
-                _rm(storage.filesystem(rec)[1], store)
+                _rm(storage.filesystem(rec)[1], cfg.store)
     report.versions = doomed
 
-    # 3. Parquet parts, progress and error files of shards no kept generation lists
-    kept_shards: set[int] = set()
+
+def _kept_shards(store: str, generations: set[int], existing) -> tuple[set[int], int | None]:
+    """Shards some kept generation lists, and the store's Zarr chunk rows."""
+    kept: set[int] = set()
     chunk_rows = None
     for g in generations:
         if g in existing:
             snap = read_snapshot(store, g)
-            kept_shards |= {int(s) for s in snap["shards"]}
+            kept |= {int(s) for s in snap["shards"]}
             chunk_rows = chunk_rows or snap.get("chunk_rows")
+    return kept, chunk_rows
+
+
+def _collect_shard_files(store: str, kept_shards: set[int], grace: float, now: float, dry_run: bool,
+                         report: GarbageReport, nbytes: Counter) -> None:
+    """Parquet parts, progress and error files of shards no kept generation lists."""
+    slay = storage.StoreLayout(store)
     collected: set[int] = set()
     for folder, prefix, kind in ((slay.global_dir, "part-", "parquet"), (slay.progress_dir, "shard-", "progress"),
                                  (slay.errors_dir, "part-", "errors")):
@@ -213,11 +241,10 @@ def collect_garbage(cfg: "ReindexConfig", layout: "ReindexLayout", dry_run: bool
                 _rm(p, store)
     report.shards = sorted(collected)
 
-    # 4. Zarr chunks by live rows
-    if chunk_rows and storage.exists(slay.local_tokens):
-        _collect_chunks(store, kept_shards, int(chunk_rows), grace, now, dry_run, cfg.gc_compact_below, report, nbytes)
 
-    # 5. staging folders (the lock is held: no run is extracting into one)
+def _collect_staging(store: str, grace: float, now: float, dry_run: bool, report: GarbageReport,
+                     nbytes: Counter) -> None:
+    """Staging folders older than the grace period (the lock is held: no run extracts into one)."""
     fs, staging = storage.filesystem(storage.join(store, "reindex", "staging"))
     try:
         folders = fs.ls(staging, detail=False)
@@ -231,10 +258,6 @@ def collect_garbage(cfg: "ReindexConfig", layout: "ReindexLayout", dry_run: bool
         nbytes["staging"] += sum(int(i.get("size") or 0) for i in files.values())
         if not dry_run:
             _rm(d, store, recursive=True)
-
-    report.bytes = dict(nbytes)
-    log.info("reindex: %s", report.summary())
-    return report
 
 
 def _collect_chunks(store: str, kept_shards: set[int], chunk_rows: int, grace: float, now: float, dry_run: bool,
