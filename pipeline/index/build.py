@@ -123,6 +123,7 @@ def build(config: IndexConfig, previous_version: str | None = None,
     indexed; by default the store's ``manifest.json``.
     """
     t0 = time.perf_counter()
+    storage.check_output(config.index_dir or config.store, "--index-dir")  # before any work
     plan = _plan(config, previous_version, rebuild_extraction_shards, manifest)
     version = L.next_version(plan.index_dir)
     lay = L.IndexLayout(plan.index_dir)

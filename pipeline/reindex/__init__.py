@@ -178,6 +178,8 @@ def run(config: ReindexConfig, on_stage: Hook | None = None) -> ReindexResult:
     if config.keep_versions < 1:
         raise ReindexError(f"keep_versions must be at least 1, got {config.keep_versions}")
     index_dir = config.resolved_index_dir
+    storage.check_output(config.store, "--store")  # before the lock or any work
+    storage.check_output(index_dir, "--index-dir")
     layout = ReindexLayout(config.store, index_dir)
     hook = on_stage or (lambda name, info: None)
     with ReindexLock(layout.lock, config.lock_stale_s, config.lock_heartbeat_s) as lock:
