@@ -83,20 +83,13 @@ def start_model(folder: Path, seed: int, size: tuple[int, int]) -> R2Former:
         return R2Former.from_official_checkpoint(path, img_size=size)
 
 
-def check_recipe(name: str, model: R2Former, start: dict, fx: dict, tol: dict) -> dict:
-    """Run the project's step for recipe ``name`` on the fixture's batch and compare. ``model`` is
-    reset to the ``start`` weights first (one model serves every recipe)."""
-    f = lambda k: fx[f"{name}/{k}"]   # noqa: E731
-    recipe = get_recipe(name)
+def _check_schedule_and_layout(recipe, f, lr: float) -> list[str]:
+    """The learning-rate schedule, the step's rate, the number of negatives and the batch layout."""
     problems: list[str] = []
-    worst = {k: Worst() for k in ("loss", "parts", "logits", "grad_elem", "grad_sum", "grad_maxabs", "step_elem",
-                                  "step_sum")}
-
     # learning rate: the recipe's schedule is the official one, and the step uses epoch 0's
     schedule = np.array([epoch_lr(recipe, e) for e in range(recipe.epochs)])
     if schedule.shape != f("lr_schedule").shape or not np.allclose(schedule, f("lr_schedule"), rtol=1e-12, atol=0):
         problems.append(f"lr schedule differs: {schedule[:6]} vs {f('lr_schedule')[:6]}")
-    lr = epoch_lr(recipe, 0)
     if abs(lr - float(f("lr_used"))) > 1e-12 * abs(lr):
         problems.append(f"lr {lr!r} vs official {float(f('lr_used'))!r}")
 
@@ -107,6 +100,95 @@ def check_recipe(name: str, model: R2Former, start: dict, fx: dict, tol: dict) -
     if not np.array_equal(triplets, triplet_rows(B, negs)):
         problems.append("the project's batch layout (step.triplet_rows) differs from the official collate")
 
+    return problems
+
+
+def _compare_loss(out, f, tol: dict, worst: dict) -> list[str]:
+    """The loss, its parts per negative slot, and the reranker's logits."""
+    problems: list[str] = []
+    # loss and its parts
+    worst["loss"].add(abs(out.loss - float(f("loss"))), tol["loss"])
+    for t, v in enumerate(f("global_triplet_loss_per_negative")):
+        worst["parts"].add(abs(out.triplet_per_slot[t] - float(v)), tol["loss"], f"triplet slot {t}")
+    for t, v in enumerate(f("rerank_ce_loss_per_negative")):
+        worst["parts"].add(abs(out.ce_per_slot[t] - float(v)), tol["loss"], f"ce slot {t}")
+    if len(out.triplet_per_slot) != len(f("global_triplet_loss_per_negative")) or \
+            len(out.ce_per_slot) != len(f("rerank_ce_loss_per_negative")):
+        problems.append("the loss has other parts than the official one")
+    for t in range(len(out.logits_pos)):
+        for side, ours in (("pos", out.logits_pos[t]), ("neg", out.logits_neg[t])):
+            d = np.abs(ours.numpy() - f(f"rerank_logits_{side}_t{t}")).max()
+            worst["logits"].add(d, tol["logits"], f"{side} slot {t}")
+
+    return problems
+
+
+def _compare_gradients(grads: dict, f, fx: dict, name: str, tol: dict, worst: dict) -> list[str]:
+    """Exactly the keys with a gradient, and each gradient's sum, max and (where kept) elements."""
+    problems: list[str] = []
+    # gradients
+    grad_keys = [str(k) for k in f("grad_keys")]
+    if set(grads) != set(grad_keys):
+        problems.append(f"keys with a gradient: {len(set(grads) - set(grad_keys))} extra "
+                        f"{sorted(set(grads) - set(grad_keys))[:3]}, {len(set(grad_keys) - set(grads))} missing "
+                        f"{sorted(set(grad_keys) - set(grads))[:3]}")
+    for i, k in enumerate(grad_keys):
+        if k not in grads:
+            continue
+        g = grads[k].double().numpy()
+        rr = k.startswith("Reranker.")
+        r_elem = tol["grad_elem_rtol_reranker" if rr else "grad_elem_rtol_other"]
+        r_sum = tol["grad_sum_rtol_reranker" if rr else "grad_sum_rtol_other"]
+        maxabs, abssum = float(f("grad_maxabs")[i]), float(f("grad_abssum_f64")[i])
+        worst["grad_sum"].add(abs(g.sum() - float(f("grad_sum_f64")[i])), r_sum * abssum + tol["grad_atol"], k)
+        worst["grad_maxabs"].add(abs(np.abs(g).max() - maxabs), r_elem * maxabs + tol["grad_atol"], k)
+        if f"{name}/grad/{k}" in fx:
+            worst["grad_elem"].add(np.abs(g - f(f"grad/{k}")).max(), r_elem * maxabs + tol["grad_atol"], k)
+
+    return problems
+
+
+def _compare_after_step(params: dict, before: dict, f, fx: dict, name: str, tol: dict, lr: float,
+                        worst: dict) -> tuple[set, list[str]]:
+    """The changed and unchanged keys, and each changed tensor after the step."""
+    problems: list[str] = []
+    # after the step
+    own = {official_name(n): n for n in params}
+    changed = {k for k, n in own.items() if not torch.equal(before[n], params[n].detach())}
+    if changed != {str(k) for k in f("changed_keys")}:
+        problems.append(f"changed keys differ: {sorted(changed ^ {str(k) for k in f('changed_keys')})[:4]}")
+    if set(own) - changed != {str(k) for k in f("unchanged_keys")}:
+        problems.append("unchanged keys differ")
+    for i, k in enumerate(str(k) for k in f("changed_keys")):
+        if k not in own:
+            continue
+        after = params[own[k]].detach().double().numpy()
+        start = before[own[k]].numpy()
+        per_elem = tol["step_sum_lr"] * lr + tol["step_sum_ulp"] * float(ulp32(np.abs(start).max()))
+        worst["step_sum"].add(abs(after.sum() - float(f("param_sum_after_f64")[i])), after.size * per_elem, k)
+        upd = float((after - start.astype(np.float64)).sum())
+        worst["step_sum"].add(abs(upd - float(f("update_sum_f64")[i])), after.size * per_elem, k)
+        if f"{name}/after_step/{k}" in fx:
+            ref = f(f"after_step/{k}")
+            bound = tol["step_elem_lr"] * lr + tol["step_elem_ulp"] * ulp32(ref)
+            worst["step_elem"].add(float((np.abs(after - ref) / bound).max()), 1.0, k)
+
+    return changed, problems
+
+
+def check_recipe(name: str, model: R2Former, start: dict, fx: dict, tol: dict) -> dict:
+    """Run the project's step for recipe ``name`` on the fixture's batch and compare. ``model`` is
+    reset to the ``start`` weights first (one model serves every recipe)."""
+    f = lambda k: fx[f"{name}/{k}"]   # noqa: E731
+    recipe = get_recipe(name)
+    problems: list[str] = []
+    worst = {k: Worst() for k in ("loss", "parts", "logits", "grad_elem", "grad_sum", "grad_maxabs", "step_elem",
+                                  "step_sum")}
+
+    lr = epoch_lr(recipe, 0)
+    problems += _check_schedule_and_layout(recipe, f, lr)
+    triplets = f("triplet_index_per_negative")
+    B = triplets.shape[1]
     with torch.no_grad():
         for n, p in model.named_parameters():
             p.copy_(start[n])
@@ -129,59 +211,10 @@ def check_recipe(name: str, model: R2Former, start: dict, fx: dict, tol: dict) -
     out = step(model, batch, recipe, optimizer, reduce_gradients=capture)
     seconds = time.perf_counter() - t0
 
-    # loss and its parts
-    worst["loss"].add(abs(out.loss - float(f("loss"))), tol["loss"])
-    for t, v in enumerate(f("global_triplet_loss_per_negative")):
-        worst["parts"].add(abs(out.triplet_per_slot[t] - float(v)), tol["loss"], f"triplet slot {t}")
-    for t, v in enumerate(f("rerank_ce_loss_per_negative")):
-        worst["parts"].add(abs(out.ce_per_slot[t] - float(v)), tol["loss"], f"ce slot {t}")
-    if len(out.triplet_per_slot) != len(f("global_triplet_loss_per_negative")) or \
-            len(out.ce_per_slot) != len(f("rerank_ce_loss_per_negative")):
-        problems.append("the loss has other parts than the official one")
-    for t in range(len(out.logits_pos)):
-        for side, ours in (("pos", out.logits_pos[t]), ("neg", out.logits_neg[t])):
-            d = np.abs(ours.numpy() - f(f"rerank_logits_{side}_t{t}")).max()
-            worst["logits"].add(d, tol["logits"], f"{side} slot {t}")
-
-    # gradients
-    grad_keys = [str(k) for k in f("grad_keys")]
-    if set(grads) != set(grad_keys):
-        problems.append(f"keys with a gradient: {len(set(grads) - set(grad_keys))} extra "
-                        f"{sorted(set(grads) - set(grad_keys))[:3]}, {len(set(grad_keys) - set(grads))} missing "
-                        f"{sorted(set(grad_keys) - set(grads))[:3]}")
-    for i, k in enumerate(grad_keys):
-        if k not in grads:
-            continue
-        g = grads[k].double().numpy()
-        rr = k.startswith("Reranker.")
-        r_elem = tol["grad_elem_rtol_reranker" if rr else "grad_elem_rtol_other"]
-        r_sum = tol["grad_sum_rtol_reranker" if rr else "grad_sum_rtol_other"]
-        maxabs, abssum = float(f("grad_maxabs")[i]), float(f("grad_abssum_f64")[i])
-        worst["grad_sum"].add(abs(g.sum() - float(f("grad_sum_f64")[i])), r_sum * abssum + tol["grad_atol"], k)
-        worst["grad_maxabs"].add(abs(np.abs(g).max() - maxabs), r_elem * maxabs + tol["grad_atol"], k)
-        if f"{name}/grad/{k}" in fx:
-            worst["grad_elem"].add(np.abs(g - f(f"grad/{k}")).max(), r_elem * maxabs + tol["grad_atol"], k)
-
-    # after the step
-    own = {official_name(n): n for n in params}
-    changed = {k for k, n in own.items() if not torch.equal(before[n], params[n].detach())}
-    if changed != {str(k) for k in f("changed_keys")}:
-        problems.append(f"changed keys differ: {sorted(changed ^ {str(k) for k in f('changed_keys')})[:4]}")
-    if set(own) - changed != {str(k) for k in f("unchanged_keys")}:
-        problems.append("unchanged keys differ")
-    for i, k in enumerate(str(k) for k in f("changed_keys")):
-        if k not in own:
-            continue
-        after = params[own[k]].detach().double().numpy()
-        start = before[own[k]].numpy()
-        per_elem = tol["step_sum_lr"] * lr + tol["step_sum_ulp"] * float(ulp32(np.abs(start).max()))
-        worst["step_sum"].add(abs(after.sum() - float(f("param_sum_after_f64")[i])), after.size * per_elem, k)
-        upd = float((after - start.astype(np.float64)).sum())
-        worst["step_sum"].add(abs(upd - float(f("update_sum_f64")[i])), after.size * per_elem, k)
-        if f"{name}/after_step/{k}" in fx:
-            ref = f(f"after_step/{k}")
-            bound = tol["step_elem_lr"] * lr + tol["step_elem_ulp"] * ulp32(ref)
-            worst["step_elem"].add(float((np.abs(after - ref) / bound).max()), 1.0, k)
+    problems += _compare_loss(out, f, tol, worst)
+    problems += _compare_gradients(grads, f, fx, name, tol, worst)
+    changed, after_problems = _compare_after_step(params, before, f, fx, name, tol, lr, worst)
+    problems += after_problems
 
     fails = problems + [f"{c} ratio {w}" for c, w in worst.items() if not w.ratio <= 1.0]
     return {"recipe": name, "loss": out.loss, "loss_official": float(f("loss")),
@@ -196,7 +229,7 @@ def print_table(rows: list[dict]) -> None:
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         w = r["worst"]
-        fmt = lambda c: f"{w[c][0]:.3g}"   # noqa: E731
+        fmt = lambda c, w=w: f"{w[c][0]:.3g}"   # noqa: E731
         print(f"| {r['recipe']} | {r['loss']:.9f} | {r['loss_diff']:.1e} | {r['lr']:.3g} | "
               f"{r['tensors_in_optimizer']} / {r['tensors_with_grad']} / {r['changed']} | "
               f"{max(w['loss'][0], w['parts'][0]):.3g} | {fmt('logits')} | {fmt('grad_elem')} | {fmt('grad_sum')} | "

@@ -22,9 +22,10 @@ import socket
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import PurePosixPath
-from typing import Any, Callable
+from typing import Any
 
 from pipeline.config import jsonable
 from pipeline.log import get_logger, redact, redact_obj, setup_logging

@@ -6,8 +6,8 @@ and the config fields that name its outputs (where ``job-<name>.json`` goes).
 """
 from __future__ import annotations
 
-from pipeline import evaluate, extract, index, mine, reindex, rerank, train
 from jobs.common import JobSpec
+from pipeline import evaluate, extract, index, mine, reindex, rerank, train
 
 JOBS: dict[str, JobSpec] = {spec.name: spec for spec in (
     JobSpec("extract", extract.ExtractConfig, extract.run, ("store",)),

@@ -30,8 +30,9 @@ import hashlib
 import os
 import time
 import uuid
+from collections.abc import Callable
 from contextlib import contextmanager
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 from . import storage
 from .log import get_logger

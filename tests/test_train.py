@@ -16,10 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from helpers_store import write_frame_manifest
-from pipeline.train import (DataConfig, TrainConfig, fold_adapter, latest_checkpoint, read_state, run,
-                            token_adapter)
+
+from pipeline.train import DataConfig, TrainConfig, fold_adapter, latest_checkpoint, read_state, run, token_adapter
 
 ROOT = Path(__file__).resolve().parents[1]
 PLACES = 24
@@ -40,7 +39,8 @@ def gp(tmp_path_factory, ray_session, gardens_point):
     by the real extraction pipeline; global hardest negatives mined with radius 2 frames."""
     from pipeline.datasets import load_dataset
     from pipeline.extract import ExtractConfig, extract_dataset
-    from pipeline.mine import MineConfig, run as mine
+    from pipeline.mine import MineConfig
+    from pipeline.mine import run as mine
     from pipeline.model import R2Former
 
     root = tmp_path_factory.mktemp("train")

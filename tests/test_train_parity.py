@@ -18,10 +18,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import PARITY
-from pipeline.train import (RECIPES, Batch, ConfigError, DataConfig, TrainConfig, build_optimizer, epoch_lr, get_recipe,
-                            prepare_model, resolve_recipe, step, triplet_rows, validate)
+
+from pipeline.train import (
+    RECIPES,
+    Batch,
+    ConfigError,
+    DataConfig,
+    TrainConfig,
+    build_optimizer,
+    epoch_lr,
+    get_recipe,
+    prepare_model,
+    resolve_recipe,
+    step,
+    triplet_rows,
+    validate,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = Path(os.environ.get("R2F_TRAIN_FIXTURE", PARITY / "r2former_official_train_seed0"))
