@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import storage
 from pipeline.rerank import read_results
 from pipeline.run import RunConfig, run
 from tests.conftest import free_port

@@ -27,8 +27,9 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -230,7 +231,7 @@ class StateFollower:
                 lease.release()
             raise
 
-    def start(self) -> "StateFollower":
+    def start(self) -> StateFollower:
         self.current = self._open(self._resolve())
         self._thread = threading.Thread(target=self._follow, name="serve-state-follower", daemon=True)
         self._thread.start()
