@@ -31,6 +31,17 @@ so a rerun with other training flags extracts and mines nothing again.
 ``--smoke`` runs every step at the smallest size, in a temporary ``--work``: 8 training places,
 12 evaluation places (val 80-85, test 86-91), 128x224 images, K = 2, 4, one training step on one
 Ray Train worker. Ray: the cluster named by ``RAY_ADDRESS`` when set, else a local one.
+
+``--official-recipe`` trains the learned reranker with the official rerank recipe instead of the
+stored-token settings above: ``pipeline.train`` recipe ``rerank`` on the images path
+(``rerank_source: images``: the frozen backbone in eval mode recomputes every training image's
+tokens, ``local_head`` and the reranker learn), its loss, AdamW lr 5e-4 / weight decay 0.03, per-epoch
+5-warmup-epoch cosine schedule and frozen parts left at the recipe's values; only the protocol's
+``--epochs`` and batch (16 queries, 2 workers) are set here, and the run prints ``deviations``.
+Since ``local_head`` changes, the evaluation stores are extracted again with the trained model
+for this reranker (the global descriptors, hence the candidates, do not change: the backbone and
+global head are frozen); RANSAC keeps the original stores. Its row is labelled
+"learned reranker (official rerank recipe, images)"; ``--lr``/``--augment`` do not apply to it.
 """
 from __future__ import annotations
 
@@ -60,7 +71,7 @@ from pipeline.mine import run as mine
 from pipeline.model import EfficientNetLite0VPR  # noqa: E402
 from pipeline.ransac import RansacConfig  # noqa: E402
 from pipeline.rerank.score import PairScorer  # noqa: E402
-from pipeline.train import DataConfig, TrainConfig, nearest_rows, read_state  # noqa: E402
+from pipeline.train import DataConfig, TrainConfig, deviations, nearest_rows, read_state  # noqa: E402
 from pipeline.train import run as train
 
 BACKBONE = "efficientnet-lite0"
@@ -75,6 +86,8 @@ TRAIN_BATCH, TRAIN_WORKERS, MAX_STEPS = 16, 2, 0
 SPLITS = [("train_q", "day_left", 0, 80), ("train_db", "day_right", 0, 80),
           ("eval_db", "day_right", 80, 200), ("eval_q", "night_right", 80, 200)]
 EVAL = {"val": (80, 100), "test": (100, 200)}
+LR = 3e-4            # stored-token mode (the official recipe keeps its own)
+OFFICIAL_LABEL = "learned reranker (official rerank recipe, images)"
 
 
 def smoke_settings(args) -> None:
@@ -102,14 +115,23 @@ def subset(folder: Path, lo: int, hi: int):
     return t.filter(pc.and_(pc.greater_equal(east, lo), pc.less(east, hi)))
 
 
-def extract_stores(work: Path, data: Path) -> dict[str, str]:
+def file_digest(path: str) -> str:
+    return hashlib.sha1(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def extract_stores(work: Path, data: Path, checkpoint: str | None = None,
+                   names: tuple[str, ...] | None = None) -> dict[str, str]:
     """One store per (traverse, places) under a folder named by its settings; a finished store is
-    reused as it is (the extraction skips shards already written)."""
+    reused as it is (the extraction skips shards already written). ``checkpoint``: a trained
+    model.pt to extract with (keyed by its content) instead of the ImageNet start."""
     cfg = ExtractConfig(backbone=BACKBONE, image_size=SIZE, batch_size=16, shard_size=64, chunk_rows=16,
-                        progress=False, num_actors=1, threads_per_actor=2)
+                        progress=False, num_actors=1, threads_per_actor=2, checkpoint=checkpoint)
+    weights = [cfg.checkpoint] if checkpoint is None else [file_digest(checkpoint)]
     stores = {}
     for name, folder, lo, hi in SPLITS:
-        path = work / "stores" / f"{name}-{key([folder, lo, hi, BACKBONE, SIZE, cfg.checkpoint])}"
+        if names is not None and name not in names:
+            continue
+        path = work / "stores" / f"{name}-{key([folder, lo, hi, BACKBONE, SIZE, *weights])}"
         stores[name] = str(path)
         done = path.parent / f"{path.name}.done"
         if done.exists():
@@ -119,8 +141,8 @@ def extract_stores(work: Path, data: Path) -> dict[str, str]:
         if res.num_failed:
             raise RuntimeError(f"extraction of {name} failed for {res.num_failed} images")
         done.write_text(json.dumps({"images": res.num_images}))
-        print(f"extract {name} ({folder} places {lo}-{hi - 1}): {res.num_extracted} images, "
-              f"{time.perf_counter() - t0:.1f} s", flush=True)
+        print(f"extract {name} ({folder} places {lo}-{hi - 1}{', trained model' if checkpoint else ''}): "
+              f"{res.num_extracted} images, {time.perf_counter() - t0:.1f} s", flush=True)
     return stores
 
 
@@ -143,23 +165,49 @@ def start_checkpoint(work: Path, seed: int) -> str:
     return str(path)
 
 
+def official_config(work: Path, data: Path, stores: dict[str, str], negatives: str, start: str, args,
+                    ) -> tuple[str, TrainConfig]:
+    """The official rerank recipe on the images path; only epochs and batch are the protocol's."""
+    folder = {name: f for name, f, _, _ in SPLITS}
+    data_cfg = DataConfig(queries=f"sequence:{data / folder['train_q']}", database=f"sequence:{data / folder['train_db']}",
+                          queries_store=stores["train_q"], database_store=stores["train_db"],
+                          hardest_negatives=negatives)
+    settings = dict(official_recipe=True, epochs=args.epochs, batch=TRAIN_BATCH, workers=TRAIN_WORKERS,
+                    max_steps=MAX_STEPS, positive_radius=args.positive_radius, negatives_top=args.negatives_top,
+                    seed=args.seed)
+    name = f"gp_rerank_official-{key([settings, stores['train_q'], stores['train_db']])}"
+    cfg = TrainConfig(recipe="rerank", rerank_source="images", name=name, output=str(work / "runs"),
+                      backbone=BACKBONE, checkpoint=start, train=data_cfg, image_size=list(SIZE), epochs=args.epochs,
+                      batch_size=TRAIN_BATCH, positive_radius=args.positive_radius, negatives_top=args.negatives_top,
+                      num_workers=TRAIN_WORKERS, max_steps_per_epoch=MAX_STEPS, seed=args.seed)
+    return name, cfg
+
+
 def train_reranker(work: Path, stores: dict[str, str], negatives: str, args) -> tuple[str, dict]:
     """The learned reranker for these flags: (model.pt, summary). A finished run is reused."""
     start = start_checkpoint(work, args.seed)
-    data_cfg = DataConfig(queries_store=stores["train_q"], database_store=stores["train_db"],
-                          hardest_negatives=negatives)
-    settings = dict(epochs=args.epochs, lr=args.lr, positive_radius=args.positive_radius,
-                    negatives_top=args.negatives_top, seed=args.seed, augment=args.augment)
-    if args.augment != "none":
-        settings["augment_scale"] = args.augment_scale
-    name = f"gp_rerank-{key([settings, stores['train_q'], stores['train_db']])}"
-    extra = {"augment": args.augment, "augment_scale": args.augment_scale} if args.augment != "none" else {}
-    # recipe rerank on the stored tokens (the stores above hold them; no image specs needed)
-    cfg = TrainConfig(recipe="rerank", rerank_source="tokens", name=name, output=str(work / "runs"),
-                      backbone=BACKBONE, checkpoint=start, train=data_cfg, image_size=list(SIZE), epochs=args.epochs,
-                      batch_size=TRAIN_BATCH, lr=args.lr, weight_decay=0.05, warmup_epochs=1,
-                      positive_radius=args.positive_radius, negatives_top=args.negatives_top,
-                      num_workers=TRAIN_WORKERS, max_steps_per_epoch=MAX_STEPS, seed=args.seed, **extra)
+    if args.official_recipe:
+        name, cfg = official_config(work, Path(args.data), stores, negatives, start, args)
+        print(f"train: official rerank recipe on images; protocol epochs {args.epochs}, batch {TRAIN_BATCH} queries "
+              f"(global, {TRAIN_WORKERS} Ray Train workers), max steps per epoch {MAX_STEPS or 'no cap'}; "
+              f"deviations from the official recipe: {deviations(cfg) or 'none'}", flush=True)
+        settings = {"official_recipe": True, "epochs": args.epochs, "batch": TRAIN_BATCH,
+                    "deviations": deviations(cfg)}
+    else:
+        data_cfg = DataConfig(queries_store=stores["train_q"], database_store=stores["train_db"],
+                              hardest_negatives=negatives)
+        settings = dict(epochs=args.epochs, lr=args.lr, positive_radius=args.positive_radius,
+                        negatives_top=args.negatives_top, seed=args.seed, augment=args.augment)
+        if args.augment != "none":
+            settings["augment_scale"] = args.augment_scale
+        name = f"gp_rerank-{key([settings, stores['train_q'], stores['train_db']])}"
+        extra = {"augment": args.augment, "augment_scale": args.augment_scale} if args.augment != "none" else {}
+        # recipe rerank on the stored tokens (the stores above hold them; no image specs needed)
+        cfg = TrainConfig(recipe="rerank", rerank_source="tokens", name=name, output=str(work / "runs"),
+                          backbone=BACKBONE, checkpoint=start, train=data_cfg, image_size=list(SIZE),
+                          epochs=args.epochs, batch_size=TRAIN_BATCH, lr=args.lr, weight_decay=0.05, warmup_epochs=1,
+                          positive_radius=args.positive_radius, negatives_top=args.negatives_top,
+                          num_workers=TRAIN_WORKERS, max_steps_per_epoch=MAX_STEPS, seed=args.seed, **extra)
     summary_path = work / "runs" / name / "protocol-summary.json"
     if summary_path.exists():
         summary = json.loads(summary_path.read_text())
@@ -170,7 +218,10 @@ def train_reranker(work: Path, stores: dict[str, str], negatives: str, args) -> 
     result = train(cfg)
     secs = time.perf_counter() - t0
     history = read_state(result.checkpoint)["history"]
-    summary = {"model_path": result.model_path, "epochs": result.epochs_run, "seconds": secs,
+    steps = sum(len(h.get("step_losses", ())) for h in history) or None
+    in_epochs = sum(h.get("epoch_seconds", 0.0) for h in history)   # the steps, without Ray/worker start-up
+    summary = {"model_path": result.model_path, "epochs": result.epochs_run, "seconds": secs, "steps": steps,
+               "epoch_seconds": round(in_epochs, 2),
                "load_before": load0, "load_after": load_avg(), "settings": settings,
                "loss_per_epoch": [round(h["loss"], 4) for h in history]}
     summary_path.write_text(json.dumps(summary, indent=2))
@@ -180,13 +231,21 @@ def train_reranker(work: Path, stores: dict[str, str], negatives: str, args) -> 
 
 
 def read_split(store: str, lo: int, hi: int):
-    """(zarr rows, positions (N, 2), unit global descriptors) of a store's images at places [lo, hi)."""
-    t = storage.read_global_table(store, ["row", "utm_east", "global_descriptor"])
+    """(image ids, zarr rows, positions (N, 2), unit global descriptors) of a store's images at places [lo, hi)."""
+    t = storage.read_global_table(store, ["image_id", "row", "utm_east", "global_descriptor"])
     east = t.column("utm_east").to_numpy().astype(np.float64)
     keep = np.flatnonzero((east >= lo) & (east < hi))
+    ids = t.column("image_id").to_numpy().astype(np.int64)[keep]
     rows = t.column("row").to_numpy().astype(np.int64)[keep]
     xy = np.stack([east[keep], np.zeros(len(keep))], 1)  # a sequence: position = frame index
-    return rows, xy, storage.descriptors_of(t)[keep]
+    return ids, rows, xy, storage.descriptors_of(t)[keep]
+
+
+def rows_of(store: str, ids: np.ndarray) -> np.ndarray:
+    """Zarr rows of ``ids`` in another store of the same images (its row order may differ)."""
+    t = storage.read_global_table(store, ["image_id", "row"])
+    where = dict(zip(t.column("image_id").to_pylist(), t.column("row").to_pylist()))
+    return np.array([where[int(i)] for i in ids], np.int64)
 
 
 def score_candidates(scorer: PairScorer, q_rows: np.ndarray, db_rows: np.ndarray, cand: np.ndarray) -> np.ndarray:
@@ -206,15 +265,18 @@ def recalls(q_xy, db_xy, ranked: np.ndarray) -> dict[int, float]:
 
 def evaluate_split(split: str, stores: dict[str, str], scorers: dict[str, PairScorer]) -> list[dict]:
     lo, hi = EVAL[split]
-    db_rows, db_xy, db_desc = read_split(stores["eval_db"], lo, hi)
-    q_rows, q_xy, q_desc = read_split(stores["eval_q"], lo, hi)
+    db_ids, db_rows, db_xy, db_desc = read_split(stores["eval_db"], lo, hi)
+    q_ids, q_rows, q_xy, q_desc = read_split(stores["eval_q"], lo, hi)
     kmax = max(KS)
     glob = nearest_rows(q_desc, db_desc, len(db_desc))  # full global ranking (indices into the split)
     rows = [{"method": "global retrieval", "K": "-", **recalls(q_xy, db_xy, glob), "seconds": None,
              "load": load_avg()}]
     for label, scorer in scorers.items():
+        # a scorer on stores extracted again (trained local_head) reads the same images by id
+        own_q = q_rows if scorer.query_store == stores["eval_q"] else rows_of(scorer.query_store, q_ids)
+        own_db = db_rows if scorer.database_store == stores["eval_db"] else rows_of(scorer.database_store, db_ids)
         load0, t0 = load_avg(), time.perf_counter()
-        scores = score_candidates(scorer, q_rows, db_rows, glob[:, :kmax])
+        scores = score_candidates(scorer, own_q, own_db, glob[:, :kmax])
         secs = time.perf_counter() - t0
         for k in KS:
             order = np.argsort(-scores[:, :k], axis=1, kind="stable")  # ties keep the global order
@@ -240,7 +302,7 @@ def main() -> int:
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "gardens_point"))
     ap.add_argument("--work", default="/tmp/r2f_gp_protocol")
     ap.add_argument("--epochs", type=int, default=8)
-    ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--lr", type=float, default=None, help=f"stored-token mode only (default {LR})")
     ap.add_argument("--positive-radius", type=float, default=1.0, help="frames (training positives)")
     ap.add_argument("--negatives-top", type=int, default=100,
                     help="training negatives drawn from this many hardest mined ones")
@@ -251,9 +313,16 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--splits", default="val,test", help="which evaluation splits to print")
     ap.add_argument("--no-ransac", action="store_true", help="skip RANSAC (the same for every training flag)")
+    ap.add_argument("--official-recipe", action="store_true",
+                    help="train with the official rerank recipe on the images path (only --epochs and the "
+                         "protocol's batch set here); see the module docstring")
     ap.add_argument("--smoke", action="store_true",
                     help="every step at the smallest size, in a temporary --work (tests/test_bench_scripts.py)")
     args = ap.parse_args()
+    if args.official_recipe and (args.lr is not None or args.augment != "none"):
+        ap.error("--official-recipe keeps the recipe's learning rate and has no augmentation (images path)")
+    if not args.official_recipe and args.lr is None:
+        args.lr = LR
     if args.smoke:
         import shutil
         import tempfile
@@ -286,14 +355,22 @@ def protocol(args) -> int:
     if not args.no_ransac:
         scorers["RANSAC"] = PairScorer("ransac", BACKBONE, None, stores["eval_q"], stores["eval_db"],
                                        RansacConfig(image_scale=float(max(SIZE))), threads=2)
-    scorers["learned reranker"] = PairScorer("r2former", BACKBONE, model_path, stores["eval_q"], stores["eval_db"],
+    if args.official_recipe:
+        # local_head learnt: the evaluation tokens are those of the trained model
+        own = extract_stores(work, data, checkpoint=model_path, names=("eval_db", "eval_q"))
+        scorers[OFFICIAL_LABEL] = PairScorer("r2former", BACKBONE, model_path, own["eval_q"], own["eval_db"],
                                              RansacConfig(), threads=2)
+    else:
+        scorers["learned reranker"] = PairScorer("r2former", BACKBONE, model_path, stores["eval_q"],
+                                                 stores["eval_db"], RansacConfig(), threads=2)
     report = {"command": sys.argv, "train": summary}
     for split in args.splits.split(","):
         rows, queries = evaluate_split(split, stores, scorers)
         print(format_table(split, rows, queries), flush=True)
         report[split] = rows
-    print(f"training: {summary['epochs']} epochs in {summary['seconds']:.1f} s (load average "
+    per_step = f" ({summary['epoch_seconds']:.1f} s in the epochs' {summary['steps']} steps, " \
+               f"{summary['epoch_seconds'] / summary['steps']:.2f} s per step)" if summary.get("steps") else ""
+    print(f"training: {summary['epochs']} epochs in {summary['seconds']:.1f} s{per_step} (load average "
           f"{summary['load_before']} -> {summary['load_after']}); total wall {time.perf_counter() - t_all:.1f} s",
           flush=True)
     out = work / f"report-{key(vars(args))}.json"
