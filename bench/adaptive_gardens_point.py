@@ -96,8 +96,8 @@ def main() -> int:
         sweep = evaluate.run(evaluate.EvaluateConfig(results=fit.results, database_store=db,
                                                      positive_radius=args.radius, sweep_adaptive=True,
                                                      write_rule=rule_url))
-        print(evaluate.format_adaptive_sweep([r for r in sweep.adaptive_sweep if r.get("pareto") or r.get("chosen")
-                                              or r["kind"] == "fixed"]))
+        print(f"{reranker}: rules fitted on night_right 0-99 (fixed K = {args.candidates} results)")
+        print(evaluate.format_adaptive_sweep(sweep.adaptive_sweep))
         fixed = rerank("test", range(100, 200), "test_fixed")
         rule = sweep.rules
         adaptive = rerank("test", range(100, 200), "test_adaptive", adaptive=rule)

@@ -125,6 +125,7 @@ class Pools:
     index_version: str
     num_actors: int | None            # actor pool maximum; None: what the cluster has, as it grows
     max_pool_restarts: int            # pools rebuilt after losing an actor, per phase and run
+    scorer_slots: int = 1             # scorers started at once (the partitions were cut for them)
 
 
 @dataclass
@@ -326,12 +327,15 @@ def _score_pool(job: RerankJob, pools: Pools, catalog, pending: list[int], gpus:
 
     from .workers import ScoreWorker
 
-    # Pool bounds: at least 1 actor; at most num_actors, else unbounded, so Ray Data's actor
-    # pool autoscaler grows it to whatever CPUs/GPUs the cluster has as the job runs.
+    # Pool bounds: the scorer slots the partitions were cut for start together (one started
+    # alone would take the first partitions while the autoscaler adds the rest); at most
+    # num_actors, else unbounded, so Ray Data's actor pool autoscaler grows it to whatever
+    # CPUs/GPUs the cluster has as the job runs.
+    start = max(1, min(pools.scorer_slots, len(pending)))
     return _partitions(pending).map_batches(
         ScoreWorker, batch_size=1, batch_format="numpy",
         fn_constructor_kwargs=dict(job=job, catalog=[catalog]),
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=pools.num_actors),
+        compute=ray.data.ActorPoolStrategy(min_size=start, max_size=pools.num_actors),
         num_cpus=job.threads, num_gpus=1 if gpus else 0)
 
 

@@ -205,7 +205,7 @@ def run(config: RerankConfig) -> RerankResult:
     job = _job(config, rerankers, k, ransac, rules, (kept or plan).score_partition_queries)
     searches = num_partitions(query_manifest, config.partition_queries)
     pools = Pools(index_dir=config.index_dir, index_version=version, num_actors=config.num_actors,
-                  max_pool_restarts=config.max_pool_restarts)
+                  max_pool_restarts=config.max_pool_restarts, scorer_slots=slots)
     with hold_lease(config.index_dir, lease_job, state):
         outcome = run_phases(job, pools, state, searches, resuming, seconds)
     res = _result(job, state, seconds, outcome)
@@ -359,7 +359,9 @@ def _cli(args: argparse.Namespace) -> int:
         cfg.adaptive = read_rule(args.adaptive)
     res = run(cfg)
     ratio = f"{res.token_ratio:.2f}x" if res.token_ratio else "-"
+    scored = ", ".join(f"{n} {v}" for n, v in res.pairs_scored.items())
     print(f"{res.num_queries} queries x {res.candidates} candidates reranked with {res.reranker}: "
-          f"{res.num_pairs} pairs, {res.pairs_per_second:.0f} pairs/s, token bytes fetched/distinct {ratio}, "
+          f"{res.num_pairs} pairs ({'adaptive: ' if cfg.adaptive else ''}scored {scored or 0}), "
+          f"{res.pairs_per_second:.0f} pairs/s, token bytes fetched/distinct {ratio}, "
           f"{len(res.failed_partitions)} failed partition(s) -> {res.results}")
     return 0 if res.ok else 1
