@@ -8,6 +8,7 @@ The driver describes the job and each phase in one function (phases.py); the wor
     barrier            route histograms ─► routes/bounds.json           (the score partitions, once)
     split_strays       searched partitions not split ─► strays/         (Ray Data tasks)
     score              score partitions not scored ─► scores/           (ScoreWorker actor pool)
+    (adaptive runs)    per later round: prefixes ─► rounds/round-i/, then score again (adaptive.py)
     commit             partitions without a marker ─► part-NNNNN.parquet (Ray Data tasks)
     RerankSummary of the summary rows ─► RerankResult, manifest.json (written last)
 """
