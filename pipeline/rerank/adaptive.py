@@ -25,8 +25,9 @@ decided from the scores of the rounds before (``prefix_lengths(..., known=b[i-1]
 """
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
