@@ -208,7 +208,8 @@ def pairs_plot(metrics: dict, study: dict | None = None) -> bytes | None:
 
 def _table2(metrics: dict, study: dict | None = None) -> str:
     """The paper's Table 2: R@1/5/10 and mean pairs per query for each fixed K, per reranker, and an
-    adaptive row; cells keyed by their metrics.json path."""
+    adaptive row; each cell's ``data-pairs-key`` is its path in metrics.json (``rerankers.``) or
+    pairs_study.json (``pairs_study.``), apart from the recall tables' ``data-key``."""
     points = pairs_points(metrics, study)
     names = [n for n, p in points.items() if p["fixed"] or p["adaptive"]]
     if not names:
@@ -227,7 +228,7 @@ def _table2(metrics: dict, study: dict | None = None) -> str:
             text = "–" if v is None else (f"{v:.2f}" if key == "pairs_per_query" else f"{100 * v:.1f}")
             path = block["path"] + (".pairs_per_query.mean" if key == "pairs_per_query" and
                                     block["path"].startswith("rerankers.") else f".{key}")
-            out.append(f'<td data-key="{html.escape(path)}" data-value="{json.dumps(v)}">{text}</td>')
+            out.append(f'<td data-pairs-key="{html.escape(path)}" data-value="{json.dumps(v)}">{text}</td>')
         return "".join(out)
     rows = [f"<tr><th>K = {k}</th>{''.join(cells(dict(points[n]['fixed']).get(k)) for n in names)}</tr>" for k in ks]
     rows.append(f"<tr><th>adaptive</th>{''.join(cells(points[n]['adaptive']) for n in names)}</tr>")

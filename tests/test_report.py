@@ -328,11 +328,11 @@ def test_recall_against_pairs_plot_and_table_2_with_an_adaptive_row():
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and Image.open(__import__("io").BytesIO(png)).size[0] > 100
     table = _table2(metrics, study)
     assert [f"K = {k}" in table for k in (1, 5, 10, 20)] == [True] * 4
-    assert 'data-key="pairs_study.ransac.fixed.3.recall@1" data-value="0.8"' in table
-    assert 'data-key="pairs_study.ransac.rules.0.pairs_per_query" data-value="7.5"' in table
+    assert 'data-pairs-key="pairs_study.ransac.fixed.3.recall@1" data-value="0.8"' in table
+    assert 'data-pairs-key="pairs_study.ransac.rules.0.pairs_per_query" data-value="7.5"' in table
     assert "rounds 5 score&gt;=40" in table
     # an adaptive run: no study (its scores stop early), its own block is the adaptive row
     adaptive = dict(metrics, settings={"adaptive": {"ransac": {"rounds": [5], "stop": {"score": 40.0}}}})
     table = _table2(adaptive)
-    assert 'data-key="rerankers.ransac.pairs_per_query.mean" data-value="20.0"' in table and "K = " not in table
+    assert 'data-pairs-key="rerankers.ransac.pairs_per_query.mean" data-value="20.0"' in table and "K = " not in table
     assert pairs_plot(adaptive) is not None and pairs_plot({"global": block, "rerankers": {}}) is None
