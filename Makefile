@@ -8,7 +8,7 @@ DATA ?= demo/gardens_point_sample
 OUT ?= out/demo
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-tools bench clean
+.PHONY: venv demo test test-tools lint bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -52,7 +52,10 @@ else
 	@true
 endif
 
-test: venv test-tools
+lint: venv
+	$(VENV)/bin/ruff check pipeline jobs tests bench
+
+test: venv test-tools lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench: venv

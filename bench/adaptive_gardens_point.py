@@ -76,7 +76,8 @@ def main() -> int:
                          ckpt, args.image_size, {"progress": False})
             index.build(index.IndexConfig(store=db, index_dir=idx))
 
-        def rerank(split: str, frames, results: str, adaptive=None):
+        def rerank(split: str, frames, results: str, adaptive=None, base=base, db=db, idx=idx, ckpt=ckpt,
+                   reranker=reranker):
             q_store = str(base / f"query_store_{split}")
             queries = None if (base / f"query_store_{split}").exists() else \
                 frames_manifest(base / f"{split}.csv", data / "night_right", frames)
@@ -85,7 +86,7 @@ def main() -> int:
                                     image_size=list(args.image_size), reranker=reranker,
                                     candidates=args.candidates, adaptive=adaptive, extract={"progress": False}))
 
-        def fresh(name: str) -> None:
+        def fresh(name: str, base=base) -> None:
             import shutil
             shutil.rmtree(base / name, ignore_errors=True)
 

@@ -202,7 +202,8 @@ def main() -> int:
     for n in [int(x) for x in args.queries.split(",") if x]:
         q = out / f"queries_{n}"
         _write_once(q, {"queries": n, "of": args.images, "tokens": args.tokens},
-                    lambda: write_city(str(q), n, tokens=args.tokens, queries_of=args.images, strip_positions=True))
+                    lambda q=q, n=n: write_city(str(q), n, tokens=args.tokens, queries_of=args.images,
+                                                   strip_positions=True))
         pair = []
         for mode, adaptive in [("fixed", None)] + ([("adaptive", rule)] if rule else []):
             results = out / (f"results_{n}" if adaptive is None else f"results_{n}_adaptive")

@@ -40,8 +40,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -217,6 +217,14 @@ class _Counters:
             self.rerankers[n].add(c[keep], pos[keep])
 
 
+def _check_radius_and_sweep(radius: float, sweep: Sequence[int]) -> None:
+    if radius <= 0:
+        raise ValueError(f"positive radius must be > 0, got {radius}")
+    bad = [k for k in sweep if k < 1]
+    if bad:
+        raise ValueError(f"candidate counts must be >= 1, got {bad[0]}")
+
+
 def evaluate_parts(parts: Iterable[pa.Table], db_positions: np.ndarray, radius: float,
                    ns: Sequence[int] = RECALL_NS, sweep: Sequence[int] = (),
                    sweep_ns: Sequence[int] = (1, 5, 10),
@@ -235,11 +243,7 @@ def evaluate_parts(parts: Iterable[pa.Table], db_positions: np.ndarray, radius: 
 
     Sweep rows, reranker by reranker then K: ``{"reranker", "candidates", "reranked_from" (K, or the
     run's K when smaller), "run_candidates", recall@N...}``."""
-    if radius <= 0:
-        raise ValueError(f"positive radius must be > 0, got {radius}")
-    for k in sweep:
-        if k < 1:
-            raise ValueError(f"candidate counts must be >= 1, got {k}")
+    _check_radius_and_sweep(radius, sweep)
     index = PositiveIndex(db_positions)
     names = list(rerankers) if rerankers else None
     total: _Counters | None = None

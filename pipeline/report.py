@@ -368,7 +368,42 @@ def _unit(metrics: dict) -> str:
     return f" {unit}" if unit else ""
 
 
-def write_report(out: str, metrics: dict, results: "pa.Table | str", radius: float, image_size: tuple[int, int],
+def _sample_sections(groups, df, methods, rank_cols, framed, thumb) -> list[str]:
+    """One section per tag group: each picked query beside each method's top 5."""
+    sections = []
+    for tag, qids in groups:
+        block = []
+        for qid in qids:
+            sub = df[df["query_id"] == qid]
+            qpath = sub["query_path"].iloc[0]
+            line = [framed(thumb("q", qid, qpath), None, "query " + qpath.rsplit("/", 1)[-1])
+                    .replace("<figure", f'<figure style="grid-row: span {len(methods)}"', 1)]
+            for m in methods:
+                col = rank_cols[m]
+                top5 = sub.sort_values(col).head(5)
+                figs = [framed(thumb("d", r.image_id, r.candidate_path), bool(r.ok),
+                               f"#{int(getattr(r, col))} {r.candidate_path.rsplit('/', 1)[-1]}")
+                        for r in top5.itertuples()]
+                line.append(f'<div class="group" data-method="{html.escape(m)}"><div class="glabel">'
+                            f'{html.escape(method_label(m))}</div>{"".join(figs)}</div>')
+            block.append(f'<div class="sample" data-query="{int(qid)}"{_tag_attr(tag)}>{"".join(line)}</div>')
+        head = "" if tag is UNTAGGED and len(groups) == 1 else \
+            f'<h3>{html.escape("untagged" if tag is UNTAGGED else str(tag))}</h3>'
+        sections.append(f'<section class="tag-group"{_tag_attr(tag)}>{head}{"".join(block)}</section>')
+    return sections
+
+
+def _pairs_section(assets: str, metrics: dict, pairs_study: dict | None) -> str:
+    """The recall-against-pairs plot and Table 2 (written to ``assets``), or "" when there is none."""
+    png = pairs_plot(metrics, pairs_study)
+    if png is None:
+        return ""
+    _write_bytes(storage.join(assets, "pairs.png"), png)
+    return (f'<h2>Recall@1 against pairs scored</h2><img id="pairs-plot" src="{ASSETS}/pairs.png" '
+            f'alt="recall@1 against pairs scored per query">{_table2(metrics, pairs_study)}')
+
+
+def write_report(out: str, metrics: dict, results: pa.Table | str, radius: float, image_size: tuple[int, int],
                  query_store: str | None = None, database_store: str | None = None, samples: int = 6,
                  match_pairs: int = 2, title: str = "R²Former run", model=None, explain_top: int = 20,
                  pairs_study: dict | None = None) -> str:
@@ -398,12 +433,7 @@ def write_report(out: str, metrics: dict, results: "pa.Table | str", radius: flo
     if fs.exists(apath):
         fs.rm(apath, recursive=True)  # a rerun replaces the pictures, never mixes two runs
     _write_bytes(storage.join(assets, "recall.png"), recall_plot(metrics, names))
-    pairs_png = pairs_plot(metrics, pairs_study)
-    pairs_html = ""
-    if pairs_png is not None:
-        _write_bytes(storage.join(assets, "pairs.png"), pairs_png)
-        pairs_html = (f'<h2>Recall@1 against pairs scored</h2><img id="pairs-plot" src="{ASSETS}/pairs.png" '
-                      f'alt="recall@1 against pairs scored per query">{_table2(metrics, pairs_study)}')
+    pairs_html = _pairs_section(assets, metrics, pairs_study)
     cols = recall_columns(metrics, names)
     curves = ",".join(m for m, _, _ in cols)
     tables = [_recall_table(cols, attrs=' id="recalls"')]
@@ -441,26 +471,7 @@ def write_report(out: str, metrics: dict, results: "pa.Table | str", radius: flo
     groups = _tag_groups(df, samples) if len(df) else []
     rank_cols = {m: rank_of(m, names, list(df.columns)) for m in methods}
 
-    sample_html = []
-    for tag, qids in groups:
-        block = []
-        for qid in qids:
-            sub = df[df["query_id"] == qid]
-            qpath = sub["query_path"].iloc[0]
-            line = [framed(thumb("q", qid, qpath), None, "query " + qpath.rsplit("/", 1)[-1])
-                    .replace("<figure", f'<figure style="grid-row: span {len(methods)}"', 1)]
-            for m in methods:
-                col = rank_cols[m]
-                top5 = sub.sort_values(col).head(5)
-                figs = [framed(thumb("d", r.image_id, r.candidate_path), bool(r.ok),
-                               f"#{int(getattr(r, col))} {r.candidate_path.rsplit('/', 1)[-1]}")
-                        for r in top5.itertuples()]
-                line.append(f'<div class="group" data-method="{html.escape(m)}"><div class="glabel">'
-                            f'{html.escape(method_label(m))}</div>{"".join(figs)}</div>')
-            block.append(f'<div class="sample" data-query="{int(qid)}"{_tag_attr(tag)}>{"".join(line)}</div>')
-        head = "" if tag is UNTAGGED and len(groups) == 1 else \
-            f'<h3>{html.escape("untagged" if tag is UNTAGGED else str(tag))}</h3>'
-        sample_html.append(f'<section class="tag-group"{_tag_attr(tag)}>{head}{"".join(block)}</section>')
+    sample_html = _sample_sections(groups, df, methods, rank_cols, framed, thumb)
 
     learned = (model is not None and LEARNED in names and bool(getattr(model, "has_trained_reranker", False))
                and hasattr(model, "explain"))

@@ -63,8 +63,16 @@ A comma list (``ransac,r2former``) runs each over the same candidates in one job
 """
 from ..extract import extract_into
 from .rerankers import RERANKERS, reranked_order, reranker_list, resolve_reranker, resolve_rerankers
-from .results import (RESULTS_SCHEMA, iter_parts, rank_column, read_results, rerankers_of, results_metadata,
-                      results_schema, score_column)
+from .results import (
+                      RESULTS_SCHEMA,
+                      iter_parts,
+                      rank_column,
+                      read_results,
+                      rerankers_of,
+                      results_metadata,
+                      results_schema,
+                      score_column,
+)
 from .score import PairScorer
 from .stage import RerankConfig, RerankError, RerankResult, register_cli, run
 

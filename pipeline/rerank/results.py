@@ -31,7 +31,8 @@ part at a time, so readers hold one partition's rows, never the whole result set
 """
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import pyarrow as pa
 
