@@ -53,7 +53,14 @@ def main() -> int:
     p.add_argument("--image-size", nargs=2, type=int, default=[272, 480])
     p.add_argument("--radius", type=float, default=2.0, help="frames")
     p.add_argument("--checkpoint", help="weights with a trained reranker: also report r2former")
+    p.add_argument("--smoke", action="store_true",
+                   help="smallest setting: 24 database frames, 12 + 12 queries, 128x224, K = 5, a temporary --work")
     args = p.parse_args()
+    db_frames, fit_frames, test_frames = range(200), range(100), range(100, 200)
+    if args.smoke:
+        import tempfile
+        args.work, args.image_size, args.candidates = tempfile.mkdtemp(prefix="r2f_adaptive_smoke_"), [128, 224], 5
+        db_frames, fit_frames, test_frames = range(100, 124), range(100, 112), range(112, 124)
 
     from pipeline import evaluate, index
     from pipeline.cluster import ensure_ray
@@ -72,7 +79,7 @@ def main() -> int:
         t0 = time.perf_counter()
         db, idx = str(base / "database_store"), str(base / "index")
         if not (base / "index").exists():
-            extract_into(frames_manifest(base / "db.csv", data / "day_right", range(200)), db, "efficientnet-lite0",
+            extract_into(frames_manifest(base / "db.csv", data / "day_right", db_frames), db, "efficientnet-lite0",
                          ckpt, args.image_size, {"progress": False})
             index.build(index.IndexConfig(store=db, index_dir=idx))
 
@@ -92,16 +99,16 @@ def main() -> int:
 
         for name in ("fit_fixed", "test_fixed", "test_adaptive"):
             fresh(name)
-        fit = rerank("fit", range(100), "fit_fixed")
+        fit = rerank("fit", fit_frames, "fit_fixed")
         rule_url = str(base / "RULE.yaml")
         sweep = evaluate.run(evaluate.EvaluateConfig(results=fit.results, database_store=db,
                                                      positive_radius=args.radius, sweep_adaptive=True,
                                                      write_rule=rule_url))
         print(f"{reranker}: rules fitted on night_right 0-99 (fixed K = {args.candidates} results)")
         print(evaluate.format_adaptive_sweep(sweep.adaptive_sweep))
-        fixed = rerank("test", range(100, 200), "test_fixed")
+        fixed = rerank("test", test_frames, "test_fixed")
         rule = sweep.rules
-        adaptive = rerank("test", range(100, 200), "test_adaptive", adaptive=rule)
+        adaptive = rerank("test", test_frames, "test_adaptive", adaptive=rule)
         rows = []
         for label, res in ((f"fixed K = {args.candidates}", fixed), ("adaptive", adaptive)):
             m = evaluate.run(evaluate.EvaluateConfig(results=res.results, database_store=db,

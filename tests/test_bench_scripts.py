@@ -63,9 +63,11 @@ CASES: dict[str, tuple[list[str], list[str]]] = {
                         [r"database: \d+ images extracted and indexed", r"\n +ransac +2 +\d+"]),
     "bench_city.py": (["--images", "512", "--queries", "64", "--tokens", "8", "--candidates", "20",
                        "--partition-queries", "32", "--cpus", "2", "--out", "{tmp}/city"],
-                      [r"\n +64 +1280 +[\d.]+"]),
+                      [r"\n +64 +fixed +1280 +\d+ +[\d.]+"]),
     # owned by the serve work
     "bench_serve.py": (["--smoke"], []),
+    "adaptive_gardens_point.py": (["--smoke"], [r"fixed K = 5 +[\d.]+", r"adaptive +[\d.]+"]),
+    "bench_output_check.py": (["--smoke"], [r"r2f extract --store +median +[\d.]+ s .*exit \[2\]"]),
 }
 
 TIMES: dict[str, float] = {}
