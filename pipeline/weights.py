@@ -55,6 +55,20 @@ def _sha256_file(path: str) -> str:
     return "sha256:" + digest.hexdigest()
 
 
+# A driver asks for the same local checkpoint's hash several times (plan, store check, reranker
+# check, model build): hashed once per file version. Bounded by the checkpoints a process opens.
+_LOCAL_HASHES: dict[tuple[str, int, int, int], str] = {}
+
+
+def _local_sha256(path: str) -> str:
+    """``_sha256_file`` of a local file, remembered per (path, inode, size, mtime)."""
+    st = os.stat(path)
+    key = (os.path.abspath(path), st.st_ino, st.st_size, st.st_mtime_ns)
+    if key not in _LOCAL_HASHES:
+        _LOCAL_HASHES[key] = _sha256_file(path)
+    return _LOCAL_HASHES[key]
+
+
 def _remote_identity(fs, path: str, url: str) -> str:
     fs.invalidate_cache(path)
     try:
@@ -79,7 +93,7 @@ def fetch(url: str, expected_sha256: str | None = None) -> WeightsFile:
         path = url.removeprefix("file://")
         if not os.path.isfile(path):
             raise WeightsError(f"checkpoint not found: {path}")
-        found = WeightsFile(url, path, _sha256_file(path))
+        found = WeightsFile(url, path, _local_sha256(path))
     else:
         found = _fetch_remote(url)
     if expected_sha256 and found.sha256 != expected_sha256:
