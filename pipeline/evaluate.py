@@ -623,9 +623,7 @@ def run(config: EvaluateConfig) -> EvaluateResult:
     db_store = db_store or recorded_store
     if not db_store:
         raise ValueError(f"{results_url} records no database store: pass --database-store")
-    radius = config.positive_radius
-    if radius is None:
-        radius = default_radius_of(db_store)
+    radius, unit = radius_of(db_store, config.positive_radius)
     db_xy = database_positions(db_store, state)
     adaptive = adaptive_of(results_url)
     if adaptive and (config.sweep_candidates or config.sweep_adaptive):
@@ -645,7 +643,7 @@ def run(config: EvaluateConfig) -> EvaluateResult:
                                     rerankers=names)
     ms = rerank_ms_per_query(results_url, metrics["num_queries"], names, config.out) if sweep else None
     metrics["positive_radius"] = radius
-    metrics["positive_radius_unit"] = radius_unit_of(db_store)
+    metrics["positive_radius_unit"] = unit
     res = EvaluateResult(metrics, sweep, ms)
     scorers = [n for n in names if n not in ("none", "reranked")]
     want_study = config.pairs_study and not adaptive and scorers and \
@@ -672,19 +670,15 @@ def _run_k(results_url: str) -> int:
     return int(results_metadata(results_url).get("candidates") or 0)
 
 
-def default_radius_of(db_store: str) -> float:
-    """The positive radius a database store's dataset kind implies (``datasets.default_radius``)."""
-    from .datasets import DEFAULT_RADIUS_M, default_radius
+def radius_of(db_store: str, given: float | None) -> tuple[float, str | None]:
+    """``(radius, unit)``: ``given``, or the radius the database's dataset kind implies
+    (``datasets.default_radius``); the unit (``frames`` or ``metres``) from the dataset the store
+    was extracted from, None when the store does not record it. One manifest read."""
+    from .datasets import DEFAULT_RADIUS_M, default_radius, radius_unit
     source = storage.read_manifest(db_store).get("dataset")
-    return default_radius(source) if source else DEFAULT_RADIUS_M
-
-
-def radius_unit_of(db_store: str) -> str | None:
-    """``frames`` or ``metres``: the unit of the database's positions, from the dataset the store
-    was extracted from (None when the store does not record it)."""
-    from .datasets import radius_unit
-    source = storage.read_manifest(db_store).get("dataset")
-    return radius_unit(source) if source else None
+    if given is None:
+        given = default_radius(source) if source else DEFAULT_RADIUS_M
+    return given, (radius_unit(source) if source else None)
 
 
 def format_sweep(rows: list[dict], rerank_ms: Mapping[str, float] | None = None) -> str:
