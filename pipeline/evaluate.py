@@ -324,6 +324,7 @@ FIRST_ROUNDS = (1, 2, 3, 5, 10)
 LATER_ROUNDS = (5, 10, 20, 50)       # optional middle rounds (one or two) before K
 SCORE_QUANTILES = tuple(np.round(np.arange(0.05, 1.0, 0.05), 2))
 MARGIN_QUANTILES = (0.25, 0.5, 0.75)
+GATE_QUANTILES = (0.25, 0.5)  # gates: the global top-1 leads its top-2 by less than these quantiles of the lead
 R1_TOLERANCE = 0.01  # --write-rule: R@1 within 1 point of the full top-K's
 STUDY_MAX_PAIRS = 1_000_000  # r2f run computes the pairs study for the report up to this many pairs
 
@@ -405,9 +406,15 @@ def _round4(v: float) -> float:
 def rule_grid(lists: ScoredLists, name: str) -> list:
     """Rules to try for reranker ``name``: first rounds FIRST_ROUNDS, then K, or one or two middle
     rounds of LATER_ROUNDS, then K; stop thresholds at quantiles of these results' own best scores
-    and margins after the first round, alone and together."""
+    and margins after the first round, alone and together; the single thresholds also with a
+    global gate (a query whose global top-1 leads its top-2 by less than a quantile of that lead
+    starts at the second round) where the rule has a second round before K. Some 4,500 rules at
+    K = 100; each replay is O(queries x K), so the sweep is for a validation split, not a city."""
     from .rerank.adaptive import AdaptiveRule, best_two
     k, s = lists.k, lists.scores[name]
+    g_best, g_second = best_two(lists.global_scores[:, :min(2, k)])
+    g_lead = (g_best - g_second)[np.isfinite(g_best) & np.isfinite(g_second)]
+    gates = sorted({_round4(v) for v in np.quantile(g_lead, GATE_QUANTILES)}) if len(g_lead) else []
     rules = []
     for k1 in (r for r in FIRST_ROUNDS if r < k):
         best, second = best_two(s[:, :k1])
@@ -420,7 +427,32 @@ def rule_grid(lists: ScoredLists, name: str) -> list:
         later = [m for m in LATER_ROUNDS if k1 < m < k]
         for rounds in [(k1,)] + [(k1, m) for m in later] + [(k1, a, b) for a in later for b in later if a < b]:
             rules += [AdaptiveRule(rounds=rounds, score=v, margin=m) for v, m in stops]
+            if len(rounds) > 1:
+                rules += [AdaptiveRule(rounds=rounds, score=v, margin=m, gate_margin=g) for v, m in stops
+                          if v is None or m is None for g in gates]
     return rules
+
+
+def oracle_lengths(lists: ScoredLists, name: str) -> np.ndarray:
+    """(Q,) a bound, not a rule: each query scores the shortest prefix whose reranked top-1 is the
+    full top-K's right answer (1 where the full top-K's top-1 is wrong: no rule can do better
+    than being wrong cheaply). Its mean is the fewest pairs per query any prefix cascade on these
+    scores could spend at the full top-K's R@1; the sweep prints it so that a target a rule misses
+    can be told apart from a target the data rules out."""
+    s = np.nan_to_num(lists.scores[name], nan=-np.inf)
+    q, k = s.shape
+    lengths = np.ones(q, np.int64)
+    if q == 0 or k == 0:
+        return lengths
+    # the reranked top-1 of each prefix length L (ties in global order: the first maximum)
+    running = np.maximum.accumulate(s, axis=1)
+    new_best = np.concatenate([np.ones((q, 1), bool), s[:, 1:] > running[:, :-1]], axis=1)
+    top_at = np.maximum.accumulate(np.where(new_best, np.arange(k)[None, :], 0), axis=1)
+    right = np.take_along_axis(lists.correct, top_at, axis=1)
+    full_right = right[:, -1]
+    first = np.argmax(right, axis=1) + 1
+    lengths[full_right] = first[full_right]
+    return lengths
 
 
 def _pareto(rows: list[dict]) -> None:
@@ -454,6 +486,10 @@ def sweep_adaptive(lists: ScoredLists, rerankers: Sequence[str]) -> tuple[list[d
             group.append({"reranker": name, "kind": "rule", "candidates": k, "rule": rule.to_json(),
                           "describe": rule.describe(), **rec, "pairs_per_query": float(pairs.mean()) if q else 0.0})
         _pareto(group)
+        rec, pairs = replay(lists, name, oracle_lengths(lists, name))
+        group.append({"reranker": name, "kind": "bound", "candidates": k, "rule": None, "pareto": False,
+                      "describe": "bound: shortest right prefix", **rec,
+                      "pairs_per_query": float(pairs.mean()) if q else 0.0})
         full = next(r for r in group if r["kind"] == "fixed" and r["candidates"] == k)
         ok = [r for r in group if r["kind"] == "rule" and r["recall@1"] is not None and full["recall@1"] is not None
               and r["recall@1"] >= full["recall@1"] - R1_TOLERANCE - 1e-12]
@@ -474,7 +510,7 @@ def format_adaptive_sweep(rows: list[dict], every_rule: bool = False) -> str:
     for r in rows:
         blocks.setdefault(r["reranker"], []).append(r)
     for name, group in blocks.items():
-        shown = [r for r in group if every_rule or r["kind"] == "fixed" or r.get("pareto") or r.get("chosen")]
+        shown = [r for r in group if every_rule or r["kind"] != "rule" or r.get("pareto") or r.get("chosen")]
         lines.append(f"reranker {name}: {sum(r['kind'] == 'rule' for r in group)} rules"
                      + ("" if every_rule else f", {len(group) - len(shown)} off the Pareto front not shown"))
         lines.append(f"{'':>2} {'rule':<44} {'R@1':>6} {'R@5':>6} {'R@10':>6} {'pairs/query':>12}")
@@ -484,7 +520,8 @@ def format_adaptive_sweep(rows: list[dict], every_rule: bool = False) -> str:
             lines.append(f"{mark} {label:<44} {percent(r['recall@1']):>6} {percent(r['recall@5']):>6} "
                          f"{percent(r['recall@10']):>6} {r['pairs_per_query']:>12.2f}")
     lines.append(f"*: on the Pareto front of R@1 against mean pairs per query; <: the fewest mean pairs with R@1 "
-                 f"within {100 * R1_TOLERANCE:g} point of the full top-K (--write-rule)")
+                 f"within {100 * R1_TOLERANCE:g} point of the full top-K (--write-rule); bound: no rule, each query "
+                 f"stops at its shortest prefix whose top-1 is right (the floor of any cascade on these scores)")
     return "\n".join(lines)
 
 

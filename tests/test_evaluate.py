@@ -278,3 +278,29 @@ def test_evaluate_refuses_datasets_and_names_r2f_run(tmp_path):
     with pytest.raises(ValueError, match=r"r2f run --database D --queries Q --out OUT --candidates 200"):
         args.func(args)
     assert not (tmp_path / "o").exists()
+
+
+def test_sweep_bound_stops_each_query_at_its_shortest_right_prefix_and_grid_has_gates():
+    """The bound row: a query whose full top-K top-1 is right stops at the shortest prefix whose
+    reranked top-1 is already that right one; a query wrong at K costs 1 pair; no rule beats it.
+    The grid also tries global gates (a rule with ``gate``) where a rule has a second round."""
+    from pipeline.evaluate import ScoredLists, format_adaptive_sweep, oracle_lengths, rule_grid, sweep_adaptive
+    s = np.array([[9.0, 1, 2, 3, 4, 5],     # right at global rank 1, best from the start -> 1
+                  [1.0, 2, 9, 3, 4, 5],     # right at rank 3, best once scored -> 3
+                  [5.0, 1, 1, 9, 1, 1],     # right at rank 2, but rank 4 outscores it -> wrong at K -> 1
+                  [3.0, 5, 1, 1, 1, 8]])    # right at rank 6 -> 6
+    correct = np.zeros_like(s, bool)
+    correct[0, 0] = correct[1, 2] = correct[2, 1] = correct[3, 5] = True
+    g = np.tile(np.linspace(0.9, 0.4, 6), (4, 1)) + np.arange(4)[:, None] * 0.01
+    lists = ScoredLists(scores={"ransac": s}, global_scores=g, correct=correct,
+                        has_positive=np.ones(4, bool), query_ids=np.arange(4))
+    assert oracle_lengths(lists, "ransac").tolist() == [1, 3, 1, 6]
+    rows, _ = sweep_adaptive(lists, ["ransac"])
+    bound = [r for r in rows if r["kind"] == "bound"]
+    full = [r for r in rows if r["kind"] == "fixed" and r["candidates"] == 6]
+    assert len(bound) == 1 and bound[0]["pairs_per_query"] == pytest.approx(11 / 4)
+    assert bound[0]["recall@1"] == full[0]["recall@1"] == pytest.approx(0.75)
+    assert not bound[0].get("chosen") and "bound: shortest right prefix" in format_adaptive_sweep(rows)
+    assert all(r["pairs_per_query"] >= bound[0]["pairs_per_query"] for r in rows
+               if r["kind"] == "rule" and r["recall@1"] >= full[0]["recall@1"])
+    assert any(r.gate_margin is not None and len(r.rounds) > 1 for r in rule_grid(lists, "ransac"))
