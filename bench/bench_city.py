@@ -21,6 +21,11 @@ run the real scorers. The stores are reused when they exist with the same parame
 set twice, fixed K then with the rule (pipeline/rerank/adaptive.py), and prints them side by side:
 pairs scored, wall time and the peaks, so the fixed run's memory bounds can be checked against
 the adaptive one's.
+
+``--smoke`` checks the script at the smallest setting (no figure): 256 images of 8 tokens, 32
+queries, K = 10, partitions of 16 queries, in a temporary ``--out``; the runs join the Ray named
+by ``RAY_ADDRESS`` when set instead of starting an embedded one each (the actor peaks are then
+not sampled: those actors are not the driver's children).
 """
 from __future__ import annotations
 
@@ -164,11 +169,25 @@ def main() -> int:
     p.add_argument("--cpus", type=int, default=None, help="CPUs of the embedded Ray (default: all)")
     p.add_argument("--adaptive", metavar="RULE.yaml", help="also run each query set with this adaptive rule")
     p.add_argument("--out", default="/tmp/r2f_bench_city")
+    p.add_argument("--smoke", action="store_true", help="the smallest setting (see above)")
     p.add_argument("--drive", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.drive:
         drive(json.loads(args.drive))
         return 0
+    if args.smoke:
+        import tempfile
+        tmp = tempfile.TemporaryDirectory(prefix="bench-city-")
+        args.images, args.queries, args.tokens, args.candidates = 256, "32", 8, 10
+        args.partition_queries, args.cpus, args.out = 16, 2, tmp.name
+        try:
+            return bench(args)
+        finally:
+            tmp.cleanup()
+    return bench(args)
+
+
+def bench(args) -> int:
 
     from bench.city import write_city
     from pipeline import index
@@ -213,7 +232,8 @@ def main() -> int:
                        partition_queries=args.partition_queries, num_actors=args.num_actors, _cpus=args.cpus,
                        adaptive=adaptive)
             env = dict(os.environ, PYTHONPATH=str(ROOT))
-            env.pop("RAY_ADDRESS", None)
+            if not args.smoke:  # the measured driver starts its own Ray
+                env.pop("RAY_ADDRESS", None)
             done = subprocess.run([sys.executable, __file__, "--drive", json.dumps(cfg)], env=env, cwd=ROOT,
                                   capture_output=True, text=True)
             if done.returncode != 0:

@@ -2,6 +2,10 @@
 
     .venv/bin/python bench/bench_rerank.py [--queries 200] [--candidates 20] [--image-size 272 480]
         [--rerankers ransac,r2former] [--out /tmp/r2f_bench_rerank]
+    .venv/bin/python bench/bench_rerank.py --smoke   # checks the script: 16 database frames, 4 queries
+
+``--smoke``: RANSAC only, the database day_right frames 0-15, queries night_right 0-3, K = 2,
+128x224, a temporary ``--out`` (tests/test_bench_scripts.py); no figure.
 
 On the real Gardens Point images (day_right database, night_right queries, EfficientNet-Lite0):
 extracts and indexes the database once, then for each reranker runs the rerank job (query
@@ -55,7 +59,26 @@ def main() -> int:
     p.add_argument("--batch-pairs", type=int, default=400)
     p.add_argument("--rerankers", default="ransac,r2former")
     p.add_argument("--out", default="/tmp/r2f_bench_rerank")
+    p.add_argument("--smoke", action="store_true", help="the smallest setting (see above)")
     args = p.parse_args()
+    database_frames = 200  # every day_right frame
+    tmp = None
+    if args.smoke:
+        import tempfile
+        tmp = tempfile.TemporaryDirectory(prefix="bench-rerank-")
+        database_frames, args.out = 16, str(Path(tmp.name) / "rerank")
+        args.queries, args.candidates, args.image_size, args.batch_pairs = 4, 2, [128, 224], 8
+        args.direct_pairs, args.rerankers = 8, "ransac"
+    # the scorer pool's size; None: what the cluster has (one scorer is enough to check the script)
+    args.num_actors = 1 if args.smoke else None
+    try:
+        return bench(args, database_frames)
+    finally:
+        if tmp:
+            tmp.cleanup()
+
+
+def bench(args, database_frames: int) -> int:
 
     import numpy as np
 
@@ -71,10 +94,17 @@ def main() -> int:
     ensure_ray()
     db_store, index_dir = str(out / "database_store"), str(out / "index")
     t = time.perf_counter()
-    extract_into(f"sequence:{args.data}/day_right", db_store, "efficientnet-lite0", None, args.image_size,
-                 {"progress": False})
+    database = f"sequence:{args.data}/day_right"
+    if database_frames < 200:
+        out.mkdir(parents=True, exist_ok=True)
+        database = str(out / "database.csv")
+        with open(database, "w") as f:  # the first frames, the frame as position
+            f.write("path,utm_east,utm_north\n")
+            for i in range(database_frames):
+                f.write(f"{args.data}/day_right/Image{i:03d}.jpg,{i},0\n")
+    extract_into(database, db_store, "efficientnet-lite0", None, args.image_size, {"progress": False})
     index.build(index.IndexConfig(store=db_store, index_dir=index_dir))
-    print(f"database: 200 images extracted and indexed in {time.perf_counter() - t:.1f} s")
+    print(f"database: {database_frames} images extracted and indexed in {time.perf_counter() - t:.1f} s")
     queries = str(out / "queries.csv")
     with open(queries, "w") as f:  # the first --queries night_right frames, the frame as position
         f.write("path,utm_east,utm_north\n")
@@ -89,7 +119,7 @@ def main() -> int:
         res = run(RerankConfig(queries=queries, query_store=q_store, database_store=db_store, index_dir=index_dir,
                                results=str(out / f"results_{reranker}"), backbone="efficientnet-lite0",
                                image_size=list(args.image_size), reranker=reranker, candidates=args.candidates,
-                               batch_pairs=args.batch_pairs, extract={"progress": False},
+                               batch_pairs=args.batch_pairs, num_actors=args.num_actors, extract={"progress": False},
                                allow_untrained_reranker=True))
         e2e = time.perf_counter() - t
         load = os.getloadavg()[0]

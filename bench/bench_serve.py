@@ -43,19 +43,22 @@ def percentile(xs: list[float], q: float) -> float:
 def make_out(out: Path, smoke: bool) -> None:
     from pipeline.run import RunConfig, run
 
-    if smoke:  # a few frames, a small size: the script's plumbing, not a figure
+    if smoke:  # a few database frames, a small size: the script's plumbing, not a figure
         import csv
-        for name, frames in (("db", range(0, 60, 6)), ("q", range(3, 60, 20))):
-            with open(out.parent / f"{name}.csv", "w", newline="") as f:
-                w = csv.writer(f)
-                w.writerow(["path", "utm_east", "utm_north"])
-                folder = "day_right" if name == "db" else "night_right"
-                for i, p in enumerate(sorted((DEMO / folder).glob("*.jpg"))):
-                    if i in frames:
-                        w.writerow([str(p), i, 0])
-        run(RunConfig(database=str(out.parent / "db.csv"), queries=str(out.parent / "q.csv"), out=str(out),
-                      backbone="efficientnet-lite0", reranker="ransac", candidates=10, positive_radius=2,
-                      image_size=[128, 224], report_samples=0))
+
+        from pipeline import index
+        from pipeline.extract import extract_into
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out.parent / "db.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["path", "utm_east", "utm_north"])
+            for i, p in enumerate(sorted((DEMO / "day_right").glob("*.jpg"))):
+                if i in range(0, 60, 6):
+                    w.writerow([str(p), i, 0])
+        # only what the service opens: the database store and its index (no query run)
+        extract_into(str(out.parent / "db.csv"), str(out / "database_store"), "efficientnet-lite0", None,
+                     [128, 224], {"progress": False})
+        index.build(index.IndexConfig(store=str(out / "database_store"), index_dir=str(out / "index")))
     else:  # what `make demo` runs
         run(RunConfig(database=f"sequence:{DEMO}/day_right", queries=f"sequence:{DEMO}/night_right", out=str(out),
                       backbone="efficientnet-lite0", reranker="ransac", candidates=10, positive_radius=2,
@@ -165,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         tmp = tempfile.TemporaryDirectory(prefix="bench-serve-")
         out = Path(tmp.name) / "run"
-        args.clients, args.requests, args.rss, args.reference_repeats = "1,2", 2, "4,8", 3
+        args.clients, args.requests, args.rss, args.reference_repeats = "1,2", 1, "1,4", 3
     else:
         out = Path(args.out)
     if not (out / "index").exists():

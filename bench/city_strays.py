@@ -12,7 +12,7 @@ and the distinct candidates of the score partition of the same number (its phase
 
 ``--smoke`` writes a small city (tokens T = 8) in a temporary folder, indexes it and reranks it
 with the ``token-similarity`` stand-in (``pipeline.rerank.run`` on the Ray cluster named by
-``RAY_ADDRESS``, else a local one), then reads part 0 with ``--far-rows 8``.
+``RAY_ADDRESS``, else a local one; one scorer actor), then reads part 0 with ``--far-rows 8``.
 """
 from __future__ import annotations
 
@@ -71,7 +71,7 @@ def smoke_results(work: Path) -> str:
     index.build(index.IndexConfig(store=db, index_dir=idx))
     run(RerankConfig(query_store=q, database_store=db, index_dir=idx, results=results,
                      backbone="efficientnet-lite0", reranker="token-similarity", candidates=20,
-                     partition_queries=32))
+                     partition_queries=32, num_actors=1))
     return results
 
 

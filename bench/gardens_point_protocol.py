@@ -28,9 +28,10 @@ so a rerun with other training flags extracts and mines nothing again.
 
     .venv/bin/python bench/gardens_point_protocol.py --smoke
 
-``--smoke`` runs every step at the smallest size, in a temporary ``--work``: 8 training places,
-12 evaluation places (val 80-85, test 86-91), 128x224 images, K = 2, 4, one training step on one
-Ray Train worker. Ray: the cluster named by ``RAY_ADDRESS`` when set, else a local one.
+``--smoke`` runs every step at the smallest size, in a temporary ``--work``: places 0-11 for
+training and evaluation alike (val 0-5, test 6-11; the day_right store then serves both, extracted
+once), 128x224 images, K = 2, 4, one training step on one Ray Train worker. Ray: the cluster named
+by ``RAY_ADDRESS`` when set, else a local one.
 
 ``--official-recipe`` trains the learned reranker with the official rerank recipe instead of the
 stored-token settings above: ``pipeline.train`` recipe ``rerank`` on the images path
@@ -94,9 +95,9 @@ def smoke_settings(args) -> None:
     """The smallest setting that still runs every step (see the module docstring)."""
     global SIZE, KS, MINE_TOP, SPLITS, EVAL, TRAIN_BATCH, TRAIN_WORKERS, MAX_STEPS
     SIZE, KS, MINE_TOP = (128, 224), (2, 4), 4
-    SPLITS = [("train_q", "day_left", 0, 8), ("train_db", "day_right", 0, 8),
-              ("eval_db", "day_right", 80, 92), ("eval_q", "night_right", 80, 92)]
-    EVAL = {"val": (80, 86), "test": (86, 92)}
+    SPLITS = [("train_q", "day_left", 0, 12), ("train_db", "day_right", 0, 12),
+              ("eval_db", "day_right", 0, 12), ("eval_q", "night_right", 0, 12)]
+    EVAL = {"val": (0, 6), "test": (6, 12)}
     TRAIN_BATCH, TRAIN_WORKERS, MAX_STEPS = 2, 1, 1
     args.epochs, args.negatives_top = 1, MINE_TOP
 
@@ -127,10 +128,14 @@ def extract_stores(work: Path, data: Path, checkpoint: str | None = None,
     cfg = ExtractConfig(backbone=BACKBONE, image_size=SIZE, batch_size=16, shard_size=64, chunk_rows=16,
                         progress=False, num_actors=1, threads_per_actor=2, checkpoint=checkpoint)
     weights = [cfg.checkpoint] if checkpoint is None else [file_digest(checkpoint)]
-    stores = {}
+    stores, made = {}, {}
     for name, folder, lo, hi in SPLITS:
         if names is not None and name not in names:
             continue
+        if (folder, lo, hi) in made:  # the same images (--smoke): one store serves both splits
+            stores[name] = stores[made[folder, lo, hi]]
+            continue
+        made[folder, lo, hi] = name
         path = work / "stores" / f"{name}-{key([folder, lo, hi, BACKBONE, SIZE, *weights])}"
         stores[name] = str(path)
         done = path.parent / f"{path.name}.done"
