@@ -14,8 +14,9 @@ cluster named by ``RAY_ADDRESS`` when set, else a local one.
 
     .venv/bin/python bench/train_gardens_point.py --smoke
 
-``--smoke``: every step at the smallest size, in a temporary ``--work``: train places 0-7, test
-places 100-107, 128x224 images, top-2/4 candidates, one training step on one Ray Train worker.
+``--smoke``: every step at the smallest size, in a temporary ``--work``: train and test on places
+0-7 (the test database is then the training queries' store, extracted once), 128x224 images,
+top-2/4 candidates, one training step on one Ray Train worker.
 """
 from __future__ import annotations
 
@@ -53,7 +54,7 @@ MINE_TOP, TRAIN_BATCH, TRAIN_WORKERS, MAX_STEPS = 100, 16, 2, 0
 def smoke_settings(args) -> None:
     """The smallest setting that still runs every step (see the module docstring)."""
     global SIZE, TRAIN_PLACES, TEST_PLACES, MINE_TOP, TRAIN_BATCH, TRAIN_WORKERS, MAX_STEPS
-    SIZE, TRAIN_PLACES, TEST_PLACES = (128, 224), (0, 8), (100, 108)
+    SIZE, TRAIN_PLACES, TEST_PLACES = (128, 224), (0, 8), (0, 8)
     MINE_TOP, TRAIN_BATCH, TRAIN_WORKERS, MAX_STEPS = 4, 2, 1, 1
     args.epochs, args.candidates = 1, "2,4"
 
@@ -67,9 +68,14 @@ def subset(folder: Path, lo: int, hi: int):
 def extract(work: Path, data: Path) -> dict[str, str]:
     cfg = ExtractConfig(backbone="efficientnet-lite0", image_size=SIZE, batch_size=16, shard_size=64,
                         chunk_rows=16, progress=False, num_actors=1, threads_per_actor=2)
-    stores = {}
+    stores, made = {}, {}
     for name, folder, (lo, hi) in [("train_db", "day_left", TRAIN_PLACES), ("train_q", "day_right", TRAIN_PLACES),
                                    ("test_db", "day_right", TEST_PLACES), ("test_q", "night_right", TEST_PLACES)]:
+        if (folder, lo, hi) in made:  # the same images (--smoke): their store is extracted once
+            stores[name] = stores[made[folder, lo, hi]]
+            print(f"extract {name}: the {made[folder, lo, hi]} store ({folder}[{lo}:{hi}])", flush=True)
+            continue
+        made[folder, lo, hi] = name
         stores[name] = str(work / name)
         t0 = time.perf_counter()
         res = extract_dataset(subset(data / folder, lo, hi), stores[name], cfg, source=f"{folder}[{lo}:{hi}]")
