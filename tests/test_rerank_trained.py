@@ -12,7 +12,7 @@ import torch
 from pipeline.ransac import RansacConfig, ransac_scores
 from pipeline.rerank import reranked_order
 
-SIZE = (160, 288)                       # H, W: T = 10 x 18 = 180 tokens per image
+SIZE = (128, 224)                       # H, W: T = 8 x 14 = 112 tokens per image
 TRAIN = range(0, 200, 8)                # 25 day_left places the reranker is trained on
 QUERY = 150                             # never trained on (150 is not a multiple of 8)
 OTHERS = (44, 68, 92, 116, 172, 188, 196)
@@ -85,7 +85,7 @@ def test_trained_reranker_puts_the_warped_copy_first(candidates, gardens_point):
     opt = torch.optim.AdamW(reranker.parameters(), lr=1e-3, weight_decay=0.01)
     p = len(TRAIN)
     losses = []
-    for _step in range(120):
+    for _step in range(80):
         a = torch.from_numpy(rng.integers(0, p, 8))
         pos = views[a + p * torch.from_numpy(rng.integers(0, 2, 8))]
         neg_place = (a + torch.from_numpy(rng.integers(1, p, 8))) % p
