@@ -54,13 +54,16 @@ def main() -> int:
     p.add_argument("--radius", type=float, default=2.0, help="frames")
     p.add_argument("--checkpoint", help="weights with a trained reranker: also report r2former")
     p.add_argument("--smoke", action="store_true",
-                   help="smallest setting: 24 database frames, 12 + 12 queries, 128x224, K = 5, a temporary --work")
+                   help="smallest setting: 16 database frames, 8 + 8 queries, 128x224, K = 5, one scorer actor, "
+                        "a temporary --work")
     args = p.parse_args()
     db_frames, fit_frames, test_frames = range(200), range(100), range(100, 200)
+    scorers = None  # the rerank job's scorer pool: what the cluster has
     if args.smoke:
         import tempfile
         args.work, args.image_size, args.candidates = tempfile.mkdtemp(prefix="r2f_adaptive_smoke_"), [128, 224], 5
-        db_frames, fit_frames, test_frames = range(100, 124), range(100, 112), range(112, 124)
+        db_frames, fit_frames, test_frames = range(100, 116), range(100, 108), range(108, 116)
+        scorers = 1
 
     from pipeline import evaluate, index
     from pipeline.cluster import ensure_ray
@@ -91,7 +94,8 @@ def main() -> int:
             return run(RerankConfig(queries=queries, query_store=q_store, database_store=db, index_dir=idx,
                                     results=str(base / results), backbone="efficientnet-lite0", checkpoint=ckpt,
                                     image_size=list(args.image_size), reranker=reranker,
-                                    candidates=args.candidates, adaptive=adaptive, extract={"progress": False}))
+                                    candidates=args.candidates, adaptive=adaptive, num_actors=scorers,
+                                    extract={"progress": False}))
 
         def fresh(name: str, base=base) -> None:
             import shutil
