@@ -103,7 +103,8 @@ def test_rerun_resumes_or_replaces_never_duplicates(gardens_point, tmp_path, ray
                   + [(str(gardens_point / "night_right" / "Image150.jpg"), 300, 0)])
     out = tmp_path / "out"
     cfg = RunConfig(database=db, queries=q, out=str(out), backbone="efficientnet-lite0", reranker="ransac",
-                    candidates=5, positive_radius=4, image_size=[128, 224])
+                    candidates=5, positive_radius=4, image_size=[128, 224],
+                    report_samples=1)  # the report is another test's subject: one sampled query per rerun
     first = run(cfg)
     assert first.metrics["num_queries"] == 4 and first.metrics["num_queries_without_positive"] == 1
     errors = pq.read_table(out / "errors.parquet").to_pylist()
