@@ -10,10 +10,6 @@ import json
 import logging
 import os
 import secrets
-import shutil
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import yaml
@@ -21,8 +17,9 @@ import yaml
 from pipeline import cluster
 from pipeline import log as plog
 
+pytest_plugins = ["s3_runs"]  # its session fixtures, shared with test_s3_faults.py (one job for both)
+
 ROOT = Path(__file__).resolve().parents[1]
-SAMPLE = ROOT / "demo" / "gardens_point_sample" / "day_right"
 
 
 def _secret(tag: str) -> str:
@@ -126,90 +123,32 @@ def test_every_kuberay_pod_gets_credentials_itself():
 
 
 # ---------------------------------------------------------------- a real run, end to end
-# Runs two extraction jobs in one process (one embedded Ray): one that succeeds on S3 images, one
-# whose dataset URL carries the secret (so it is in the exception, traceback, log lines and the
-# job's config), then asks Ray what runtime_env the job and its workers got.
-DRIVER = r"""
-import hashlib, json, logging, os, sys
-from jobs import extract
-out, ok, bad = sys.argv[1:4]
-codes = [extract.main(["--config", ok]), extract.main(["--config", bad])]
-
-import ray
-from ray._private.state import state
-from ray.core.generated import gcs_pb2
-
-@ray.remote
-def probe():
-    return {"runtime_env": dict(ray.get_runtime_context().runtime_env),
-            "secret_sha": hashlib.sha256(os.environ.get("AWS_SECRET_ACCESS_KEY", "").encode()).hexdigest(),
-            "redacting_handler": any(getattr(h, "_r2f", False) for h in logging.getLogger().handlers)}
-
-report = ray.get(probe.remote())
-report["codes"] = codes
-report["driver_runtime_env"] = dict(ray.get_runtime_context().runtime_env)
-# the job's config as the GCS holds it (what the dashboard and the state API serve)
-table = state._connect_and_get_accessor().get_job_table(
-    skip_submission_job_info_field=True, skip_is_running_tasks_field=True)
-report["job_configs"] = [str(gcs_pb2.JobTableData.FromString(e).config) for e in table]
-with open(out, "w") as f:
-    json.dump(report, f, default=str)
-"""
-
-
-def test_planted_secret_appears_nowhere(s3_bucket, tmp_path):
+# ``faulty_job`` (tests/s3_runs.py): one process with the secrets planted in its environment and its
+# own embedded Ray runs `r2f run` with every path on S3, `r2f reindex`, an extraction job that
+# succeeds and one whose dataset URL carries the secret (so it is in the exception, traceback, log
+# lines and the job's config), then asks Ray what runtime_env the job and its workers got.
+def test_planted_secret_appears_nowhere(faulty_job, s3_inputs):
     import hashlib
 
-    import fsspec
+    fs = s3_inputs["fs"]
+    report, output, tail = faulty_job["report"], faulty_job["output"], faulty_job["tail"]
+    key, token, r2f_token = faulty_job["secrets"]
 
-    from pipeline import storage
-
-    fs = fsspec.filesystem("s3", **storage.storage_options(s3_bucket))
-    images = sorted(SAMPLE.glob("*.jpg"))[:4]
-    for p in images:
-        fs.put(str(p), f"{s3_bucket}/data/imgs/{p.name}")
-    fs.pipe(f"{s3_bucket}/data/manifest.csv",
-            ("path,utm_east,utm_north\n" + "".join(f"imgs/{p.name},{i}.0,0.0\n" for i, p in enumerate(images))).encode())
-
-    key, token, r2f_token = _secret("R2fKey"), _secret("R2fTok"), _secret("R2fOwn")
-    common = dict(backbone="efficientnet-lite0", image_size=[96, 128], batch_size=4, shard_size=4,
-                  chunk_rows=2, progress=False)
-    ok, bad = tmp_path / "ok.yaml", tmp_path / "bad.yaml"
-    ok.write_text(yaml.safe_dump(dict(dataset=f"{s3_bucket}/data/manifest.csv", store=f"{s3_bucket}/stores/ok",
-                                      **common)))
-    bad.write_text(yaml.safe_dump(dict(dataset=f"{s3_bucket}/data/missing-{key}.csv",
-                                       store=f"{s3_bucket}/stores/bad", **common)))
-
-    # A short path: Ray's unix sockets live under it. Its own temp dir also keeps this Ray away
-    # from /tmp/ray (and the ray_current_cluster file there).
-    ray_tmp = Path(tempfile.mkdtemp(prefix="r2fs", dir="/tmp"))
-    env = dict(os.environ, AWS_SECRET_ACCESS_KEY=key, AWS_SESSION_TOKEN=token, R2F_API_TOKEN=r2f_token,
-               RAY_TMPDIR=str(ray_tmp), R2F_LOG_LEVEL="INFO", RAY_USAGE_STATS_ENABLED="0")
-    env.pop("RAY_ADDRESS", None)
-    report_file = tmp_path / "report.json"
-    try:
-        proc = subprocess.run([sys.executable, "-c", DRIVER, str(report_file), str(ok), str(bad)], cwd=ROOT,
-                              env=env, capture_output=True, text=True, timeout=300)
-        output = proc.stdout + proc.stderr
-        assert proc.returncode == 0 and report_file.exists(), output[-4000:]
-        report = json.loads(report_file.read_text())
-        ray_files = {p: p.read_bytes() for p in ray_tmp.rglob("*") if p.is_file() and not p.is_socket()}
-    finally:
-        shutil.rmtree(ray_tmp, ignore_errors=True)
-
-    assert report["codes"] == [0, 1], output[-4000:]
+    assert report["codes"] == {"run": 0, "reindex": 0, "job_ok": 0, "job_bad": 1}, tail
+    probe = report["probe"]
     # the worker has the credentials (inherited from the driver's environment), yet ...
-    assert report["secret_sha"] == hashlib.sha256(key.encode()).hexdigest()
-    assert report["redacting_handler"]  # workers log through pipeline.log's handler (setup hook)
+    assert probe["secret_sha"] == hashlib.sha256(key.encode()).hexdigest()
+    assert probe["redacting_handler"]  # workers log through pipeline.log's handler (setup hook)
     # ... the runtime_env holds only the non-secret settings
-    for runtime_env in (report["runtime_env"], report["driver_runtime_env"]):
+    for runtime_env in (probe["runtime_env"], report["driver_runtime_env"]):
         names = set(runtime_env.get("env_vars", {}))
         assert {"AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "R2F_LOG_LEVEL"} <= names
         assert not names & {"AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID", "R2F_API_TOKEN"}
     assert report["job_configs"] and any("AWS_ENDPOINT_URL" in c for c in report["job_configs"])
 
-    summaries = {name: json.loads(fs.cat(f"{s3_bucket}/stores/{name}/job-extract.json")) for name in ("ok", "bad")}
-    assert summaries["ok"]["status"] == "succeeded" and summaries["ok"]["counts"]["num_extracted"] == 4
+    stores = faulty_job["job_stores"]
+    summaries = {name: json.loads(fs.cat(f"{stores[name]}/job-extract.json")) for name in ("ok", "bad")}
+    assert summaries["ok"]["status"] == "succeeded" and summaries["ok"]["counts"]["num_extracted"] >= 3
     failed = summaries["bad"]
     assert failed["status"] == "failed" and "Traceback" in failed["error"]["traceback"]
     # the secret was there to leak: masked where it stood, in the message, traceback and config
@@ -218,10 +157,12 @@ def test_planted_secret_appears_nowhere(s3_bucket, tmp_path):
     assert failed["config"]["dataset"].endswith(f"missing-{plog.MASK}.csv")
     assert f"missing-{plog.MASK}.csv" in output  # the failure is logged, redacted
 
-    objects = {path: fs.cat(path) for path in fs.find(s3_bucket)}
-    assert len(objects) > 8  # images, manifest, both stores' files and summaries
+    fs.invalidate_cache()
+    objects = {path: fs.cat(path) for path in fs.find(s3_inputs["base"])}
+    # images, manifests, the checkpoint, both runs' stores, index, results and report, the jobs' stores
+    assert len(objects) > 30 and any(p.endswith("out_faulty/report.html") for p in objects)
     places = {"stdout/stderr": output.encode(), "report (runtime_env, job config)": json.dumps(report).encode(),
-              **{f"ray:{p.relative_to(ray_tmp)}": b for p, b in ray_files.items()},
+              **{f"ray:{p}": b for p, b in faulty_job["ray_files"].items()},
               **{f"s3://{p}": b for p, b in objects.items()}}
     assert any(k.startswith("ray:") and "/logs/" in k for k in places)  # the session's logs were scanned
     for secret in (key, token, r2f_token):
