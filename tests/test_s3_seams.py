@@ -14,9 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import extract, index, storage
+from pipeline import extract, storage
 from pipeline.rerank import RerankConfig
 from pipeline.rerank import run as rerank_run
+
+pytest_plugins = ["s3_runs"]  # the clean S3 run, shared with test_s3_faults.py
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = [128, 224]
@@ -33,49 +35,42 @@ def _extract(dataset: str, store: str, checkpoint: str) -> dict:
     return storage.read_manifest(store)
 
 
-def test_s3_checkpoint_in_every_stage_refetched_when_overwritten(ray_session, s3_bucket, gardens_point, tmp_path):
-    import fsspec
+def test_s3_checkpoint_in_every_stage_refetched_when_overwritten(clean_run, s3_inputs, tmp_path):
+    """The database store and index are the clean `r2f run`'s (tests/s3_runs.py: extraction and
+    the run's driver opened the s3:// checkpoint there); this test adds rerank and an overwrite."""
     import torch
 
-    from pipeline.model import build_model
+    from pipeline.model import EfficientNetLite0VPR
 
-    fs = fsspec.filesystem("s3", **storage.storage_options(s3_bucket))
-    frames = {"db": [gardens_point / "day_right" / f"Image{i:03d}.jpg" for i in range(0, 8, 2)],
-              "q": [gardens_point / "night_right" / f"Image{i:03d}.jpg" for i in (0, 4)]}
-    for name, paths in frames.items():
-        for p in paths:
-            fs.put(str(p), f"{s3_bucket}/data/{name}/{p.name}")
-        fs.pipe(f"{s3_bucket}/data/{name}.csv", ("path,utm_east,utm_north\n" + "".join(
-            f"{name}/{p.name},{int(p.stem[5:])},0\n" for p in paths)).encode())
+    fs, base = s3_inputs["fs"], f"{s3_inputs['base']}/seams"
+    db, index_dir = storage.join(clean_run["out"], "database_store"), storage.join(clean_run["out"], "index")
+    manifest_a = storage.read_manifest(db)
+    assert manifest_a["model"]["checkpoint_hash"] == s3_inputs["checkpoint_hash"]
 
-    # Checkpoint A: the project layout of the ImageNet model, uploaded to S3.
-    model = build_model("efficientnet-lite0")
-    a = model.save_checkpoint(tmp_path / "a.pt")
-    ckpt = f"{s3_bucket}/models/effnet.pt"
-    fs.put(str(a), ckpt)
-
-    db, q1 = f"{s3_bucket}/stores/db", f"{s3_bucket}/stores/q1"
-    manifest_a = _extract(f"{s3_bucket}/data/db.csv", db, ckpt)
-    assert manifest_a["model"]["checkpoint_hash"] == _sha256(Path(a))
-    index.build(index.IndexConfig(store=db, index_dir=f"{s3_bucket}/index"))
+    # Checkpoint A (the bytes the run used) at a URL no process has opened yet.
+    ckpt = f"{base}/models/effnet.pt"
+    fs.copy(s3_inputs["checkpoint"], ckpt)
 
     # Rerank: the driver (reranker resolution, query extraction) and the scorer actors (the
     # learned reranker's model) open the s3:// checkpoint.
-    res = rerank_run(RerankConfig(query_store=q1, database_store=db, index_dir=f"{s3_bucket}/index",
-                                  results=f"{s3_bucket}/results1", queries=f"{s3_bucket}/data/q.csv",
+    q1 = f"{base}/stores/q1"
+    res = rerank_run(RerankConfig(query_store=q1, database_store=db, index_dir=index_dir,
+                                  results=f"{base}/results1", queries=s3_inputs["queries"],
                                   backbone="efficientnet-lite0", checkpoint=ckpt, image_size=SIZE,
-                                  reranker="r2former", candidates=3, allow_untrained_reranker=True))
-    assert res.num_pairs == 2 * 3
+                                  reranker="r2former", candidates=2, allow_untrained_reranker=True))
+    assert res.num_pairs == len(s3_inputs["q_frames"]) * 2
     assert storage.read_manifest(q1)["model"]["checkpoint_hash"] == manifest_a["model"]["checkpoint_hash"]
 
-    # Checkpoint B overwrites A at the same URL: fetched again, its hash recorded, its weights run.
+    # Checkpoint B (A's model, its weights scaled) overwrites A at the same URL: fetched again, its
+    # hash recorded, its weights run.
+    model = EfficientNetLite0VPR.pretrained()
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(1.5)
     b = model.save_checkpoint(tmp_path / "b.pt")
     fs.put(str(b), ckpt)
-    q2 = f"{s3_bucket}/stores/q2"
-    manifest_b = _extract(f"{s3_bucket}/data/q.csv", q2, ckpt)
+    q2 = f"{base}/stores/q2"
+    manifest_b = _extract(s3_inputs["queries"], q2, ckpt)
     assert manifest_b["model"]["checkpoint_hash"] == _sha256(Path(b)) != manifest_a["model"]["checkpoint_hash"]
     d1 = storage.read_global_descriptors(q1)[1]
     d2 = storage.read_global_descriptors(q2)[1]
@@ -83,10 +78,10 @@ def test_s3_checkpoint_in_every_stage_refetched_when_overwritten(ray_session, s3
 
     # The queries of model B against the database of model A: refused, both stores named.
     with pytest.raises(storage.StoreMismatch) as err:
-        rerank_run(RerankConfig(query_store=q2, database_store=db, index_dir=f"{s3_bucket}/index",
-                                results=f"{s3_bucket}/results2", reranker="ransac", candidates=3))
+        rerank_run(RerankConfig(query_store=q2, database_store=db, index_dir=index_dir,
+                                results=f"{base}/results2", reranker="ransac", candidates=2))
     assert q2 in str(err.value) and db in str(err.value) and "checkpoint_hash" in str(err.value)
-    assert not fs.exists(f"{s3_bucket}/results2/manifest.json")
+    assert not fs.exists(f"{base}/results2/manifest.json")
 
 
 def test_output_in_a_missing_bucket_fails_fast_and_creates_nothing(s3_endpoint, s3_bucket):
