@@ -30,7 +30,6 @@ holds one dense histogram of BINS int64 (512 KB) and the bounds (O(partitions)).
 """
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import numpy as np
@@ -38,6 +37,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .. import storage
+from ..timefmt import utc_now
 from .results import ResultsLayout
 
 BINS = 65536
@@ -172,7 +172,7 @@ def write_bounds(results: str, markers: dict[int, dict[str, Any]], partition_que
         raise ValueError(f"search partitions of {results} were routed over different database sizes {sorted(rows)}")
     bounds = {"bins": BINS, "edges": cut_bounds(hist, partition_queries), "searched": sorted(markers),
               "database_rows": rows.pop() if rows else 1,
-              "queries": int(hist.sum()), "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+              "queries": int(hist.sum()), "written_at": utc_now()}
     bounds["partitions"] = len(bounds["edges"]) - 1
     storage.write_json(ResultsLayout(results).bounds, bounds)
     return bounds

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +25,7 @@ import numpy as np
 from .. import storage
 from ..log import get_logger
 from ..ransac import RansacConfig
+from ..timefmt import utc_now
 from ..weights import checkpoint_hash
 from .adaptive import job_bounds, rules_of
 from .partitions import RerankJob, RerankPlan, TokenShape, check_plan, num_partitions
@@ -318,7 +318,7 @@ def _write_manifest(config: RerankConfig, res: RerankResult, plan: RerankPlan, s
         "pairs_scored": res.pairs_scored,
         "backbone": config.backbone, "database_store": config.database_store, "query_store": config.query_store,
         "index_dir": config.index_dir, "num_queries": res.num_queries, "num_pairs": res.num_pairs,
-        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "finished_at": utc_now(),
     })
     res.failed_partitions = failures
     res.num_failed_queries = sum(len(storage.read_json(url).get("query_ids", []))

@@ -45,6 +45,7 @@ import pyarrow.parquet as pq
 from .. import storage
 from ..log import get_logger, redact
 from ..spatial import positions_of
+from ..timefmt import utc_now
 from .partitions import RerankJob
 from .rerankers import reranked_ranks
 from .results import SCORES_ROW_GROUP, ResultsLayout, results_schema, scores_schema, write_part
@@ -362,7 +363,7 @@ class ScoreWorker(PartitionWorker):
             "pairs_scored": {name: int(v.sum()) for name, v in active.items()},
             "fetched_token_bytes": fetched, "distinct_candidates": int(len(distinct)), "rerank_seconds": seconds,
             "started": started, "finished": finished,
-            "node_id": self.node_id, "pid": self.pid, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+            "node_id": self.node_id, "pid": self.pid, "finished_at": utc_now()})
         return {"pairs": n, "fetched_bytes": fetched, "candidate_rows": distinct, "started": started,
                 "finished": finished}
 
@@ -474,7 +475,7 @@ class CommitWorker(PartitionWorker):
     def _marker(self, queries: int, pairs: int, scored: dict[str, int] | None = None) -> dict[str, Any]:
         # Token bytes and scoring seconds are the score partitions' (scores/progress/).
         return {"queries": queries, "pairs": pairs, "pairs_scored": scored or {}, "node_id": self.node_id,
-                "pid": self.pid, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+                "pid": self.pid, "finished_at": utc_now()}
 
 
 def _nullable(values: np.ndarray) -> pa.Array:
