@@ -21,7 +21,6 @@ stores extracted by them; no target.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import sys
@@ -31,17 +30,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-
-
-def frames_manifest(path: Path, folder: Path, frames) -> str:
-    """A manifest CSV of ``folder/ImageNNN.jpg``, the frame index (the place) as ``utm_east``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["path", "utm_east", "utm_north"])
-        for i in frames:
-            w.writerow([str(folder / f"Image{i:03d}.jpg"), i, 0])
-    return str(path)
 
 
 def main() -> int:
@@ -67,6 +55,7 @@ def main() -> int:
 
     from pipeline import evaluate, index
     from pipeline.cluster import ensure_ray
+    from pipeline.datasets import write_frame_manifest
     from pipeline.log import setup_logging
     from pipeline.metrics import percent
     from pipeline.rerank import RerankConfig, extract_into, run
@@ -82,7 +71,7 @@ def main() -> int:
         t0 = time.perf_counter()
         db, idx = str(base / "database_store"), str(base / "index")
         if not (base / "index").exists():
-            extract_into(frames_manifest(base / "db.csv", data / "day_right", db_frames), db, "efficientnet-lite0",
+            extract_into(write_frame_manifest(base / "db.csv", data / "day_right", db_frames), db, "efficientnet-lite0",
                          ckpt, args.image_size, {"progress": False})
             index.build(index.IndexConfig(store=db, index_dir=idx))
 
@@ -90,7 +79,7 @@ def main() -> int:
                    reranker=reranker):
             q_store = str(base / f"query_store_{split}")
             queries = None if (base / f"query_store_{split}").exists() else \
-                frames_manifest(base / f"{split}.csv", data / "night_right", frames)
+                write_frame_manifest(base / f"{split}.csv", data / "night_right", frames)
             return run(RerankConfig(queries=queries, query_store=q_store, database_store=db, index_dir=idx,
                                     results=str(base / results), backbone="efficientnet-lite0", checkpoint=ckpt,
                                     image_size=list(args.image_size), reranker=reranker,

@@ -84,6 +84,7 @@ def bench(args, database_frames: int) -> int:
 
     from pipeline import index
     from pipeline.cluster import ensure_ray
+    from pipeline.datasets import write_frame_manifest
     from pipeline.log import setup_logging
     from pipeline.ransac import RansacConfig
     from pipeline.rerank import PairScorer, RerankConfig, extract_into, run
@@ -97,19 +98,12 @@ def bench(args, database_frames: int) -> int:
     database = f"sequence:{args.data}/day_right"
     if database_frames < 200:
         out.mkdir(parents=True, exist_ok=True)
-        database = str(out / "database.csv")
-        with open(database, "w") as f:  # the first frames, the frame as position
-            f.write("path,utm_east,utm_north\n")
-            for i in range(database_frames):
-                f.write(f"{args.data}/day_right/Image{i:03d}.jpg,{i},0\n")
+        database = write_frame_manifest(out / "database.csv", f"{args.data}/day_right", range(database_frames))
     extract_into(database, db_store, "efficientnet-lite0", None, args.image_size, {"progress": False})
     index.build(index.IndexConfig(store=db_store, index_dir=index_dir))
     print(f"database: {database_frames} images extracted and indexed in {time.perf_counter() - t:.1f} s")
-    queries = str(out / "queries.csv")
-    with open(queries, "w") as f:  # the first --queries night_right frames, the frame as position
-        f.write("path,utm_east,utm_north\n")
-        for i in range(min(200, args.queries)):
-            f.write(f"{args.data}/night_right/Image{i:03d}.jpg,{i},0\n")
+    # the first --queries night_right frames, the frame as position
+    queries = write_frame_manifest(out / "queries.csv", f"{args.data}/night_right", range(min(200, args.queries)))
     print(f"{'reranker':>9} {'K':>4} {'pairs':>6} {'job pairs/s':>12} {'direct pairs/s':>15} {'slots':>6} "
           f"{'ratio':>6} {'threads':>8} {'partitions':>11} {'load avg':>9} {'extract s':>10} {'rerank s':>9} "
           f"{'queries/s e2e':>14}")

@@ -51,18 +51,6 @@ def clustered(n: int, dim: int, n_places: int, noise: float, seed: int) -> np.nd
     return x.astype(np.float32)
 
 
-def write_frame_manifest(path, folder, frames) -> str:
-    """A manifest CSV of Gardens Point frames ``folder/ImageNNN.jpg``, the frame index as ``utm_east``."""
-    import csv
-
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["path", "utm_east", "utm_north"])
-        for i in frames:
-            w.writerow([str(folder / f"Image{i:03d}.jpg"), i, 0])
-    return str(path)
-
-
 def indexed_city(root, db_rows: int, queries: int, part: int):
     """A synthetic city (``bench/city.py``, T = 64 tokens) under ``root``: database store ``db``
     (160-row parts), query store ``q`` (``part``-row parts, positions stripped) and its index."""

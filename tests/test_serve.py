@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pipeline.datasets import write_frame_manifest
 from pipeline.rerank import read_results
 from pipeline.run import RunConfig, run
 from tests.conftest import free_port
-from tests.helpers_store import write_frame_manifest
 
 SIZE = [128, 224]
 DB_FRAMES = list(range(0, 48, 4))      # 12 day_right frames
@@ -208,7 +208,7 @@ def test_hot_switch_during_load(served, gardens_point):
     import subprocess
     import sys
 
-    from tests.helpers_store import write_frame_manifest as frames
+    from pipeline.datasets import write_frame_manifest as frames
 
     url, cfg, root = served["url"], served["cfg"], served["root"]
     old = json.loads(get(url + "state")[1])["state"]

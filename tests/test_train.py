@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers_store import write_frame_manifest
 
+from pipeline.datasets import write_frame_manifest
 from pipeline.train import DataConfig, TrainConfig, fold_adapter, latest_checkpoint, read_state, run, token_adapter
 
 ROOT = Path(__file__).resolve().parents[1]
