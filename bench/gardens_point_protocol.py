@@ -61,11 +61,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench import gp_common  # noqa: E402
 from pipeline import storage  # noqa: E402
 from pipeline.datasets import load_dataset  # noqa: E402
 from pipeline.evaluate import correct_matrix, has_positive  # noqa: E402
 from pipeline.extract import ExtractConfig, extract_dataset  # noqa: E402
-from pipeline.log import setup_logging  # noqa: E402
 from pipeline.metrics import recall_at  # noqa: E402
 from pipeline.mine import MineConfig  # noqa: E402
 from pipeline.mine import run as mine
@@ -328,26 +328,11 @@ def main() -> int:
         ap.error("--official-recipe keeps the recipe's learning rate and has no augmentation (images path)")
     if not args.official_recipe and args.lr is None:
         args.lr = LR
-    if args.smoke:
-        import shutil
-        import tempfile
-        smoke_settings(args)
-        args.work = tempfile.mkdtemp(prefix="gp_protocol_smoke_")
-        try:
-            return protocol(args)
-        finally:
-            shutil.rmtree(args.work, ignore_errors=True)
-    return protocol(args)
+    return gp_common.run_maybe_smoke(args, protocol, smoke_settings, "gp_protocol_smoke_")
 
 
 def protocol(args) -> int:
-    setup_logging("WARNING")
-    os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
-    from pipeline.cluster import ensure_ray
-    ensure_ray(num_cpus=2)
-    torch.set_num_threads(2)
-    work, data = Path(args.work), Path(args.data)
-    work.mkdir(parents=True, exist_ok=True)
+    work, data = gp_common.start(args)
     t_all = time.perf_counter()
     print(f"command: {' '.join(sys.argv)}", flush=True)
     print(f"load average at start: {load_avg()}", flush=True)

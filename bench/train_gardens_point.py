@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -34,10 +33,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench import gp_common  # noqa: E402
 from pipeline import storage  # noqa: E402
 from pipeline.datasets import load_dataset  # noqa: E402
 from pipeline.extract import ExtractConfig, extract_dataset  # noqa: E402
-from pipeline.log import setup_logging  # noqa: E402
 from pipeline.mine import MineConfig  # noqa: E402
 from pipeline.mine import run as mine
 from pipeline.model import EfficientNetLite0VPR  # noqa: E402
@@ -118,26 +117,11 @@ def main() -> int:
     ap.add_argument("--smoke", action="store_true",
                     help="every step at the smallest size, in a temporary --work (tests/test_bench_scripts.py)")
     args = ap.parse_args()
-    if args.smoke:
-        import shutil
-        import tempfile
-        smoke_settings(args)
-        args.work = tempfile.mkdtemp(prefix="gp_train_smoke_")
-        try:
-            return experiment(args)
-        finally:
-            shutil.rmtree(args.work, ignore_errors=True)
-    return experiment(args)
+    return gp_common.run_maybe_smoke(args, experiment, smoke_settings, "gp_train_smoke_")
 
 
 def experiment(args) -> int:
-    setup_logging("WARNING")
-    os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
-    from pipeline.cluster import ensure_ray
-    ensure_ray(num_cpus=2)
-    torch.set_num_threads(2)
-    work, data = Path(args.work), Path(args.data)
-    work.mkdir(parents=True, exist_ok=True)
+    work, data = gp_common.start(args)
     t_all = time.perf_counter()
 
     stores = extract(work, data)

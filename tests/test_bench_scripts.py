@@ -30,6 +30,7 @@ BENCH = ROOT / "bench"
 LIBRARIES = {
     "city.py": "the synthetic city (bench_mine, bench_validation, city_strays, bench_city)",
     "official_child.py": "the official side of bench_official (runs in the official checkout's venv)",
+    "gp_common.py": "the Gardens Point experiments' start (gardens_point_protocol, train_gardens_point)",
 }
 
 OFFICIAL_SKIP = "official R2Former checkout not found"
