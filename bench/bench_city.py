@@ -141,7 +141,26 @@ def drive(config: dict) -> None:
         "fetched_query_token_bytes": res.fetched_query_token_bytes, "search_s": res.stage_seconds.get("search"),
         "stray_pairs": res.stray_pairs, "stray_query_token_bytes": res.stray_query_token_bytes,
         "failed_partitions": res.failed_partitions, "load": os.getloadavg()[0],
-        "pairs_scored": sum(res.pairs_scored.values()), "partitions": res.partitions}), flush=True)
+        "pairs_scored": sum(res.pairs_scored.values()), "partitions": res.partitions,
+        "job_pairs_per_second": res.pairs_per_second, "scorer_slots": res.scorer_slots}), flush=True)
+
+
+def direct_rate(results: str, q_store: str, db_store: str, reranker: str, n: int, batch: int = 400) -> tuple[float, int]:
+    """The same scorer (``PairScorer``, one thread) in this process on the job's first ``n`` pairs:
+    (pairs/s, pairs). Reads the two stores' id -> row maps (O(images), this bench's process only)."""
+    import numpy as np
+
+    from bench.bench_rerank import real_pairs
+    from pipeline.ransac import RansacConfig
+    from pipeline.rerank import PairScorer
+
+    qrows, crows = real_pairs(results, q_store, db_store, n)
+    scorer = PairScorer(reranker, "efficientnet-lite0", None, q_store, db_store, RansacConfig(), threads=1)
+    t = time.perf_counter()
+    for a in range(0, len(qrows), batch):
+        scorer({"pair": np.arange(len(qrows[a:a + batch])), "query_row": qrows[a:a + batch],
+                "candidate_row": crows[a:a + batch]})
+    return len(qrows) / (time.perf_counter() - t), len(qrows)
 
 
 def _write_once(store: Path, params: dict, write) -> None:
@@ -168,6 +187,7 @@ def main() -> int:
     p.add_argument("--num-actors", type=int, default=None)
     p.add_argument("--cpus", type=int, default=None, help="CPUs of the embedded Ray (default: all)")
     p.add_argument("--adaptive", metavar="RULE.yaml", help="also run each query set with this adaptive rule")
+    p.add_argument("--direct-pairs", type=int, default=20000, help="pairs scored directly for the job's efficiency")
     p.add_argument("--out", default="/tmp/r2f_bench_city")
     p.add_argument("--smoke", action="store_true", help="the smallest setting (see above)")
     p.add_argument("--drive", help=argparse.SUPPRESS)
@@ -179,7 +199,7 @@ def main() -> int:
         import tempfile
         tmp = tempfile.TemporaryDirectory(prefix="bench-city-")
         args.images, args.queries, args.tokens, args.candidates = 256, "32", 8, 10
-        args.partition_queries, args.cpus, args.out = 16, 2, tmp.name
+        args.partition_queries, args.cpus, args.out, args.direct_pairs = 16, 2, tmp.name, 64
         try:
             return bench(args)
         finally:
@@ -242,6 +262,13 @@ def bench(args) -> int:
             r = json.loads(done.stdout.split("RESULT ", 1)[1].splitlines()[0])
             _print_row(n, mode, r)
             pair.append(r)
+            if adaptive is None:  # job efficiency: the job's rate against its slots at the direct rate
+                direct, k = direct_rate(str(results), str(q), str(db), args.reranker, args.direct_pairs)
+                slots = r["scorer_slots"]
+                ratio = r["job_pairs_per_second"] / (slots * direct) if direct and slots else float("nan")
+                print(f"{n:>8} job efficiency: job {r['job_pairs_per_second']:.0f} pairs/s (pairs / scoring-phase "
+                      f"wall) over {slots} scorer slots, direct {direct:.0f} pairs/s (one thread, this process, "
+                      f"the job's first {k} pairs), ratio {ratio:.2f}, load {os.getloadavg()[0]:.1f}", flush=True)
         rows.append((n, pair[0]))  # the fixed run: the peaks' growth across query-set sizes
         if len(pair) == 2:
             f, a = pair

@@ -60,7 +60,8 @@ CASES: dict[str, tuple[list[str], list[str]]] = {
     "train_parity.py": (["--recipes", "rerank"], [r"\| rerank \| .* \| yes \|"]),
     # owned by the rerank work (issue 25)
     "bench_rerank.py": (["--smoke"], [r"database: 16 images extracted and indexed", r"\n +ransac +2 +8 +[\d.]+"]),
-    "bench_city.py": (["--smoke"], [r"\n +32 +fixed +320 +\d+ +[\d.]+"]),
+    "bench_city.py": (["--smoke"], [r"\n +32 +fixed +320 +\d+ +[\d.]+",
+                                    r"\n +32 job efficiency: job \d+ pairs/s .* direct \d+ pairs/s .* ratio [\d.]+"]),
     # owned by the serve work
     "bench_serve.py": (["--smoke"], [r"in-process reference \(decode \+ extract 1 \+ search \+ rerank 10\): [\d.]+ ms",
                                      r"\n +2 +2 +0 +[\d.]+", r"service RSS after 1 requests \d+ MiB, after 4"]),
