@@ -241,17 +241,25 @@ def create(url: str, data: bytes) -> str:
         return _ours_after_all(url, data, exc)
 
 
+def _local_still(path: str, url: str, tag: str) -> bool:
+    """Under the folder lock: whether local ``path`` exists (False: gone) and is still version
+    ``tag`` (otherwise PreconditionFailed)."""
+    try:
+        now = _local_read(path)
+    except FileNotFoundError:
+        return False
+    if content_tag(now) != tag:
+        raise PreconditionFailed(f"{url} changed")
+    return True
+
+
 def replace(url: str, data: bytes, tag: str) -> str:
     """Overwrite ``url`` with ``data`` only if it still is version ``tag``; returns the new tag."""
     fs, path = storage.filesystem(url)
     if _is_local(fs):
         with _dir_locked(path):
-            try:
-                now = _local_read(path)
-            except FileNotFoundError:
-                raise PreconditionFailed(f"{url} is gone") from None
-            if content_tag(now) != tag:
-                raise PreconditionFailed(f"{url} changed")
+            if not _local_still(path, url, tag):
+                raise PreconditionFailed(f"{url} is gone")
             os.replace(_local_temp(path, data), path)
         return content_tag(data)
     try:
@@ -268,13 +276,8 @@ def delete(url: str, tag: str) -> None:
     fs, path = storage.filesystem(url)
     if _is_local(fs):
         with _dir_locked(path):
-            try:
-                now = _local_read(path)
-            except FileNotFoundError:
-                return
-            if content_tag(now) != tag:
-                raise PreconditionFailed(f"{url} changed")
-            os.unlink(path)
+            if _local_still(path, url, tag):
+                os.unlink(path)
         return
     try:
         _s3_write(fs, path, "delete_object", IfMatch=tag)
