@@ -65,13 +65,15 @@ def make_out(out: Path, smoke: bool) -> None:
                       image_size=[272, 480]))
 
 
-def reference_ms(store: str, index_dir: str, photos: list[bytes], k: int, repeats: int) -> float:
-    """Median ms of the service's work in this process: decode + extract one image + search + rerank K."""
+def reference_ms(store: str, index_dir: str, photos: list[bytes], k: int, repeats: int,
+                 threads: int | None = None) -> float:
+    """Median ms of the service's work in this process: decode + extract one image + search + rerank K,
+    with the extractor's torch threads (None: the service's default)."""
     from pipeline.serve.extractor import ExtractionModels, decode_query
     from pipeline.serve.state import StateFollower
 
     follower = StateFollower(store, index_dir, poll_s=3600)
-    models = ExtractionModels("auto", None)
+    models = ExtractionModels("auto", threads)
     follower.ensure_model = models.load
     follower.current = follower._open(follower._resolve())  # opened once, not followed
     st = follower.current
@@ -161,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=50, help="per client, per client count")
     p.add_argument("--rss", default="100,1000", help="total requests after which RSS is read")
     p.add_argument("--reference-repeats", type=int, default=21)
+    p.add_argument("--extract-threads", type=int, default=None,
+                   help="torch threads of the extraction replica and of the reference (default: the service's)")
     p.add_argument("--smoke", action="store_true", help="the smallest setting (a tiny store, few requests)")
     args = p.parse_args(argv)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -183,9 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    ref = reference_ms(store, index_dir, photos, 10, args.reference_repeats)
+    ref = reference_ms(store, index_dir, photos, 10, args.reference_repeats, args.extract_threads)
     service = start(ServeConfig(database_store=store, index_dir=index_dir, reranker="ransac", candidates=10,
-                                port=port, max_queue=64))
+                                port=port, max_queue=64, extract_threads=args.extract_threads))
     rows = []
     try:
         load(service.url, photos, 1, 2)  # warm-up: first batch, first chunks
@@ -203,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
         service.stop()
         if tmp:
             tmp.cleanup()
-    print(f"in-process reference (decode + extract 1 + search + rerank 10): {ref:.1f} ms")
+    print(f"in-process reference (decode + extract 1 + search + rerank 10): {ref:.1f} ms "
+          f"(extraction threads: {args.extract_threads or 'the service default'})")
     print(f"{'clients':>7} {'requests':>8} {'errors':>6} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'req/s':>7}")
     for r in rows:
         print(f"{r['clients']:>7} {r['requests']:>8} {r['errors']:>6} {r['p50_ms']:>8.1f} {r['p95_ms']:>8.1f} "
