@@ -137,26 +137,29 @@ def test_bad_inputs_are_4xx_with_a_message(served, gardens_point):
     # overload: --max-queue requests in progress (each still sending its body), then one more gets
     # 503 + Retry-After at once; the held ones then complete normally
     held = []
-    for _ in range(served["cfg"].max_queue):
-        c = http.client.HTTPConnection(host, int(port), timeout=60)
-        c.putrequest("POST", "/localize")
-        c.putheader("Content-Type", "image/jpeg")
-        c.putheader("Content-Length", str(len(jpeg)))
-        c.endheaders()
-        c.send(jpeg[:100])
-        held.append(c)
-    deadline = time.time() + 20
-    while True:
-        status, answer, headers = post(url, jpeg)
-        if status == 503 or time.time() > deadline:
-            break
-        time.sleep(0.2)  # the held requests may still be on their way to the replica
-    assert status == 503 and headers["Retry-After"] == "1" and "overloaded" in answer["detail"], (status, answer)
-    for c in held:
-        c.send(jpeg[100:])
-    assert [c.getresponse().status for c in held] == [200] * len(held)
-    for c in held:
-        c.close()
+    try:
+        for _ in range(served["cfg"].max_queue):
+            c = http.client.HTTPConnection(host, int(port), timeout=60)
+            c.putrequest("POST", "/localize")
+            c.putheader("Content-Type", "image/jpeg")
+            c.putheader("Content-Length", str(len(jpeg)))
+            c.endheaders()
+            c.send(jpeg[:100])
+            held.append(c)
+        deadline = time.time() + 20
+        while True:
+            status, answer, headers = post(url, jpeg)
+            if status == 503 or time.time() > deadline:
+                break
+            time.sleep(0.2)  # the held requests may still be on their way to the replica
+        assert status == 503 and headers["Retry-After"] == "1" and "overloaded" in answer["detail"], \
+            (status, answer)
+        for c in held:
+            c.send(jpeg[100:])
+        assert [c.getresponse().status for c in held] == [200] * len(held)
+    finally:  # a failure here must not leave requests in progress for the tests after it
+        for c in held:
+            c.close()
     assert post(url, jpeg)[0] == 200
     # thumbnails only by image_id of a held state
     status, state_body, _ = get(url + "state")

@@ -364,8 +364,10 @@ def build_app(config: ServeConfig, token: str | None = None):
     return Localizer.options(
         num_replicas=config.ingress_replicas,
         ray_actor_options={"num_cpus": config.replica_cpus},
-        # A few over our own bound: our 503 carries Retry-After; Serve's queue stays bounded too.
-        max_ongoing_requests=config.max_queue + 4, max_queued_requests=config.max_queue,
+        # Above our own bound, so that a request over it reaches our check (503 + Retry-After) even
+        # while the ones before it still wait in the proxy to be assigned (a burst, a slow body);
+        # Serve's queue stays bounded too.
+        max_ongoing_requests=config.max_queue + 4, max_queued_requests=2 * config.max_queue + 4,
     ).bind(asdict(config), extractor, token_digest(token))
 
 
