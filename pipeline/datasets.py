@@ -101,7 +101,7 @@ def radius_unit(spec: DatasetSpec | str) -> str:
     return "frames" if DatasetSpec.parse(spec).resolved_kind() == "sequence" else "metres"
 
 
-def write_frame_manifest(path, folder, frames, name: str = "Image{:03d}.jpg") -> str:
+def write_frame_manifest(path, folder, frames) -> str:
     """A manifest CSV (local ``path``) of some frames of a frame-aligned sequence folder: frame
     ``i`` is ``folder/Image{i:03d}.jpg`` at ``utm_east = i``, ``utm_north = 0``, as ``sequence:``
     places it, so a subset (a split, a few frames for a test) keeps its frames' positions.
@@ -114,7 +114,7 @@ def write_frame_manifest(path, folder, frames, name: str = "Image{:03d}.jpg") ->
         w = csv.writer(f)
         w.writerow(["path", "utm_east", "utm_north"])
         for i in frames:
-            w.writerow([f"{folder}/{name.format(i)}", i, 0])
+            w.writerow([f"{folder}/Image{i:03d}.jpg", i, 0])
     return str(path)
 
 
