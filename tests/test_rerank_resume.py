@@ -30,15 +30,20 @@ DRIVER = (
 
 # Ray Data names a pool's actor class after its operator: the scorers are MapWorker(MapBatches(ScoreWorker)).
 SCORER_CLASS = "MapWorker(MapBatches(ScoreWorker))"
+# The killer joins the cluster while the driver starts, then waits for the first committed score
+# partition and kills at once: the whole run scores in a few seconds, which ray.init alone would eat.
 KILL_ONE_SCORER = (
-    "import os, signal, sys\n"
+    "import glob, os, signal, sys, time\n"
     "import ray\n"
     "from ray.util.state import list_actors\n"
     "ray.init(address=sys.argv[1], logging_level='ERROR')\n"
+    "deadline = time.time() + 120\n"
+    "while not glob.glob(os.path.join(sys.argv[2], 'score-*.json')) and time.time() < deadline:\n"
+    "    time.sleep(0.05)\n"
     f"found = list_actors(filters=[('class_name', '=', {SCORER_CLASS!r}), ('state', '=', 'ALIVE')], limit=1000)\n"
     "victim = sorted(found, key=lambda a: a.actor_id)[0]\n"
     "os.kill(victim.pid, signal.SIGKILL)  # the local head: its worker process is on this machine\n"
-    "print('KILLED', victim.class_name, victim.actor_id, len(found))\n")
+    "print('KILLED', victim.class_name, victim.actor_id, len(found), flush=True)\n")
 
 
 @pytest.fixture(scope="module")
@@ -66,26 +71,29 @@ def test_killed_scorer_and_driver_resume_exactly_once(city, tmp_path):
     done = run(RerankConfig(**json.loads(_config(city, whole))))
     assert done.num_pairs == QUERIES * K and done.skipped_score_partitions == 0
     head = RayHead(num_cpus=2).start()
+    driver = killer = None
     try:
         env = dict(head.env, RAY_ADDRESS=head.address, PYTHONPATH=str(ROOT))
         py = [sys.executable, "-c", DRIVER]
         driver = subprocess.Popen(py + [_config(city, cut)], env=env, cwd=ROOT, stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True)
+        killer = subprocess.Popen([sys.executable, "-c", KILL_ONE_SCORER, head.address,
+                                   str(cut / "scores" / "progress")], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
+        said = killer.stdout.readline()  # returns once the scorer is killed (or the killer gave up)
+        assert f"KILLED {SCORER_CLASS}" in said, said + killer.communicate(timeout=60)[1][-2000:]
         deadline = time.time() + 120
-        while _markers(cut) < 1 and time.time() < deadline and driver.poll() is None:
-            time.sleep(0.2)
-        killer = subprocess.run([sys.executable, "-c", KILL_ONE_SCORER, head.address], env=env, cwd=ROOT,
-                                capture_output=True, text=True, timeout=60)
-        assert killer.returncode == 0 and f"KILLED {SCORER_CLASS}" in killer.stdout, killer.stderr[-2000:]
         at_kill = _markers(cut)
         while _markers(cut) < at_kill + 2 and time.time() < deadline and driver.poll() is None:
-            time.sleep(0.1)
+            time.sleep(0.02)
         assert driver.poll() is None, driver.communicate()[1][-3000:]  # the job outlived its lost actor
         os.kill(driver.pid, signal.SIGKILL)
+        killer.communicate(timeout=60)
         driver.communicate()
         time.sleep(1.0)  # the job's actors go down with their driver
         finished = _markers(cut)
-        assert 0 < finished < QUERIES // PART, finished
+        assert 0 < finished < QUERIES // PART, (at_kill, finished)
+        print(f"score partitions committed: {at_kill} at the scorer kill, {finished} at the driver kill")
         assert not (cut / "manifest.json").exists()
 
         again = subprocess.run(py + [_config(city, cut)], env=env, cwd=ROOT, capture_output=True, text=True,
@@ -94,6 +102,9 @@ def test_killed_scorer_and_driver_resume_exactly_once(city, tmp_path):
         got = json.loads(again.stdout.split("RESULT ", 1)[1])
         assert got["skipped"] == finished and got["pairs"] == QUERIES * K
     finally:
+        for proc in (driver, killer):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
         head.stop()
     a, b = read_results(str(cut)), read_results(str(whole))
     assert a.num_rows == QUERIES * K
