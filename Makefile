@@ -7,6 +7,10 @@ EXTRA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/nu
 DATA ?= demo/gardens_point_sample
 OUT ?= out/demo
 PYTEST_ARGS ?=
+# pytest-xdist workers: the suite's jobs leave about a quarter of 2 cores idle (Ray start-ups,
+# waits on heads and nodes); two workers fill it. TEST_WORKERS=0 runs everything in one process.
+TEST_WORKERS ?= 2
+XDIST := $(if $(filter 0,$(TEST_WORKERS)),-p no:xdist,-n $(TEST_WORKERS) --dist loadfile)
 
 .PHONY: venv demo test test-tools lint bench clean
 
@@ -56,7 +60,7 @@ lint: venv
 	$(VENV)/bin/ruff check pipeline jobs tests bench
 
 test: venv test-tools lint
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q $(XDIST) $(PYTEST_ARGS)
 
 bench: venv
 	for f in bench/bench_*.py; do $(PY) $$f || exit 1; done

@@ -132,3 +132,22 @@ def planted_ray_address_file():
     yield content
     if existing is None:
         RAY_ADDRESS_FILE.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------- pytest-xdist (make test: -n 2)
+# `--dist loadfile` gives each worker whole modules, so module fixtures are made once. Modules
+# that share session fixtures go to one worker as one unit, or each worker would make them again:
+# the S3 runs of tests/s3_runs.py (one clean `r2f run`, one faulty job in a subprocess).
+XDIST_UNITS = {f"tests/{name}.py": "tests/s3_runs" for name in ("test_s3_faults", "test_s3_seams", "test_secrets")}
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadFileScheduling
+
+    class ModulesSharingFixtures(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = super()._split_scope(nodeid)
+            return XDIST_UNITS.get(module, module)
+
+    return ModulesSharingFixtures(config, log)
