@@ -10,7 +10,9 @@ R2F_* knobs) are forwarded, so that ``s3://`` URLs resolve the same on every nod
 """
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 from .log import SECRET_ENV_NAME, get_logger
 
@@ -59,3 +61,21 @@ def cluster_gpus() -> int:
     import ray
 
     return int(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else 0
+
+
+@contextlib.contextmanager
+def pools_start_whole() -> Iterator[None]:
+    """Inside the block, a Ray Data actor pool starts every one of its initial actors before the
+    first input is handed out: otherwise the actor that loads first takes the early inputs while
+    the others still start (the job then runs below the rate of its slots), and a pool the cluster
+    cannot place (more GPUs asked than it has) fails with a clear timeout instead of waiting
+    forever. The timeout is ``R2F_ACTOR_START_TIMEOUT_S`` (default 900 s)."""
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    saved = ctx.wait_for_min_actors_s
+    ctx.wait_for_min_actors_s = int(os.environ.get("R2F_ACTOR_START_TIMEOUT_S", "900"))
+    try:
+        yield
+    finally:
+        ctx.wait_for_min_actors_s = saved

@@ -42,10 +42,16 @@ def autocast(plan: DevicePlan):
 
 
 def set_cpu_threads(n: int | None = None) -> int:
-    """Set torch's intra-op threads to ``n`` (default: ``R2F_TORCH_THREADS`` or all cores)."""
+    """Set torch's intra-op threads and numpy's BLAS threads to ``n`` (default:
+    ``R2F_TORCH_THREADS`` or all cores). numpy's OpenBLAS reads its thread count from the
+    environment once, at import: a process Ray did not start (the driver, a bench, a test) would
+    otherwise run every matrix product (RANSAC's mutual nearest neighbours) on all cores."""
+    from threadpoolctl import threadpool_limits
+
     if n is None:
         n = int(os.environ.get("R2F_TORCH_THREADS", "0")) or (os.cpu_count() or 1)
     torch.set_num_threads(max(1, n))
+    threadpool_limits(limits=max(1, n), user_api="blas")
     return torch.get_num_threads()
 
 

@@ -273,7 +273,7 @@ def _extract_pending(table: pa.Table, config: ExtractConfig, job: _Job, flow: _F
     to the store where it has them: what a later resume will trust)."""
     import ray
 
-    from .cluster import ensure_ray
+    from .cluster import ensure_ray, pools_start_whole
 
     ensure_ray(config.ray_address)
     num_actors, gpus, threads = _actor_plan(config)
@@ -281,27 +281,24 @@ def _extract_pending(table: pa.Table, config: ExtractConfig, job: _Job, flow: _F
     log.info("extracting %d images in %d shard(s) with %d %s actor(s)", to_do, len(job.pending), num_actors,
              "GPU" if gpus else f"CPU ({threads} threads)")
     ctx = ray.data.DataContext.get_current()
-    saved = ctx.enable_progress_bars, ctx.wait_for_min_actors_s  # restored after the run
+    saved = ctx.enable_progress_bars  # restored after the run
     ctx.enable_progress_bars = False  # our own bar counts images; Ray's would count shards
-    # Start every model actor before the first shard is handed out: otherwise the actor that
-    # builds its model first takes the early shards while the others are still loading, and an
-    # unschedulable pool (more GPUs asked than the cluster has) fails with a clear timeout.
-    ctx.wait_for_min_actors_s = int(os.environ.get("R2F_ACTOR_START_TIMEOUT_S", "900"))
     ds = _dataflow(table, config, job, num_actors, gpus, threads)
     bar = _progress_bar(config.progress, total=to_do)
     t_flow = time.perf_counter()
     markers = {}
     try:
-        for marker in ds.iter_rows():
-            markers[marker["shard"]] = marker
-            flow.nodes.add(marker["node_id"])
-            flow.images += marker["images"]
-            if bar is not None:
-                bar.update(marker["images"])
+        with pools_start_whole():  # every model actor loaded before the first shard is handed out
+            for marker in ds.iter_rows():
+                markers[marker["shard"]] = marker
+                flow.nodes.add(marker["node_id"])
+                flow.images += marker["images"]
+                if bar is not None:
+                    bar.update(marker["images"])
     finally:
         if bar is not None:
             bar.close()
-        ctx.enable_progress_bars, ctx.wait_for_min_actors_s = saved
+        ctx.enable_progress_bars = saved
     flow.seconds = time.perf_counter() - t_flow
     markers.update(_read_markers(job.layout, job.pending))
     missing_shards = [s for s in job.pending if s not in markers]

@@ -16,6 +16,7 @@ import torch
 
 from pipeline import storage
 from pipeline.ransac import RansacConfig, match_tokens, mutual_nearest_neighbours, ransac_scores
+from pipeline.rerank.stage import score_partition_size
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.city import write_city  # noqa: E402
@@ -66,7 +67,9 @@ def test_ransac_prefers_a_warped_copy_over_an_unrelated_image(effnet, gardens_po
 
 
 # ---------------------------------------------------------------- the streaming job on a small city
-DB_ROWS, QUERIES, PART = 1600, 96, 16  # 6 query partitions of 16 queries
+DB_ROWS, QUERIES, PART = 1600, 96, 16  # 6 search partitions of 16 queries
+# score and commit partitions follow the 2 scorer slots of the session's Ray (stage.PARTITIONS_PER_SLOT each)
+PARTS = QUERIES // score_partition_size(QUERIES, PART, 2)
 
 
 @pytest.fixture(scope="module")
@@ -111,13 +114,13 @@ def ransac_run(city):
 
 def test_job_writes_one_part_per_partition_and_reorders(city, ransac_run):
     res, table = ransac_run
-    assert res.partitions == QUERIES // PART and res.failed_partitions == []
+    assert res.partitions == PARTS and res.failed_partitions == []
     assert res.num_queries == QUERIES and res.num_pairs == QUERIES * 10 == table.num_rows
     folder = Path(res.results)
-    assert sorted(p.name for p in folder.glob("part-*.parquet")) == [f"part-{i:05d}.parquet" for i in range(6)]
-    assert len(list((folder / "progress").glob("*.json"))) == 6
+    assert sorted(p.name for p in folder.glob("part-*.parquet")) == [f"part-{i:05d}.parquet" for i in range(PARTS)]
+    assert len(list((folder / "progress").glob("*.json"))) == PARTS
     manifest = storage.read_json(str(folder / "manifest.json"))
-    assert manifest["parts"] == list(range(6)) and manifest["complete"]
+    assert manifest["parts"] == list(range(PARTS)) and manifest["complete"]
     assert manifest["state"] == {"store": str(city / "db"), "index_dir": str(city / "index"),
                                  "index_version": "v0001", "store_generation": None}
     assert _check_permutations(table) >= 1
@@ -157,8 +160,8 @@ def test_rerun_skips_committed_partitions_and_rewrites_a_lost_one(city, ransac_r
     (copy / "progress" / "part-00003.json").unlink()   # partition 3 never committed
     (copy / "part-00003.parquet").write_bytes(b"half a file")
     again = run(_cfg(city, copy))
-    assert again.skipped_partitions == 5 and again.num_pairs == res.num_pairs
-    assert again.skipped_score_partitions == 6 and again.fetched_token_bytes == 0  # its scores were kept
+    assert again.skipped_partitions == PARTS - 1 and again.num_pairs == res.num_pairs
+    assert again.skipped_score_partitions == PARTS and again.fetched_token_bytes == 0  # its scores were kept
     assert read_results(str(copy)).equals(table)  # same rows, same order
 
     # Score partition 3 lost too (and its part): it is scored again, alone, bit-equal.
@@ -167,7 +170,7 @@ def test_rerun_skips_committed_partitions_and_rewrites_a_lost_one(city, ransac_r
     (copy / "scores" / "progress" / "score-00003.json").unlink()
     (copy / "scores" / "score-00003.parquet").write_bytes(b"half a file")
     again = run(_cfg(city, copy))
-    assert again.skipped_partitions == 5 and again.skipped_score_partitions == 5
+    assert again.skipped_partitions == PARTS - 1 and again.skipped_score_partitions == PARTS - 1
     assert again.fetched_token_bytes > 0
     assert read_results(str(copy)).equals(table)  # bit-equal scores, same rows, same order
 

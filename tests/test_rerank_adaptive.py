@@ -92,9 +92,12 @@ def adaptive(city, full):
 
 def test_partitions_follow_the_scorer_slots(full):
     res, rows = full
-    # 48 queries, 2 scorer slots: 3 partitions per slot of 8 queries, not 3 of partition_queries = 16
-    assert res.scorer_slots == 2 and res.partitions == 6
-    assert storage.read_json(str(Path(res.results) / "plan.json"))["score_partition_queries"] == 8
+    from pipeline.rerank.stage import PARTITIONS_PER_SLOT
+    # 48 queries, 2 scorer slots: PARTITIONS_PER_SLOT (6) partitions per slot of 4 queries, not 3
+    # of partition_queries = 16
+    assert res.scorer_slots == 2 and res.partitions == 2 * PARTITIONS_PER_SLOT
+    assert storage.read_json(str(Path(res.results) / "plan.json"))["score_partition_queries"] == \
+        QUERIES // (2 * PARTITIONS_PER_SLOT)
     assert res.pairs_scored == {SCORER: QUERIES * K} and rows[f"rerank_score_{SCORER}"].notna().all()
     assert res.pairs_per_second > 0 and 0 < res.scoring_seconds < res.stage_seconds["rerank"]
 

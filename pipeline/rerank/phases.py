@@ -277,19 +277,24 @@ def _run_pool(job: RerankJob, pools: Pools, phase: str, pending: list[int], make
     ends up recorded as failed instead of looping. Returns the failed partitions."""
     import ray
 
+    from ..cluster import pools_start_whole
+
     files = _phase_files(job, phase)
     failed: list[int] = []
     restarts = 0
     while pending:
         try:
-            for row in make(pending).iter_rows():
-                p = int(row["partition"])
-                if row["status"] != "done":
-                    failed.append(p)
-                    log.error("%s partition %d failed every attempt and is recorded in %s: %s", phase, p,
-                              files.failure(p), row["reason"])
-                    continue
-                summary.add(phase, row)
+            # An actor pool's initial actors all start before its first partition (the scorer
+            # slots the partitions were cut for score together from the first one).
+            with pools_start_whole():
+                for row in make(pending).iter_rows():
+                    p = int(row["partition"])
+                    if row["status"] != "done":
+                        failed.append(p)
+                        log.error("%s partition %d failed every attempt and is recorded in %s: %s", phase, p,
+                                  files.failure(p), row["reason"])
+                        continue
+                    summary.add(phase, row)
             pending = []
         except ray.exceptions.RayError as exc:
             restarts += 1

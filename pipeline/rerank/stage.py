@@ -218,7 +218,7 @@ def run(config: RerankConfig) -> RerankResult:
 
 # Score partitions per scorer slot, at least: a small query set still keeps every scorer busy, and
 # the last partitions do not leave all but one idle.
-PARTITIONS_PER_SLOT = 3
+PARTITIONS_PER_SLOT = 6
 
 
 def scorer_slots(num_actors: int | None, threads: int, learned: bool) -> int:

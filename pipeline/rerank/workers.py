@@ -323,7 +323,10 @@ class ScoreWorker(PartitionWorker):
         scores = {name: np.full(n, np.nan, np.float32) for name in self.scorers}
         seconds = {name: 0.0 for name in self.scorers}
         step = max(1, int(self.job.batch_pairs))
+        t_setup = time.time() - started
+        t_tokens = 0.0
         for a in range(0, n, step):
+            t = time.perf_counter()
             sel = sched[a:a + step]
             ti = tok_idx[sel]
             mine = ti < nq
@@ -331,6 +334,7 @@ class ScoreWorker(PartitionWorker):
             own.gather_into(qtok, np.flatnonzero(mine), ti[mine])
             stray.gather_into(qtok, np.flatnonzero(~mine), ti[~mine] - nq)
             ctok = cc.read(rows[sel])
+            t_tokens += time.perf_counter() - t
             for name, scorer in self.scorers.items():
                 on = active[name][sel]
                 if not on.any():
@@ -362,6 +366,7 @@ class ScoreWorker(PartitionWorker):
             "stray_pairs": ns, "stray_queries": int(len(stray)),
             "pairs_scored": {name: int(v.sum()) for name, v in active.items()},
             "fetched_token_bytes": fetched, "distinct_candidates": int(len(distinct)), "rerank_seconds": seconds,
+            "setup_seconds": t_setup, "token_seconds": t_tokens,
             "started": started, "finished": finished,
             "node_id": self.node_id, "pid": self.pid, "finished_at": utc_now()})
         return {"pairs": n, "fetched_bytes": fetched, "candidate_rows": distinct, "started": started,
