@@ -190,3 +190,15 @@ def test_submit_command_is_the_documented_one():
     excludes = cmd[cmd.index("--runtime-env-json") + 1]
     assert excludes in text  # the guide shows exactly what the code submits
     assert check_job_command(shlex.join(cmd[cmd.index("--") + 1:])) == "reindex"
+
+
+def test_xdist_units_name_the_modules_that_share_session_fixtures():
+    """`make test` runs on pytest-xdist workers by module (conftest.XDIST_UNITS): the modules that
+    share tests/s3_runs.py's session fixtures must go to one worker, or each worker makes them again."""
+    from conftest import XDIST_UNITS
+
+    tests = Path(__file__).resolve().parent
+    uses = re.compile(r'^pytest_plugins = \[.*"s3_runs"', re.M)
+    sharing = {f"tests/{p.name}" for p in tests.glob("test_*.py") if uses.search(p.read_text())}
+    assert sharing and set(XDIST_UNITS) == sharing
+    assert len(set(XDIST_UNITS.values())) == 1
