@@ -165,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reference-repeats", type=int, default=21)
     p.add_argument("--extract-threads", type=int, default=None,
                    help="torch threads of the extraction replica and of the reference (default: the service's)")
+    p.add_argument("--ingress-replicas", type=int, default=1,
+                   help="ingress replicas (decode, search, rerank), each reserving the service's replica CPUs")
     p.add_argument("--smoke", action="store_true", help="the smallest setting (a tiny store, few requests)")
     args = p.parse_args(argv)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -189,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
         port = s.getsockname()[1]
     ref = reference_ms(store, index_dir, photos, 10, args.reference_repeats, args.extract_threads)
     service = start(ServeConfig(database_store=store, index_dir=index_dir, reranker="ransac", candidates=10,
-                                port=port, max_queue=64, extract_threads=args.extract_threads))
+                                port=port, max_queue=64, extract_threads=args.extract_threads,
+                                ingress_replicas=args.ingress_replicas))
     rows = []
     try:
         load(service.url, photos, 1, 2)  # warm-up: first batch, first chunks
